@@ -1,0 +1,109 @@
+"""``mpnn``: the command line for both planes.
+
+Each subcommand imports its implementation lazily, so ``mpnn serve`` (the
+partition servers' entrypoint) starts without loading kopf or the Kubernetes
+client. Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import import_module
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpnn", description="Deploy one neural network across many partition servers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("distribute", help="print lookup.json for a NeuralNetwork manifest",
+                       description="Run the distributor on MANIFEST and print lookup.json to stdout.")
+    d.add_argument("manifest")
+    d.add_argument("--partitions", type=int, help="override spec.partitions")
+    d.add_argument("--cluster-domain", default="cluster.local", help="DNS suffix of the addresses (default: %(default)s)")
+    d.set_defaults(target="mpnn_operator.cli:distribute")
+
+    r = sub.add_parser("run", help="run a manifest as local partition server processes",
+                       description="Distribute MANIFEST, start one `mpnn serve` per partition on loopback, "
+                                   "train if spec.training is set, then evaluate.")
+    r.add_argument("manifest")
+    r.add_argument("--partitions", type=int, help="override spec.partitions")
+    r.add_argument("--data", help="dataset directory or file (overrides spec.training.dataset.path)")
+    r.add_argument("--workdir", help="directory standing in for the NFS volume (default: a temporary one)")
+    r.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    r.add_argument("--epochs", type=int, help="override spec.training.epochs")
+    r.add_argument("--predict", metavar="INPUT.npy", help="skip training; write outputs for this [batch, inputs] array")
+    r.add_argument("--output", metavar="OUT.npy", help="where --predict writes the outputs")
+    r.add_argument("--serve", action="store_true", help="keep the servers up after training and print endpoints")
+    r.set_defaults(target="partition_server.local:main")
+
+    s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
+                       description="Serve one partition over gRPC. Settings come from flags or MPNN_* variables.")
+    s.add_argument("--partition", type=int, default=_env_int("MPNN_PARTITION"),
+                   help="partition index (env MPNN_PARTITION; default: the hostname's ordinal suffix)")
+    s.add_argument("--lookup", default=os.environ.get("MPNN_LOOKUP", "/etc/mpnn/lookup.json"),
+                   help="lookup.json path (env MPNN_LOOKUP; default: %(default)s)")
+    s.add_argument("--network", default=os.environ.get("MPNN_NETWORK", "/etc/mpnn/network.json"),
+                   help="network.json path (env MPNN_NETWORK; default: %(default)s)")
+    s.add_argument("--model-dir", default=os.environ.get("MPNN_MODEL_DIR", "/var/lib/mpnn/model"),
+                   help="the network's directory on the shared volume (env MPNN_MODEL_DIR; default: %(default)s)")
+    s.add_argument("--host", default=os.environ.get("MPNN_HOST", "0.0.0.0"), help="bind address (default: %(default)s)")
+    s.add_argument("--port", type=int, default=_env_int("MPNN_PORT", 50051), help="gRPC port (default: %(default)s)")
+    s.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
+    s.set_defaults(target="partition_server.server:main")
+
+    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)",
+                       description="Reconcile NeuralNetwork resources into partition-server deployments.")
+    o.add_argument("--namespace", action="append", dest="namespaces",
+                   help="watch this namespace (repeatable); default: all namespaces")
+    o.add_argument("--cluster-domain", default=os.environ.get("MPNN_CLUSTER_DOMAIN", "cluster.local"))
+    o.add_argument("--liveness-port", type=int, default=_env_int("MPNN_LIVENESS_PORT", 8080),
+                   help="serve /healthz on this port (default: %(default)s)")
+    o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
+    o.set_defaults(target="mpnn_operator.main:main")
+
+    n = sub.add_parser("render", help="print the Kubernetes objects the operator would create",
+                       description="Render MANIFEST into the operator's child objects as YAML, from the same builders.")
+    n.add_argument("manifest")
+    n.add_argument("--cluster-domain", default="cluster.local")
+    n.set_defaults(target="mpnn_operator.render:main")
+    return p
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def distribute(args: argparse.Namespace) -> int:
+    """``mpnn distribute``: lookup.json with the addresses the operator would publish."""
+    from partition_server.distributor import distribute as assign
+    from partition_server.lookup import LookupTable, service_addresses
+    from partition_server.manifest import load_manifest
+
+    net = load_manifest(args.manifest)
+    if args.partitions is not None:
+        net = net.with_partitions(args.partitions)
+    assignment = assign(net.model.layer_units, net.partitions, net.distribution)
+    addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.port, args.cluster_domain)
+    sys.stdout.write(LookupTable.build(net.name, net.model.layer_units, assignment, addresses).to_json())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from partition_server.errors import FieldError
+
+    args = _parser().parse_args(argv)
+    module, func = args.target.split(":")
+    try:
+        return int(getattr(import_module(module), func)(args) or EXIT_OK)
+    except FieldError as exc:
+        print(f"mpnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -360,3 +360,28 @@ def _float(value: Any, path: str, allow_zero: bool = False, maximum: float | Non
     if maximum is not None and value >= maximum:
         raise ManifestError(path, value, f"must be below {maximum:g}")
     return float(value)
+
+
+def network_document(net: NeuralNetwork) -> dict[str, Any]:
+    """``network.json``: what a partition server needs to know of the model besides the lookup.
+
+    Published beside ``lookup.json`` (same ConfigMap in a cluster, same directory
+    locally). ``weights``, when relative, is resolved against the shared volume.
+    """
+    return {"apiVersion": "mpnn.dev/network/v1", "name": net.name, **net.model.shape_dict(),
+            "seed": net.model.seed, "weights": net.model.weights}
+
+
+def parse_network_document(obj: Mapping[str, Any]) -> tuple[str, ModelSpec]:
+    """Read ``network.json`` back into ``(name, ModelSpec)``.
+
+    Raises:
+        ManifestError: a missing or invalid field.
+    """
+    _expect_map(obj, "network")
+    if obj.get("apiVersion") != "mpnn.dev/network/v1":
+        raise ManifestError("network.apiVersion", obj.get("apiVersion"), "must be mpnn.dev/network/v1")
+    model = {k: obj.get(k) for k in ("inputs", "layers", "seed") if obj.get(k) is not None}
+    if obj.get("weights"):
+        model["weights"] = obj["weights"]
+    return str(obj.get("name")), _parse_model(model)

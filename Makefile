@@ -1,0 +1,40 @@
+# mpnn — see README.md. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+PIP := $(PYTHON) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench protos clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/mpnn run examples/digits.yaml
+
+test: install k8s-binaries
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Data-plane tests only: no control plane needed.
+test-fast: install
+	$(PYTHON) -m pytest -m 'not k8s' $(PYTEST_ARGS)
+
+bench: install
+	$(PYTHON) bench/engine.py
+
+# Regenerate the gRPC stubs after editing partition_server/protos/*.proto.
+protos: install
+	$(PYTHON) -m grpc_tools.protoc -Ipartition_server/protos --python_out=partition_server/protos \
+	  --grpc_python_out=partition_server/protos partition_server/protos/*.proto
+	sed -i -E 's/^import (\w+_pb2)/from . import \1/' partition_server/protos/*_pb2_grpc.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+
+-include mk/cluster.mk

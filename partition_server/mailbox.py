@@ -1,0 +1,127 @@
+"""A thread-safe mailbox: where a partition's incoming tensors wait for its engine.
+
+Transports deliver each peer's message for a step, phase and layer into the
+receiving partition's mailbox (``put``); the engine thread blocks in ``take``
+until it arrives. This decouples the gRPC handler threads that receive from the
+engine thread that computes (the batched per-(layer, peer) exchange of
+``DESIGN.md``, "Execution engine"; the idea of remote neurons reached through
+messages is from "Multi Part Deployment of Neural Network", arXiv 2506.01387).
+
+Keys are tuples whose first element is the step id, e.g.
+``(step_id, "fwd", layer)``; ``src`` is the sending partition's index.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Hashable, Iterable
+
+import numpy as np
+
+__all__ = ["Mailbox", "StepAborted"]
+
+
+class StepAborted(RuntimeError):
+    """``take`` was waiting for (or asked for) a message of a step that has been discarded."""
+
+
+class Mailbox:
+    """Messages for one partition, keyed by ``(key, src)``.
+
+    Each ``(key, src)`` is delivered at most once: a second ``put`` while the
+    first is still waiting raises ``ValueError``. ``discard(step_id)`` drops a
+    step's leftovers and remembers the id (the last ``remember_discarded``
+    ids), so late messages for an aborted step are dropped rather than kept
+    forever, and takers blocked on it wake with ``StepAborted``. Step ids must
+    therefore be unique: a retried step needs a new id.
+
+    Args:
+        remember_discarded: how many discarded step ids to remember.
+    """
+
+    def __init__(self, remember_discarded: int = 1024):
+        self._cond = threading.Condition()
+        self._slots: dict[tuple[tuple, int], np.ndarray] = {}
+        self._discarded: OrderedDict[Hashable, None] = OrderedDict()
+        self._remember = remember_discarded
+
+    def put(self, key: tuple, src: int, array: np.ndarray) -> bool:
+        """Deliver ``array`` from partition ``src`` under ``key``.
+
+        The array is stored as given (not copied); the sender must not modify it.
+
+        Returns:
+            True if stored, False if dropped because ``key``'s step was discarded.
+        Raises:
+            ValueError: a message for the same ``(key, src)`` is already waiting.
+        """
+        with self._cond:
+            if key[0] in self._discarded:
+                return False
+            slot = (key, src)
+            if slot in self._slots:
+                raise ValueError(f"duplicate message for key {key!r} from partition {src}")
+            self._slots[slot] = array
+            self._cond.notify_all()
+            return True
+
+    def take(self, key: tuple, src: int, timeout: float) -> np.ndarray:
+        """Remove and return the message from ``src`` under ``key``, waiting up to ``timeout`` seconds.
+
+        Raises:
+            TimeoutError: nothing arrived in time; the message names ``key`` and ``src``.
+            StepAborted: the step was discarded before the message was taken.
+        """
+        return self.take_many(key, [src], timeout)[src]
+
+    def take_many(self, key: tuple, srcs: Iterable[int], timeout: float) -> dict[int, np.ndarray]:
+        """Remove and return one message from each of ``srcs`` under ``key``, within one deadline.
+
+        Messages are removed only when all have arrived, so a timeout leaves the
+        arrived ones in place (``discard`` cleans them up).
+
+        Returns:
+            ``{src: array}`` for every requested src.
+        Raises:
+            TimeoutError: the deadline passed; the message names ``key`` and every missing src.
+            StepAborted: the step was discarded while waiting.
+        """
+        wanted = list(dict.fromkeys(srcs))
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while True:
+                if key[0] in self._discarded:
+                    raise StepAborted(f"step {key[0]!r} was discarded while waiting for key {key!r}")
+                missing = [s for s in wanted if (key, s) not in self._slots]
+                if not missing:
+                    return {s: self._slots.pop((key, s)) for s in wanted}
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"timed out after {timeout:g}s waiting for key {key!r} from partition(s) "
+                        f"{', '.join(map(str, missing))}")
+                self._cond.wait(remaining)
+
+    def discard(self, step_id: Hashable) -> int:
+        """Drop every waiting message of ``step_id``, drop its late arrivals, and wake its takers.
+
+        Returns:
+            how many waiting messages were dropped.
+        """
+        with self._cond:
+            stale = [slot for slot in self._slots if slot[0][0] == step_id]
+            for slot in stale:
+                del self._slots[slot]
+            self._discarded[step_id] = None
+            self._discarded.move_to_end(step_id)
+            while len(self._discarded) > self._remember:
+                self._discarded.popitem(last=False)
+            self._cond.notify_all()
+            return len(stale)
+
+    def pending(self) -> list[tuple[tuple, int]]:
+        """The ``(key, src)`` pairs waiting to be taken (for diagnostics and tests)."""
+        with self._cond:
+            return list(self._slots)

@@ -1,0 +1,13 @@
+// Command etcd is the etcd server from go.etcd.io/etcd/server/v3 at the
+// pinned release (the same entry point as etcd's own main.go).
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() {
+	etcdmain.Main(os.Args)
+}

@@ -1,0 +1,372 @@
+"""The partition server: one partition's neurons behind gRPC.
+
+It loads the lookup table (a file: a mounted ConfigMap in a cluster), takes its
+rows of every layer from the latest committed checkpoint on the shared volume
+(or an imported PyTorch-layout file, or the seeded initialisation), and runs
+the execution engine for the driver's ``Step`` calls, reaching its peers with
+one ``Exchange`` message per (layer, peer, phase). It serves the standard
+``grpc.health.v1`` health service, and re-reads the lookup when the file's
+version changes, reloading the rows it now owns from the latest checkpoint.
+
+Status codes: INVALID_ARGUMENT for a wrong shape or dtype, FAILED_PRECONDITION
+for a lookup-version mismatch, DEADLINE_EXCEEDED when a peer's message does not
+arrive before the call's deadline, UNAVAILABLE while no model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import logs
+from .engine import ExchangeError, OptimizerConfig, PartitionEngine
+from .lookup import LookupTable
+from .mailbox import Mailbox
+from .manifest import ModelSpec, parse_network_document
+from .protos import mpnn_pb2 as pb
+from .protos import mpnn_pb2_grpc as pb_grpc
+from .reference import init_params
+from .store import ModelStore, read_torch_rows
+from .wire import from_tensor, to_tensor
+
+log = logging.getLogger("mpnn.server")
+
+SERVICE = "mpnn.v1.Partition"
+# gRPC's default 4 MiB limit is far below one [batch, units] activation of a wide layer.
+MAX_MESSAGE_BYTES = 1 << 30
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+DEFAULT_TIMEOUT = 60.0  # seconds, when a call carries no deadline
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What the server currently serves: one lookup version and the engine built for it."""
+
+    table: LookupTable
+    engine: PartitionEngine
+    source: str            # "checkpoint", "import" or "init"
+    checkpoint: int        # checkpoint step, -1 without one
+
+
+class Peers:
+    """One channel per peer address, reused across calls."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, pb_grpc.PartitionStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    def stub(self, address: str) -> pb_grpc.PartitionStub:
+        with self._lock:
+            if address not in self._stubs:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels.append(channel)
+                self._stubs[address] = pb_grpc.PartitionStub(channel)
+            return self._stubs[address]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels:
+                channel.close()
+            self._channels.clear()
+            self._stubs.clear()
+
+
+class GrpcTransport:
+    """The engine's transport over gRPC: sends with ``Exchange``, receives from this server's mailbox."""
+
+    def __init__(self, server: "PartitionServer", table: LookupTable):
+        self.server = server
+        self.table = table
+
+    def exchange(self, key: tuple, outgoing: dict[int, np.ndarray], expect, timeout: float) -> dict[int, np.ndarray]:
+        step_id, phase, layer = key
+        calls = []
+        for peer, arr in outgoing.items():
+            tensor = to_tensor(arr)
+            request = pb.ExchangeRequest(lookup_version=self.table.version, step_id=step_id, phase=phase,
+                                         layer=layer, source=self.server.index, tensor=tensor)
+            stub = self.server.peers.stub(self.table.addresses[peer])
+            calls.append((peer, stub.Exchange.future(request, timeout=timeout)))
+            self.server.count_sent(len(tensor.data))
+        for peer, call in calls:
+            try:
+                call.result()
+            except grpc.RpcError as exc:
+                raise ExchangeError(f"partition {self.server.index}: sending {key!r} to partition {peer} "
+                                    f"({self.table.addresses[peer]}) failed: {exc.code().name} {exc.details()}") from exc
+        return self.server.mailbox.take_many(key, expect, timeout)
+
+
+class PartitionServer(pb_grpc.PartitionServicer):
+    """Serves partition ``index`` of the network ``name``.
+
+    Args:
+        index: partition index, 0..P-1.
+        name: the network's name (``metadata.name``).
+        model: its shape (inputs, layers, seed, optional import file).
+        lookup_path: ``lookup.json``; re-read every ``poll_seconds`` seconds.
+        model_dir: the network's directory on the shared volume (checkpoints live below it).
+
+    Raises:
+        LookupTableError, StoreError, ValueError: from :meth:`load` when nothing can be served.
+    """
+
+    def __init__(self, index: int, name: str, model: ModelSpec, lookup_path: str | Path,
+                 model_dir: str | Path, poll_seconds: float = 2.0):
+        self.index = index
+        self.name = name
+        self.model = model
+        self.lookup_path = Path(lookup_path)
+        self.model_dir = Path(model_dir)
+        self.store = ModelStore(self.model_dir)
+        self.mailbox = Mailbox()
+        self.peers = Peers()
+        self.health = health.HealthServicer()
+        self.poll_seconds = poll_seconds
+        self._loaded: Loaded | None = None
+        self._load_lock = threading.Lock()
+        self._counter_lock = threading.Lock()
+        self.messages_sent = 0
+        self.bytes_sent = 0
+        self._stop = threading.Event()
+        self._grpc: grpc.Server | None = None
+        self.port: int | None = None
+
+    # ------------------------------------------------------------ loading
+
+    def load(self) -> Loaded:
+        """(Re)load the lookup table and this partition's rows from the newest source.
+
+        Sources, first that exists: the latest committed checkpoint, ``model.weights``
+        (PyTorch ``nn.Linear`` layout; relative paths are taken from the volume, the
+        parent of ``model_dir``), the seeded initialisation of ``reference.init_params``.
+        """
+        with self._load_lock:
+            table = LookupTable.load(self.lookup_path)
+            if list(table.layer_units) != self.model.layer_units:
+                raise ValueError(f"lookup {self.lookup_path}: layer units {list(table.layer_units)} differ "
+                                 f"from the network's {self.model.layer_units}")
+            if not 0 <= self.index < table.num_partitions:
+                raise ValueError(f"partition {self.index} is not in the lookup's {table.num_partitions} partitions")
+            ranges = {k: [(r.start, r.end) for r in table.ranges(k, self.index)] for k in range(table.num_layers)}
+            owned = [k for k, rs in ranges.items() if rs]
+            ckpt = self.store.latest()
+            if ckpt is not None:
+                optimizer = OptimizerConfig(**ckpt.meta["optimizer"]) if "optimizer" in ckpt.meta else None
+                tensors = {k: {n: ckpt.read_rows(k, n, ranges[k]) for n in ckpt.tensor_names(k)} for k in owned}
+                engine = self._engine(table, {k: (t["weight"], t["bias"]) for k, t in tensors.items()}, optimizer)
+                engine.load_state(tensors, int(ckpt.meta.get("optimizer_step", 0)))
+                loaded = Loaded(table, engine, "checkpoint", ckpt.step)
+            elif self.model.weights:
+                path = Path(self.model.weights)
+                path = path if path.is_absolute() else self.model_dir.parent / path
+                fan_in = [self.model.inputs] + self.model.layer_units[:-1]
+                params = {k: read_torch_rows(path, k, ranges[k], fan_in[k], self.model.layer_units[k]) for k in owned}
+                loaded = Loaded(table, self._engine(table, params), "import", -1)
+            else:
+                full = init_params(self.model.inputs, self.model.layers, self.model.seed)
+                params = {k: (_rows(full[k][0], ranges[k]), _rows(full[k][1], ranges[k])) for k in owned}
+                loaded = Loaded(table, self._engine(table, params), "init", -1)
+            self._loaded = loaded
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info("loaded", extra={"partition": self.index, "lookup_version": table.version,
+                                  "source": loaded.source, "checkpoint": loaded.checkpoint,
+                                  "neurons": table.neuron_count(self.index)})
+        return loaded
+
+    def _engine(self, table: LookupTable, params: dict, optimizer: OptimizerConfig | None = None) -> PartitionEngine:
+        return PartitionEngine(self.index, self.model.inputs, self.model.layers, table, params, optimizer)
+
+    def _watch_lookup(self) -> None:
+        """Reload when the lookup file's version changes (a ConfigMap update arrives as a file swap)."""
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                version = json.loads(self.lookup_path.read_text()).get("version")
+            except (OSError, ValueError):
+                continue
+            current = self._loaded.table.version if self._loaded else None
+            if version and version != current:
+                try:
+                    self.load()
+                except Exception:  # keep serving the last valid table
+                    log.exception("reload failed", extra={"partition": self.index, "lookup_version": version})
+
+    # ------------------------------------------------------------ RPCs
+
+    def _current(self, version: str, context: grpc.ServicerContext) -> Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"partition {self.index}: no model loaded")
+        if version != loaded.table.version:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"partition {self.index}: lookup version {version or '(none)'} does not match "
+                          f"the served {loaded.table.version}")
+        return loaded
+
+    def count_sent(self, nbytes: int) -> None:
+        with self._counter_lock:
+            self.messages_sent += 1
+            self.bytes_sent += nbytes
+
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+        loaded = self._current(request.lookup_version, context)
+        engine = loaded.engine
+        timeout = context.time_remaining() or DEFAULT_TIMEOUT
+        try:
+            x = from_tensor(request.inputs, "inputs", "float32", [None, self.model.inputs])
+            transport = GrpcTransport(self, loaded.table)
+            if request.train:
+                y = from_tensor(request.labels, "labels", "int64", [x.shape[0]])
+                if request.HasField("optimizer"):
+                    engine.optimizer = OptimizerConfig(**_optimizer_fields(request.optimizer))
+                result = engine.train_step(request.step_id, x, y, transport, timeout)
+                outputs, loss, correct = result.outputs, result.loss, result.correct
+            else:
+                outputs, loss, correct = engine.forward(request.step_id, x, transport, timeout), None, None
+        except ValueError as exc:
+            self.mailbox.discard(request.step_id)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except TimeoutError as exc:
+            self.mailbox.discard(request.step_id)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except (ExchangeError, RuntimeError) as exc:
+            self.mailbox.discard(request.step_id)
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
+        reply = pb.StepReply(has_outputs=outputs is not None)
+        if outputs is not None:
+            reply.outputs.CopyFrom(to_tensor(outputs))
+        if loss is not None:
+            reply.loss, reply.correct = loss, correct
+        return reply
+
+    def Exchange(self, request: pb.ExchangeRequest, context: grpc.ServicerContext) -> pb.ExchangeReply:
+        self._current(request.lookup_version, context)
+        if request.phase not in ("fwd", "bwd"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"phase must be fwd or bwd, got {request.phase!r}")
+        try:
+            arr = from_tensor(request.tensor, "tensor", "float32")
+            self.mailbox.put((request.step_id, request.phase, request.layer), request.source, arr)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ExchangeReply()
+
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
+        loaded = self._current(request.lookup_version, context)
+        tensors, step = loaded.engine.state_snapshot()
+        ranges = {k: loaded.engine.local_rows(k) for k in tensors}
+        info = self.store.write_shard(request.sequence, self.index, tensors, ranges)
+        log.info("shard written", extra={"partition": self.index, "sequence": request.sequence})
+        return pb.CheckpointReply(shard_json=json.dumps(info.to_dict()), optimizer_step=step)
+
+    def Reload(self, request: pb.ReloadRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        try:
+            self.load()
+        except Exception as exc:  # the last valid state stays in force
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"partition {self.index}: reload failed: {exc}")
+        return self.Status(pb.StatusRequest(), context)
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        loaded = self._loaded
+        reply = pb.StatusReply(partition=self.index, ready=loaded is not None,
+                               messages_sent=self.messages_sent, bytes_sent=self.bytes_sent)
+        if loaded is not None:
+            tensors = loaded.engine.state_tensors()
+            reply.lookup_version = loaded.table.version
+            reply.neurons = loaded.table.neuron_count(self.index)
+            reply.parameters = sum(t["weight"].size + t["bias"].size for t in tensors.values())
+            reply.checkpoint_sequence = loaded.checkpoint
+            reply.weights_source = loaded.source
+        return reply
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, host: str = "0.0.0.0", port: int = 50051, workers: int = 32) -> int:
+        """Load the model, bind, and serve in background threads. Returns the bound port."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                             options=CHANNEL_OPTIONS)
+        pb_grpc.add_PartitionServicer_to_server(self, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        self.load()
+        server.start()
+        self._grpc = server
+        threading.Thread(target=self._watch_lookup, name="lookup-watch", daemon=True).start()
+        log.info("serving", extra={"partition": self.index, "address": f"{host}:{self.port}"})
+        return self.port
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._stop.set()
+        self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        self.peers.close()
+
+    def wait(self) -> None:
+        if self._grpc is not None:
+            self._grpc.wait_for_termination()
+
+
+def _rows(arr: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([arr[s:e] for s, e in ranges]) if ranges else arr[:0]
+
+
+def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:
+    defaults = asdict(OptimizerConfig())
+    out = {"name": msg.name or defaults["name"]}
+    for field in ("learning_rate", "momentum", "beta1", "beta2", "eps", "weight_decay"):
+        value = getattr(msg, field)
+        out[field] = value if value or field in ("momentum", "weight_decay") else defaults[field]
+    return out
+
+
+def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
+    return pb.OptimizerConfig(**asdict(cfg))
+
+
+def partition_from_hostname(hostname: str | None = None) -> int:
+    """A StatefulSet pod's ordinal: ``digits-3`` → 3. Raises ValueError if the name has none."""
+    hostname = hostname or socket.gethostname()
+    m = re.search(r"-(\d+)$", hostname.split(".")[0])
+    if not m:
+        raise ValueError(f"partition: not given (--partition / MPNN_PARTITION) and hostname {hostname!r} has no ordinal")
+    return int(m.group(1))
+
+
+def main(args: Any) -> int:
+    """``mpnn serve``: run one partition server until SIGTERM or SIGINT."""
+    logs.configure(args.log_level)
+    index = args.partition if args.partition is not None else partition_from_hostname()
+    name, model = parse_network_document(json.loads(Path(args.network).read_text()))
+    server = PartitionServer(index, name, model, args.lookup, args.model_dir)
+    server.start(args.host, args.port)
+    done = threading.Event()
+
+    def shutdown(signum, frame):  # noqa: ARG001 - signal handler signature
+        log.info("stopping", extra={"partition": index, "signal": signum})
+        done.set()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    while not done.wait(1.0):
+        pass
+    server.stop()
+    return 0

@@ -61,7 +61,7 @@ class Distribution:
 Assignment = list[list[Range]]
 
 _FIELD = "spec.distribution"
-_ID_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_ID_RE = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?\Z")
 
 
 def distribute(layer_units: Sequence[int], partitions: int, dist: Distribution) -> Assignment:
@@ -172,6 +172,8 @@ def _by_counts(layer_units: Sequence[int], counts: Sequence[int]) -> Assignment:
 
 def parse_neuron_ids(text: str, field: str) -> tuple[int, int, int]:
     """Parse ``"L:U"`` or ``"L:A-B"`` (inclusive) into ``(layer, start, end)`` half-open."""
+    if isinstance(text, int):
+        raise DistributionError(field, text, "must be a quoted string like '1:30' (YAML reads an unquoted 1:30 as a number)")
     m = _ID_RE.match(str(text))
     if not m:
         raise DistributionError(field, text, "must look like 'L:U' or 'L:A-B'")

@@ -100,8 +100,9 @@ class LookupTable:
         return {"apiVersion": SCHEMA, "network": self.network, "version": self.version,
                 **{k: v for k, v in body.items() if k not in ("apiVersion", "network")}}
 
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent) + ("\n" if indent else "")
+    def to_json(self, indent: int | None = None) -> str:
+        """Compact by default: a ConfigMap holds at most 1 MiB (``CONFIGMAP_LIMIT``)."""
+        return json.dumps(self.to_dict(), indent=indent, separators=None if indent else (",", ":")) + "\n"
 
     @classmethod
     def from_dict(cls, obj: Any) -> "LookupTable":

@@ -30,7 +30,8 @@ DEFAULT_PORT = 50051
 DEFAULT_IMAGE = "ghcr.io/mpnn/mpnn:0.1.0"
 # StatefulSet pods are named <name>-<ordinal> and carry a controller-revision-hash
 # label built from the name, which caps StatefulSet names at 52 characters.
-_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,50}[a-z0-9])?$")
+_NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class ManifestError(FieldError):
@@ -168,10 +169,12 @@ def parse_neural_network(obj: Mapping[str, Any]) -> NeuralNetwork:
         raise ManifestError("kind", obj.get("kind"), f"must be {KIND}")
     meta = _expect_map(obj.get("metadata"), "metadata")
     name = meta.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ManifestError("metadata.name", name,
                             "must be a DNS-1035 label of at most 52 characters (lowercase letters, digits, '-')")
     namespace = meta.get("namespace") or "default"
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise ManifestError("metadata.namespace", namespace, "must be a DNS-1123 label (lowercase letters, digits, '-')")
     spec = _expect_map(obj.get("spec"), "spec")
     _no_unknown(spec, "spec", {"model", "partitions", "distribution", "storage", "training", "server"})
     model = _parse_model(_expect_map(spec.get("model"), "spec.model"))
@@ -264,7 +267,7 @@ def _parse_storage(s: Any) -> StorageSpec | None:
     if (nfs is None) == (claim is None):
         raise ManifestError("spec.storage", dict(s), "set exactly one of nfs and existingClaim")
     size = s.get("size", "1Gi")
-    if not isinstance(size, str) or not re.match(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$", size):
+    if not isinstance(size, str) or not re.fullmatch(r"\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?", size):
         raise ManifestError("spec.storage.size", size, "must be a Kubernetes quantity such as 10Gi")
     if nfs is not None:
         _expect_map(nfs, "spec.storage.nfs")
@@ -299,7 +302,7 @@ def _parse_training(t: Any) -> TrainingSpec | None:
     if optimizer not in OPTIMIZERS:
         raise ManifestError("spec.training.optimizer", optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     run_id = t.get("runId", "run-1")
-    if not isinstance(run_id, str) or not re.match(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$", run_id):
+    if not isinstance(run_id, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?", run_id):
         raise ManifestError("spec.training.runId", run_id,
                             "must be lowercase letters, digits and '-', at most 40 characters")
     return TrainingSpec(

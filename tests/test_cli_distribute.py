@@ -75,7 +75,7 @@ def test_output_is_exactly_the_table_json(tmp_path, capsys):
     path = write(tmp_path, manifest())
     assert main(["distribute", path]) == 0
     out = capsys.readouterr().out
-    assert out == LookupTable.from_dict(json.loads(out)).to_json()
+    assert out == LookupTable.from_dict(json.loads(out)).to_json(indent=2)
     assert json.loads(out)["apiVersion"] == "mpnn.dev/lookup/v1"
 
 

@@ -298,9 +298,6 @@ def test_good_metadata_name(name):
     assert parse_neural_network(doc).name == name
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.py validates with re.match and a '$' anchor, which also "
-                                       "matches before a trailing newline, so 'net\\n' passes as a DNS-1035 "
-                                       "label (same for spec.training.runId and spec.storage.size)")
 @pytest.mark.parametrize("mutate,field", [
     (lambda d: d["metadata"].update(name="net\n"), "metadata.name"),
     (lambda d: d["spec"].update(training={"runId": "run-1\n"}), "spec.training.runId"),

@@ -89,7 +89,7 @@ def distribute(args: argparse.Namespace) -> int:
         net = net.with_partitions(args.partitions)
     assignment = assign(net.model.layer_units, net.partitions, net.distribution)
     addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.port, args.cluster_domain)
-    sys.stdout.write(LookupTable.build(net.name, net.model.layer_units, assignment, addresses).to_json())
+    sys.stdout.write(LookupTable.build(net.name, net.model.layer_units, assignment, addresses).to_json(indent=2))
     return EXIT_OK
 
 

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Render MANIFEST into the operator's child objects as YAML, from the same builders.")
     n.add_argument("manifest")
     n.add_argument("--cluster-domain", default="cluster.local")
+    n.add_argument("--namespace", help="namespace of the objects (default: the manifest's, else default)")
     n.set_defaults(target="mpnn_operator.render:main")
     return p
 

@@ -1,0 +1,206 @@
+"""Pure builders: a validated :class:`NeuralNetwork` in, Kubernetes objects (dicts) out.
+
+No API access and no owner references here: the reconciler adds the
+NeuralNetwork as owner before applying, and ``mpnn render`` prints the objects
+as they are. Every object carries :func:`naming.labels`.
+
+Objects per network ``N`` in namespace ``NS`` (see ``docs/operator.md``):
+
+- ``Partition`` ``N-<i>`` per partition (``spec.ranges``: ``L:A-B`` strings),
+- ``ConfigMap`` ``N-lookup`` (``lookup.json``, ``network.json``),
+- headless ``Service`` ``N``, ``StatefulSet`` ``N``,
+- with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Sequence
+
+from partition_server.distributor import Assignment, Range, shares
+from partition_server.lookup import LookupTable, service_addresses
+from partition_server.manifest import NeuralNetwork, network_document
+
+from . import naming
+
+CONFIG_DIR = "/etc/mpnn"
+MODEL_ROOT = "/var/lib/mpnn"
+# Must be numeric so the kubelet can verify runAsNonRoot without reading the image.
+RUN_AS = 65532
+
+
+def lookup_table(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local") -> LookupTable:
+    """The lookup table for ``assignment``, addressing pods through the headless Service.
+
+    Raises:
+        LookupTableError: the assignment misses or doubles a neuron.
+    """
+    addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.port, cluster_domain)
+    return LookupTable.build(net.name, net.model.layer_units, assignment, addresses)
+
+
+def partition_ranges(assignment: Sequence[Sequence[Range]], partitions: int) -> list[list[str]]:
+    """Per partition, its neurons as ``L:A-B`` (inclusive) texts in layer-major order."""
+    return [share.ranges for share in shares(assignment, partitions)]
+
+
+def partition_parameters(net: NeuralNetwork, ranges: Sequence[tuple[int, int, int]]) -> int:
+    """Weights plus biases of the given neurons: ``fan_in + 1`` per neuron.
+
+    ``ranges`` holds ``(layer, start, end)`` half-open triples.
+    """
+    fan_in = [net.model.inputs] + net.model.layer_units[:-1]
+    return sum((end - start) * (fan_in[layer] + 1) for layer, start, end in ranges)
+
+
+def partitions(net: NeuralNetwork, assignment: Assignment) -> list[dict[str, Any]]:
+    """One ``Partition`` per partition index, holding its share of ``assignment``."""
+    out = []
+    for index, ranges in enumerate(partition_ranges(assignment, net.partitions)):
+        meta = _meta(net, naming.partition_name(net.name, index), naming.PARTITION_COMPONENT)
+        meta["labels"][naming.PARTITION] = str(index)
+        out.append({"apiVersion": naming.API_VERSION, "kind": "Partition", "metadata": meta,
+                    "spec": {"network": net.name, "index": index, "ranges": ranges}})
+    return out
+
+
+def lookup_configmap(net: NeuralNetwork, table: LookupTable) -> dict[str, Any]:
+    """``ConfigMap`` ``<name>-lookup`` with ``lookup.json`` and ``network.json``."""
+    meta = _meta(net, naming.lookup_name(net.name), naming.LOOKUP)
+    meta["annotations"] = {f"{naming.GROUP}/lookup-version": table.version}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {"lookup.json": table.to_json(), "network.json": network_json(net)}}
+
+
+def network_json(net: NeuralNetwork) -> str:
+    return json.dumps(network_document(net), indent=2, sort_keys=True) + "\n"
+
+
+def headless_service(net: NeuralNetwork) -> dict[str, Any]:
+    """Headless ``Service`` giving each pod the DNS name used in the lookup table.
+
+    Not-ready pods are published too: servers dial their peers while starting.
+    """
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(net, net.name, naming.SERVER),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": naming.selector(net.name),
+                     "ports": [{"name": "grpc", "port": net.server.port, "targetPort": "grpc",
+                                "protocol": "TCP"}]}}
+
+
+def persistent_volume(net: NeuralNetwork) -> dict[str, Any] | None:
+    """The ReadWriteMany NFS ``PersistentVolume`` for ``spec.storage.nfs`` (else None).
+
+    Reclaim policy Retain: deleting the volume object never touches the export.
+    """
+    if net.storage is None or net.storage.nfs is None:
+        return None
+    meta = _meta(net, naming.volume_name(net.namespace, net.name), naming.STORAGE)
+    del meta["namespace"]
+    meta["labels"][naming.NAMESPACE] = net.namespace
+    return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": meta,
+            "spec": {"capacity": {"storage": net.storage.size},
+                     "accessModes": ["ReadWriteMany"],
+                     "persistentVolumeReclaimPolicy": "Retain",
+                     "storageClassName": "",
+                     "volumeMode": "Filesystem",
+                     "nfs": {"server": net.storage.nfs.server, "path": net.storage.nfs.path}}}
+
+
+def volume_claim(net: NeuralNetwork) -> dict[str, Any] | None:
+    """The ``PersistentVolumeClaim`` bound to :func:`persistent_volume` (else None)."""
+    pv = persistent_volume(net)
+    if pv is None:
+        return None
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _meta(net, naming.claim_name(net.name), naming.STORAGE),
+            "spec": {"accessModes": ["ReadWriteMany"],
+                     "storageClassName": "",
+                     "volumeName": pv["metadata"]["name"],
+                     "volumeMode": "Filesystem",
+                     "selector": {"matchLabels": {naming.NETWORK: net.name, naming.NAMESPACE: net.namespace}},
+                     "resources": {"requests": {"storage": net.storage.size}}}}
+
+
+def model_volume(net: NeuralNetwork) -> dict[str, Any]:
+    """The pod volume holding the shared model: the claim, or an emptyDir without storage."""
+    if net.storage is None:
+        return {"name": "model", "emptyDir": {}}
+    claim = net.storage.existing_claim or naming.claim_name(net.name)
+    return {"name": "model", "persistentVolumeClaim": {"claimName": claim}}
+
+
+def statefulset(net: NeuralNetwork) -> dict[str, Any]:
+    """The partition servers: ``replicas = spec.partitions``, started in parallel.
+
+    The lookup ConfigMap is mounted as a directory (never ``subPath``) so the
+    kubelet propagates new lookup versions, which the servers reload without a
+    restart. ``network.json``'s hash is a template annotation, so a model change
+    rolls the pods.
+    """
+    port = net.server.port
+    config_hash = hashlib.sha256(network_json(net).encode()).hexdigest()[:16]
+    pod_labels = naming.labels(net.name, naming.SERVER)
+    container = {
+        "name": "server",
+        "image": net.server.image,
+        "command": ["mpnn", "serve"],
+        "env": [
+            {"name": "MPNN_PARTITION",
+             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{naming.POD_INDEX_LABEL}']"}}},
+            {"name": "MPNN_LOOKUP", "value": f"{CONFIG_DIR}/lookup.json"},
+            {"name": "MPNN_NETWORK", "value": f"{CONFIG_DIR}/network.json"},
+            {"name": "MPNN_MODEL_DIR", "value": f"{MODEL_ROOT}/{net.name}"},
+            {"name": "MPNN_PORT", "value": str(port)},
+        ],
+        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": port}, "initialDelaySeconds": 10, "periodSeconds": 10,
+                          "failureThreshold": 6},
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumeMounts": [{"name": "lookup", "mountPath": CONFIG_DIR, "readOnly": True},
+                         {"name": "model", "mountPath": MODEL_ROOT},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if net.server.resources:
+        container["resources"] = dict(net.server.resources)
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": _meta(net, net.name, naming.SERVER),
+        "spec": {
+            "replicas": net.partitions,
+            "serviceName": net.name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": naming.selector(net.name)},
+            "template": {
+                "metadata": {"labels": pod_labels,
+                             "annotations": {f"{naming.GROUP}/network-config": config_hash}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                                        "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "lookup", "configMap": {"name": naming.lookup_name(net.name)}},
+                                model_volume(net),
+                                {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def children(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local") -> list[dict[str, Any]]:
+    """Every object the operator creates for ``net`` under ``assignment``, in apply order."""
+    storage = [o for o in (persistent_volume(net), volume_claim(net)) if o is not None]
+    return [*storage, headless_service(net),
+            lookup_configmap(net, lookup_table(net, assignment, cluster_domain)),
+            *partitions(net, assignment), statefulset(net)]
+
+
+def _meta(net: NeuralNetwork, name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": net.namespace, "labels": naming.labels(net.name, component)}

@@ -1,0 +1,76 @@
+"""Names, labels and API coordinates of everything the operator owns.
+
+One place decides what a child is called and how it is found again, so the
+builders, the reconciler and ``mpnn render`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+GROUP = "mpnn.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+NETWORKS = "neuralnetworks"
+PARTITIONS = "partitions"
+
+FIELD_MANAGER = "mpnn-operator"
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+NETWORK = f"{GROUP}/network"
+NAMESPACE = f"{GROUP}/namespace"
+PARTITION = f"{GROUP}/partition"
+COMPONENT = "app.kubernetes.io/component"
+# Components: the partition server pods and their Service/StatefulSet, the
+# Partition CRs, the lookup ConfigMap, the model volume.
+SERVER, PARTITION_COMPONENT, LOOKUP, STORAGE = "server", "partition", "lookup", "storage"
+
+# Set by the StatefulSet controller on every pod since Kubernetes 1.28.
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+
+
+def labels(network: str, component: str) -> dict[str, str]:
+    """Labels carried by every child of NeuralNetwork ``network``."""
+    return {
+        "app.kubernetes.io/name": "mpnn",
+        "app.kubernetes.io/instance": network,
+        COMPONENT: component,
+        "app.kubernetes.io/part-of": "mpnn",
+        MANAGED_BY: FIELD_MANAGER,
+        NETWORK: network,
+    }
+
+
+def selector(network: str) -> dict[str, str]:
+    """``matchLabels`` of the partition server pods (immutable once the StatefulSet exists)."""
+    return {NETWORK: network, COMPONENT: SERVER}
+
+
+def selector_string(network: str) -> str:
+    """:func:`selector` as a label selector string, e.g. for ``status.selector``."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector(network).items()))
+
+
+def children_selector(network: str) -> str:
+    """Label selector that finds every child of ``network`` (add the namespace label for PVs)."""
+    return f"{MANAGED_BY}={FIELD_MANAGER},{NETWORK}={network}"
+
+
+def partition_name(network: str, index: int) -> str:
+    return f"{network}-{index}"
+
+
+def lookup_name(network: str) -> str:
+    return f"{network}-lookup"
+
+
+def claim_name(network: str) -> str:
+    return f"{network}-model"
+
+
+def volume_name(namespace: str, network: str) -> str:
+    """The NFS PersistentVolume's name. PVs are cluster-scoped; dots cannot occur in
+    namespace or network names, so no two networks can map to the same PV."""
+    return f"mpnn.{namespace}.{network}"
+
+
+def pod_name(network: str, index: int) -> str:
+    return f"{network}-{index}"

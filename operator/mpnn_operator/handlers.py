@@ -1,0 +1,55 @@
+"""kopf handlers: thin adapters from watch events to :class:`~mpnn_operator.reconcile.Reconciler`.
+
+Registered on :data:`registry` (not kopf's global one), so importing this
+module has no effect until :func:`mpnn_operator.main.main` runs it. The
+reconciler travels in kopf's ``memo`` as ``memo.reconciler``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from . import naming
+
+registry = kopf.OperatorRegistry()
+
+NETWORKS = dict(group=naming.GROUP, version=naming.VERSION, plural=naming.NETWORKS)
+OURS = {naming.MANAGED_BY: naming.FIELD_MANAGER}
+# Catches children changed or deleted behind the operator's back (it watches
+# only NeuralNetworks, Partitions and StatefulSets).
+RESYNC_SECONDS = 300
+
+
+@kopf.on.resume(**NETWORKS, registry=registry)
+@kopf.on.create(**NETWORKS, registry=registry)
+@kopf.on.update(**NETWORKS, registry=registry)
+def reconcile_network(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.reconcile(namespace, name)
+
+
+@kopf.timer(**NETWORKS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=registry)
+def resync_network(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.reconcile(namespace, name)
+
+
+@kopf.on.delete(**NETWORKS, registry=registry)
+def delete_network(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.cleanup(dict(body))
+
+
+@kopf.on.event(naming.GROUP, naming.VERSION, naming.PARTITIONS, labels=OURS, registry=registry)
+def partition_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.partition_changed(dict(body), deleted=event.get("type") == "DELETED")
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels=OURS, registry=registry)
+def statefulset_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    network = body.metadata.labels.get(naming.NETWORK)
+    if not network:
+        return
+    if event.get("type") == "DELETED":  # recreate it, unless its network is going away too
+        memo.reconciler.reconcile(body.metadata.namespace, network)
+    else:
+        memo.reconciler.refresh_status(body.metadata.namespace, network)

@@ -1,0 +1,68 @@
+"""The few API calls the reconciler makes, on the kubernetes client's dynamic client.
+
+Children are written with server-side apply under the field manager
+``mpnn-operator`` (forcing conflicts: the operator owns what it applies), so an
+apply of unchanged content is a no-op that leaves ``resourceVersion`` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError
+
+from .naming import FIELD_MANAGER
+
+
+class Kube:
+    """Get, list, apply, delete and patch status of objects given as plain dicts."""
+
+    def __init__(self, api_client: k8s_client.ApiClient | None = None):
+        if api_client is None:
+            k8s_config.load_config()
+            api_client = k8s_client.ApiClient()
+        self._dyn = DynamicClient(api_client)
+
+    def _resource(self, api_version: str, kind: str):
+        return self._dyn.resources.get(api_version=api_version, kind=kind)
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The object, or None if it does not exist."""
+        try:
+            return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+
+    def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
+        """Objects matching ``label_selector`` (in ``namespace``; cluster-wide for None)."""
+        res = self._resource(api_version, kind)
+        return res.get(namespace=namespace, label_selector=label_selector).to_dict()["items"]
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply ``obj`` (which names its apiVersion, kind, name, namespace)."""
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        return res.server_side_apply(body=dict(obj), name=meta["name"], namespace=meta.get("namespace"),
+                                     field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+        """Delete in the background; False if it was already gone."""
+        try:
+            self._resource(api_version, kind).delete(name=name, namespace=namespace,
+                                                     propagation_policy="Background")
+            return True
+        except NotFoundError:
+            return False
+
+    def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None,
+                     status: Mapping[str, Any]) -> dict[str, Any] | None:
+        """JSON-merge-patch ``status`` into the status subresource; None if the object is gone."""
+        res = self._resource(api_version, kind)
+        try:
+            return self._dyn.patch(res.status, body={"status": dict(status)}, name=name, namespace=namespace,
+                                   content_type="application/merge-patch+json").to_dict()
+        except NotFoundError:
+            return None

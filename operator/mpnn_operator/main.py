@@ -1,0 +1,63 @@
+"""``mpnn operator``: run the kopf operator until SIGINT/SIGTERM.
+
+Standalone (no peering objects): run exactly one replica. Watches the given
+namespaces, or all of them. ``/healthz`` on ``--liveness-port`` answers once
+the operator is up (0 disables it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Mapping
+
+import kopf
+
+from partition_server.errors import FieldError
+
+from . import handlers, naming
+from .kube import Kube
+from .reconcile import Reconciler
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def settings() -> kopf.OperatorSettings:
+    """kopf settings: our own finalizer and annotation keys; only warnings of handlers
+    are mirrored as Events (the reconciler posts its own)."""
+    s = kopf.OperatorSettings()
+    s.persistence.finalizer = f"{naming.GROUP}/cleanup"
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=naming.GROUP, key="last-handled-configuration")
+    s.posting.level = logging.WARNING
+    return s
+
+
+def _emit(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(dict(obj), type=type_, reason=reason, message=message[:1024])
+
+
+def _adopt(child: dict[str, Any], owner: Mapping[str, Any]) -> None:
+    # Not kopf.adopt: that would also copy the owner's labels, making children
+    # differ from `mpnn render` and change whenever the NeuralNetwork is relabelled.
+    kopf.append_owner_reference(child, owner=kopf.Body(dict(owner)))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the operator; returns the exit code after a graceful stop.
+
+    Raises:
+        FieldError: ``args.log_level`` is not one of :data:`LOG_LEVELS`.
+    """
+    level = str(args.log_level).lower()
+    if level not in LOG_LEVELS:
+        raise FieldError("--log-level", args.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+    kopf.configure(debug=level == "debug", log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger().setLevel(level.upper())
+    reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    kopf.run(registry=handlers.registry, settings=settings(), standalone=True,
+             clusterwide=not args.namespaces, namespaces=args.namespaces or (),
+             liveness_endpoint=liveness, memo=kopf.Memo(reconciler=reconciler))
+    return 0

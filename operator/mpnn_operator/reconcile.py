@@ -1,0 +1,274 @@
+"""Reconciling a NeuralNetwork: desired children from the builders, applied, pruned, reported.
+
+Every entry point takes a per-network lock and reads the NeuralNetwork afresh, so
+the kopf handlers (create/update/resume/timer, Partition and StatefulSet events)
+may all call in at any time and in any order: the last call wins with the latest
+state, and a call with nothing to change writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+from typing import Any, Callable, Mapping
+
+from kubernetes.dynamic.exceptions import DynamicApiError
+
+from partition_server.lookup import LookupTable, LookupTableError
+from partition_server.manifest import ManifestError, NeuralNetwork, parse_neural_network
+
+from . import builders, naming
+from .conditions import HEALTHY, Finding, network_status
+from .kube import Kube
+from .placement import Placement, STRATEGY, parse_ranges, partition_index, plan
+
+log = logging.getLogger(__name__)
+
+NN_KIND, PARTITION_KIND = "NeuralNetwork", "Partition"
+
+# (object, type "Normal"/"Warning", reason, message)
+Emit = Callable[[Mapping[str, Any], str, str, str], None]
+# Adds the NeuralNetwork as controlling owner of a namespaced child, in place.
+Adopt = Callable[[dict[str, Any], Mapping[str, Any]], None]
+
+
+def manifest_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a NeuralNetwork object that :func:`parse_neural_network` reads."""
+    meta = body.get("metadata") or {}
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+            "spec": body.get("spec")}
+
+
+class Reconciler:
+    """Drives one cluster's NeuralNetworks towards their specs.
+
+    Args:
+        kube: API access.
+        cluster_domain: DNS suffix of the partition addresses in lookup.json.
+        emit: posts a Kubernetes Event on an object.
+        adopt: makes a NeuralNetwork the owner of a child (``kopf.append_owner_reference``).
+    """
+
+    def __init__(self, kube: Kube, cluster_domain: str, emit: Emit, adopt: Adopt):
+        self.kube = kube
+        self.cluster_domain = cluster_domain
+        self.emit = emit
+        self.adopt = adopt
+        self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[(namespace, name)]
+
+    # -- entry points ------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        """Bring the children of NeuralNetwork ``namespace/name`` in line with its spec.
+
+        Raises:
+            kubernetes.dynamic.exceptions.DynamicApiError: an API call failed (after
+                recording a Degraded condition for a rejected write); callers retry.
+        """
+        with self._lock(namespace, name):
+            body = self._network(namespace, name)
+            if body is not None:
+                self._reconcile(body)
+
+    def refresh_status(self, namespace: str, name: str) -> None:
+        """Recompute readiness (NeuralNetwork conditions, Partition ``status.ready``) after a
+        StatefulSet change, without touching any spec."""
+        with self._lock(namespace, name):
+            body = self._network(namespace, name)
+            if body is None:
+                return
+            status = body.get("status") or {}
+            sts = self.kube.get("apps/v1", "StatefulSet", name, namespace)
+            new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=None,
+                                 generation=status.get("observedGeneration"))
+            self._write_status(body, new)
+            try:
+                net = parse_neural_network(manifest_view(body))
+            except ManifestError:
+                net = None
+            self._partition_statuses(namespace, name, net, self._partitions(namespace, name))
+
+    def partition_changed(self, partition: Mapping[str, Any], deleted: bool = False) -> None:
+        """React to a Partition event: reconcile its network unless the Partition already
+        says what the lookup table in force says (e.g. the operator's own write)."""
+        meta = partition.get("metadata") or {}
+        namespace = meta.get("namespace")
+        network = (partition.get("spec") or {}).get("network") or (meta.get("labels") or {}).get(naming.NETWORK)
+        if not namespace or not network:
+            return
+        if not deleted:
+            table = self._lookup_in_force(namespace, network)
+            index = partition_index(partition)
+            if (table is not None and index is not None and index < table.num_partitions
+                    and builders.partition_ranges(table.owners_by_layer, table.num_partitions)[index]
+                    == list((partition.get("spec") or {}).get("ranges") or [])):
+                return
+        self.reconcile(namespace, network)
+
+    def cleanup(self, body: Mapping[str, Any]) -> None:
+        """On NeuralNetwork deletion: delete its PersistentVolume, which no ownerReference can
+        reach (cluster-scoped). Reclaim policy Retain keeps the data on the NFS export."""
+        meta = body["metadata"]
+        selector = f"{naming.children_selector(meta['name'])},{naming.NAMESPACE}={meta['namespace']}"
+        for pv in self.kube.list("v1", "PersistentVolume", None, selector):
+            if self.kube.delete("v1", "PersistentVolume", pv["metadata"]["name"]):
+                log.info("deleted PersistentVolume %s (the NFS data is kept)", pv["metadata"]["name"])
+
+    # -- the reconcile -------------------------------------------------------
+
+    def _network(self, namespace: str, name: str) -> dict[str, Any] | None:
+        body = self.kube.get(naming.API_VERSION, NN_KIND, name, namespace)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        return body
+
+    def _partitions(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        items = self.kube.list(naming.API_VERSION, PARTITION_KIND, namespace, naming.children_selector(name))
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    def _reconcile(self, body: dict[str, Any]) -> None:
+        meta, status = body["metadata"], body.get("status") or {}
+        namespace, name, generation = meta["namespace"], meta["name"], meta["generation"]
+        try:
+            net = parse_neural_network(manifest_view(body))
+        except ManifestError as exc:
+            self._finish(body, Finding(True, "InvalidSpec",
+                                       f"{exc}; the running deployment is left unchanged"), {})
+            return
+        partitions = self._partitions(namespace, name)
+        placement = plan(net, partitions, status.get("distributionHash"))
+        try:
+            table = self._apply_children(body, net, placement, partitions)
+        except DynamicApiError as exc:  # recorded, then re-raised for the caller's retry
+            self._finish(body, Finding(True, "ApplyFailed", f"applying the children failed: {exc.summary()}"), {})
+            raise
+        if placement.problems:
+            kept = f"lookup table {table.version} stays in force" if table else "no lookup table is published"
+            finding = Finding(True, "InconsistentPartitions",
+                              f"the Partitions do not own every neuron exactly once ({kept}): "
+                              + "; ".join(placement.problems))
+        else:
+            finding = HEALTHY
+        extra: dict[str, Any] = {"selector": naming.selector_string(name)}
+        if table is not None:
+            extra.update(partitions=table.num_partitions, lookupVersion=table.version)
+        if placement.assignment is not None:
+            extra.update(placement=placement.source, distributionHash=placement.distribution_hash)
+        self._announce(body, net, placement, table)
+        self._finish(body, finding, extra)
+
+    def _apply_children(self, owner: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
+                        partitions: list[dict[str, Any]]) -> LookupTable | None:
+        """Apply what the placement allows; returns the lookup table in force afterwards."""
+        pv, pvc = builders.persistent_volume(net), builders.volume_claim(net)
+        if pv is not None:
+            self.kube.apply(pv)
+            self.kube.apply(self._owned(pvc, owner))
+        else:
+            self._prune_storage(net)
+        self.kube.apply(self._owned(builders.headless_service(net), owner))
+        if placement.redistribute:
+            wanted = builders.partitions(net, placement.assignment)
+            for obj in wanted:
+                self.kube.apply(self._owned(obj, owner))
+            keep = {o["metadata"]["name"] for o in wanted}
+            for stale in partitions:
+                if stale["metadata"]["name"] not in keep:
+                    self.kube.delete(naming.API_VERSION, PARTITION_KIND, stale["metadata"]["name"], net.namespace)
+            partitions = self._partitions(net.namespace, net.name)
+        if placement.assignment is not None:
+            table = builders.lookup_table(net, placement.assignment, self.cluster_domain)
+            self.kube.apply(self._owned(builders.lookup_configmap(net, table), owner))
+        else:
+            table = self._lookup_in_force(net.namespace, net.name)
+        self.kube.apply(self._owned(builders.statefulset(net), owner))
+        self._partition_statuses(net.namespace, net.name, net, partitions)
+        return table
+
+    def _prune_storage(self, net: NeuralNetwork) -> None:
+        """Without ``spec.storage.nfs`` no claim or volume of ours may remain (storage removed)."""
+        selector = f"{naming.children_selector(net.name)},{naming.COMPONENT}={naming.STORAGE}"
+        for pvc in self.kube.list("v1", "PersistentVolumeClaim", net.namespace, selector):
+            self.kube.delete("v1", "PersistentVolumeClaim", pvc["metadata"]["name"], net.namespace)
+        for pv in self.kube.list("v1", "PersistentVolume", None, f"{selector},{naming.NAMESPACE}={net.namespace}"):
+            self.kube.delete("v1", "PersistentVolume", pv["metadata"]["name"])
+
+    def _owned(self, obj: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
+        self.adopt(obj, owner)
+        return obj
+
+    def _lookup_in_force(self, namespace: str, network: str) -> LookupTable | None:
+        cm = self.kube.get("v1", "ConfigMap", naming.lookup_name(network), namespace)
+        try:
+            return LookupTable.from_dict(json.loads(((cm or {}).get("data") or {})["lookup.json"]))
+        except (KeyError, ValueError, LookupTableError):
+            return None
+
+    def _partition_statuses(self, namespace: str, name: str, net: NeuralNetwork | None,
+                            partitions: list[dict[str, Any]]) -> None:
+        """Write each Partition's ``status`` (pod, ready, neurons, parameters) where it changed."""
+        pods = self.kube.list("v1", "Pod", namespace, naming.selector_string(name))
+        ready = {p["metadata"]["name"]: any(c.get("type") == "Ready" and c.get("status") == "True"
+                                            for c in (p.get("status") or {}).get("conditions") or [])
+                 for p in pods}
+        for part in partitions:
+            index = partition_index(part)
+            if index is None:
+                continue
+            pod = naming.pod_name(name, index)
+            triples, _ = parse_ranges(part)
+            status = {"pod": pod, "ready": ready.get(pod, False),
+                      "neurons": sum(end - start for _, start, end in triples)}
+            if net is not None and all(layer < len(net.model.layers) for layer, _, _ in triples):
+                status["parameters"] = builders.partition_parameters(net, triples)
+            current = part.get("status") or {}
+            if any(current.get(k) != v for k, v in status.items()):
+                self.kube.patch_status(naming.API_VERSION, PARTITION_KIND, part["metadata"]["name"],
+                                       namespace, status)
+
+    def _announce(self, body: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
+                  table: LookupTable | None) -> None:
+        """Events for a new lookup table: Distributed, Scaled or Repartitioned."""
+        status = body.get("status") or {}
+        if table is None or table.version == status.get("lookupVersion"):
+            return
+        before = status.get("partitions")
+        short = table.version[:19]
+        if before is not None and before != table.num_partitions:
+            self.emit(body, "Normal", "Scaled",
+                      f"scaled from {before} to {table.num_partitions} partitions ({net.distribution.strategy}); "
+                      f"lookup {short}")
+        elif placement.redistribute or placement.source == STRATEGY:
+            self.emit(body, "Normal", "Distributed",
+                      f"{net.model.total_neurons} neurons over {table.num_partitions} partitions "
+                      f"({net.distribution.strategy}); lookup {short}")
+        else:
+            self.emit(body, "Normal", "Repartitioned",
+                      f"the Partitions edited by hand own every neuron exactly once; lookup {short}")
+
+    def _finish(self, body: Mapping[str, Any], finding: Finding, extra: Mapping[str, Any]) -> None:
+        """Write status: conditions for ``finding`` plus ``extra`` fields; warn on a new problem."""
+        meta, status = body["metadata"], body.get("status") or {}
+        previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
+        if finding.degraded and (previous is None or previous.get("message") != finding.message):
+            self.emit(body, "Warning", finding.reason, finding.message)
+        sts = self.kube.get("apps/v1", "StatefulSet", meta["name"], meta["namespace"])
+        desired = extra.get("partitions", status.get("partitions"))
+        new = {"observedGeneration": meta["generation"], **extra,
+               **network_status(status, statefulset=sts, desired=desired, finding=finding,
+                                generation=meta["generation"])}
+        self._write_status(body, new)
+
+    def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        status = body.get("status") or {}
+        if any(status.get(k) != v for k, v in new.items()):
+            meta = body["metadata"]
+            self.kube.patch_status(naming.API_VERSION, NN_KIND, meta["name"], meta["namespace"], new)

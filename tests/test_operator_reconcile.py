@@ -1,0 +1,273 @@
+"""The reconciler against an in-memory API (fast; the real API server runs the same
+scenarios in tests/test_operator.py). The fake applies like server-side apply does
+for our purposes: a write only when the applied content differs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mpnn_operator import naming
+from mpnn_operator.reconcile import Reconciler
+from partition_server.lookup import LookupTable
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
+
+
+class FakeKube:
+    """Objects keyed by (kind, namespace, name); counts writes."""
+
+    def __init__(self):
+        self.objects: dict[tuple, dict] = {}
+        self.writes: list[tuple[str, str, str]] = []
+        self._rv = 0
+
+    def _bump(self, obj):
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+
+    def get(self, api_version, kind, name, namespace=None):
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def list(self, api_version, kind, namespace, label_selector):
+        want = dict(term.split("=", 1) for term in label_selector.split(","))
+        return [copy.deepcopy(o) for (k, ns, _), o in sorted(self.objects.items())
+                if k == kind and (namespace is None or ns == namespace)
+                and all(o["metadata"].get("labels", {}).get(a) == b for a, b in want.items())]
+
+    def apply(self, obj):
+        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        current = self.objects.get(key)
+        new = copy.deepcopy(obj)
+        if current is not None:
+            new["metadata"] = {**current["metadata"], **new["metadata"]}
+            if "status" in current:
+                new["status"] = current["status"]
+            if new == current:
+                return copy.deepcopy(current)
+            if new.get("spec") != current.get("spec"):
+                new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        else:
+            new["metadata"]["generation"] = 1
+        self._bump(new)
+        self.objects[key] = new
+        self.writes.append(("apply",) + key[:1] + key[2:])
+        return copy.deepcopy(new)
+
+    def delete(self, api_version, kind, name, namespace=None):
+        self.writes.append(("delete", kind, name))
+        return self.objects.pop((kind, namespace, name), None) is not None
+
+    def patch_status(self, api_version, kind, name, namespace, status):
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None:
+            return None
+        obj["status"] = {**obj.get("status", {}), **copy.deepcopy(status)}
+        self._bump(obj)
+        self.writes.append(("status", kind, name))
+        return copy.deepcopy(obj)
+
+    # test helpers
+    def create_network(self, doc):
+        doc = copy.deepcopy(doc)
+        doc["metadata"].update(namespace="ns", uid="uid-1")
+        self.apply(doc)
+
+    def edit(self, kind, name, **spec):
+        obj = self.get("", kind, name, "ns")
+        obj["spec"].update(spec)
+        obj.pop("status", None)
+        self.apply(obj)
+
+    def lookup(self, name="digits"):
+        cm = self.objects[("ConfigMap", "ns", naming.lookup_name(name))]
+        return LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
+
+
+@pytest.fixture
+def kube():
+    return FakeKube()
+
+
+@pytest.fixture
+def events():
+    return []
+
+
+@pytest.fixture
+def reconciler(kube, events):
+    def adopt(child, owner):
+        child["metadata"]["ownerReferences"] = [{"kind": "NeuralNetwork", "name": owner["metadata"]["name"],
+                                                 "uid": owner["metadata"]["uid"]}]
+    return Reconciler(kube, "cluster.local", emit=lambda o, t, r, m: events.append((t, r, m)), adopt=adopt)
+
+
+def _digits(storage=True):
+    doc = yaml.safe_load(DIGITS.read_text())
+    if storage:
+        doc["spec"]["storage"] = {"nfs": {"server": "10.0.0.1", "path": "/exports/mpnn"}}
+    return doc
+
+
+def _status(kube, name="digits"):
+    return kube.objects[("NeuralNetwork", "ns", name)].get("status", {})
+
+
+def _condition(kube, type_):
+    return next(c for c in _status(kube)["conditions"] if c["type"] == type_)
+
+
+def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kinds = sorted({k for k, _, _ in kube.objects})
+    assert kinds == ["ConfigMap", "NeuralNetwork", "Partition", "PersistentVolume", "PersistentVolumeClaim",
+                     "Service", "StatefulSet"]
+    assert kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]["metadata"].get("ownerReferences") is None
+    for (kind, ns, name), obj in kube.objects.items():
+        if kind not in ("NeuralNetwork", "PersistentVolume"):
+            assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1", name
+    status = _status(kube)
+    assert status["lookupVersion"] == kube.lookup().version
+    assert status["partitions"] == 4 and status["placement"] == "strategy"
+    assert status["selector"] == "app.kubernetes.io/component=server,mpnn.dev/network=digits"
+    assert status["observedGeneration"] == 1
+    assert [e[1] for e in events] == ["Distributed"]
+    parts = kube.list("", "Partition", "ns", naming.children_selector("digits"))
+    assert [p["status"]["neurons"] for p in parts] == [51, 51, 50, 50]
+    assert sum(p["status"]["parameters"] for p in parts) == 128 * 65 + 64 * 129 + 10 * 65
+
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == []
+
+
+def test_invalid_spec_leaves_children_untouched(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    before = copy.deepcopy({k: v for k, v in kube.objects.items() if k[0] != "NeuralNetwork"})
+    # Passes the CRD schema, but layer 9 does not exist: only the manifest model can tell.
+    kube.edit("NeuralNetwork", "digits", distribution={"strategy": "layers", "layers": [[0], [1], [2], [9]]})
+    reconciler.reconcile("ns", "digits")
+    assert {k: v for k, v in kube.objects.items() if k[0] != "NeuralNetwork"} == before
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+    assert "spec.distribution.layers[3][0]" in degraded["message"] and "9" in degraded["message"]
+    assert degraded["observedGeneration"] == 2 and _status(kube)["phase"] == "Degraded"
+    assert events[-1][:2] == ("Warning", "InvalidSpec")
+    # Reconciling again does not repeat the warning.
+    reconciler.reconcile("ns", "digits")
+    assert [e[1] for e in events].count("InvalidSpec") == 1
+
+
+def test_manual_move_in_two_edits(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    first = kube.lookup()
+    kube.edit("Partition", "digits-0", ranges=["0:4-31", "1:0-15", "2:0-2"])
+    reconciler.partition_changed(kube.get("", "Partition", "digits-0", "ns"))
+    assert kube.lookup() == first
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InconsistentPartitions"
+    assert "0:0-3 owned by no partition" in degraded["message"] and first.version in degraded["message"]
+    assert events[-1][:2] == ("Warning", "InconsistentPartitions")
+
+    kube.edit("Partition", "digits-1", ranges=["0:0-3", "0:32-63", "1:16-31", "2:3-5"])
+    reconciler.partition_changed(kube.get("", "Partition", "digits-1", "ns"))
+    second = kube.lookup()
+    assert second.version != first.version and second.owner_of(0, 2) == 1
+    assert _condition(kube, "Degraded")["status"] == "False"
+    assert _status(kube)["placement"] == "manual" and _status(kube)["lookupVersion"] == second.version
+    assert events[-1][1] == "Repartitioned"
+    assert kube.get("", "Partition", "digits-1", "ns")["status"]["neurons"] == 55
+
+    # The operator's own writes are not hand edits: nothing happens for them.
+    kube.writes.clear()
+    for i in range(4):
+        reconciler.partition_changed(kube.get("", "Partition", f"digits-{i}", "ns"))
+    assert kube.writes == []
+
+    # A spec change that leaves the distribution inputs alone keeps the hand placement ...
+    kube.edit("NeuralNetwork", "digits", server={"image": "example.org/mpnn:dev", "port": 50051})
+    reconciler.reconcile("ns", "digits")
+    assert kube.lookup() == second
+    # ... one that changes them redistributes from the strategy.
+    kube.edit("NeuralNetwork", "digits", partitions=2)
+    reconciler.reconcile("ns", "digits")
+    assert kube.lookup().owner_of(0, 2) == 0 and kube.lookup().num_partitions == 2
+    assert _status(kube)["placement"] == "strategy"
+
+
+def test_scaling_rewrites_partitions_and_prunes_the_extra_ones(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kube.edit("NeuralNetwork", "digits", partitions=6)
+    reconciler.reconcile("ns", "digits")
+    assert kube.objects[("StatefulSet", "ns", "digits")]["spec"]["replicas"] == 6
+    assert len(kube.list("", "Partition", "ns", naming.children_selector("digits"))) == 6
+    assert kube.lookup().num_partitions == 6
+    assert events[-1][1] == "Scaled" and "from 4 to 6" in events[-1][2]
+    kube.edit("NeuralNetwork", "digits", partitions=3)
+    reconciler.reconcile("ns", "digits")
+    names = [p["metadata"]["name"] for p in kube.list("", "Partition", "ns", naming.children_selector("digits"))]
+    assert names == ["digits-0", "digits-1", "digits-2"]
+    assert kube.lookup().num_partitions == 3 and _status(kube)["partitions"] == 3
+
+
+def test_a_deleted_partition_is_restored_from_the_strategy(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    before = kube.lookup()
+    gone = kube.get("", "Partition", "digits-2", "ns")
+    kube.delete("", "Partition", "digits-2", "ns")
+    reconciler.partition_changed(gone, deleted=True)
+    assert kube.get("", "Partition", "digits-2", "ns")["spec"]["ranges"] == gone["spec"]["ranges"]
+    assert kube.lookup() == before
+
+
+def test_removing_storage_prunes_volume_and_claim(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    obj = kube.get("", "NeuralNetwork", "digits", "ns")
+    del obj["spec"]["storage"]
+    kube.objects[("NeuralNetwork", "ns", "digits")]["spec"] = obj["spec"]
+    reconciler.reconcile("ns", "digits")
+    assert not [k for k in kube.objects if k[0] in ("PersistentVolume", "PersistentVolumeClaim")]
+    model = next(v for v in kube.objects[("StatefulSet", "ns", "digits")]["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "model")
+    assert model == {"name": "model", "emptyDir": {}}
+
+
+def test_cleanup_deletes_only_this_networks_volume(kube, reconciler):
+    for ns in ("ns", "other"):
+        doc = _digits()
+        doc["metadata"].update(namespace=ns, uid=f"uid-{ns}")
+        kube.apply(doc)
+        reconciler.reconcile(ns, "digits")
+    reconciler.cleanup(kube.get("", "NeuralNetwork", "digits", "ns"))
+    assert [k[2] for k in kube.objects if k[0] == "PersistentVolume"] == ["mpnn.other.digits"]
+
+
+def test_refresh_reports_readiness_from_the_statefulset(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    assert _status(kube)["phase"] == "Progressing"
+    sts = kube.objects[("StatefulSet", "ns", "digits")]
+    sts["status"] = {"replicas": 4, "readyReplicas": 4, "updatedReplicas": 4, "observedGeneration": 1}
+    for i in range(4):
+        kube.apply({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": f"digits-{i}", "namespace": "ns", "labels": naming.selector("digits")},
+                    "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+        kube.objects[("Pod", "ns", f"digits-{i}")]["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    reconciler.refresh_status("ns", "digits")
+    assert _status(kube)["phase"] == "Ready" and _status(kube)["readyPartitions"] == 4
+    assert _condition(kube, "Ready")["status"] == "True"
+    assert all(p["status"]["ready"] for p in kube.list("", "Partition", "ns", naming.children_selector("digits")))
+    kube.writes.clear()
+    reconciler.refresh_status("ns", "digits")
+    assert kube.writes == []

@@ -7,6 +7,7 @@ apply of unchanged content is a no-op that leaves ``resourceVersion`` alone.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 from kubernetes import client as k8s_client
@@ -25,9 +26,16 @@ class Kube:
             k8s_config.load_config()
             api_client = k8s_client.ApiClient()
         self._dyn = DynamicClient(api_client)
+        self._resources: dict[tuple[str, str], Any] = {}
+        self._discovery = threading.Lock()
 
     def _resource(self, api_version: str, kind: str):
-        return self._dyn.resources.get(api_version=api_version, kind=kind)
+        # The discovery cache is not thread-safe; reconciles of different networks run in parallel.
+        with self._discovery:
+            key = (api_version, kind)
+            if key not in self._resources:
+                self._resources[key] = self._dyn.resources.get(api_version=api_version, kind=kind)
+            return self._resources[key]
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         """The object, or None if it does not exist."""

@@ -20,11 +20,13 @@ OURS = {naming.MANAGED_BY: naming.FIELD_MANAGER}
 # Catches children changed or deleted behind the operator's back (it watches
 # only NeuralNetworks, Partitions and StatefulSets).
 RESYNC_SECONDS = 300
+# Retry delay after a failed reconcile (an API error; the Degraded condition says which).
+RETRY_SECONDS = 10
 
 
-@kopf.on.resume(**NETWORKS, registry=registry)
-@kopf.on.create(**NETWORKS, registry=registry)
-@kopf.on.update(**NETWORKS, registry=registry)
+@kopf.on.resume(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
+@kopf.on.create(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
+@kopf.on.update(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
 def reconcile_network(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.reconcile(namespace, name)
 

@@ -12,7 +12,7 @@ and the offending value.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -186,7 +186,7 @@ def parse_neural_network(obj: Mapping[str, Any]) -> NeuralNetwork:
         partitions=partitions,
         distribution=_parse_distribution(spec.get("distribution")),
         storage=_parse_storage(spec.get("storage")),
-        training=_parse_training(spec.get("training")),
+        training=parse_training(spec.get("training")),
         server=_parse_server(spec.get("server")),
     )
     _check_distribution(net)
@@ -283,7 +283,12 @@ def _parse_storage(s: Any) -> StorageSpec | None:
     return StorageSpec(existing_claim=claim, size=size)
 
 
-def _parse_training(t: Any) -> TrainingSpec | None:
+def parse_training(t: Any) -> TrainingSpec | None:
+    """``spec.training`` (camelCase keys, as in the manifest) into a :class:`TrainingSpec`; None stays None.
+
+    Raises:
+        ManifestError: naming the ``spec.training`` field at fault.
+    """
     if t is None:
         return None
     _expect_map(t, "spec.training")
@@ -373,6 +378,14 @@ def network_document(net: NeuralNetwork) -> dict[str, Any]:
     """
     return {"apiVersion": "mpnn.dev/network/v1", "name": net.name, **net.model.shape_dict(),
             "seed": net.model.seed, "weights": net.model.weights}
+
+
+def training_document(training: TrainingSpec) -> dict[str, Any]:
+    """``spec.training`` back in manifest form (camelCase), as :func:`parse_training` reads it."""
+    return {"dataset": {k: v for k, v in asdict(training.dataset).items() if v is not None},
+            "epochs": training.epochs, "batchSize": training.batch_size, "learningRate": training.learning_rate,
+            "optimizer": training.optimizer, "momentum": training.momentum,
+            "checkpointEvery": training.checkpoint_every, "runId": training.run_id, "seed": training.seed}
 
 
 def parse_network_document(obj: Mapping[str, Any]) -> tuple[str, ModelSpec]:

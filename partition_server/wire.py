@@ -44,8 +44,8 @@ def from_tensor(t: pb.Tensor, field: str, dtype: str | None = None,
     if any(d < 0 for d in dims):
         raise ValueError(f"{field}: negative dimension in shape {list(dims)}")
     if shape is not None and (len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims))):
-        want = ["*" if e is None else e for e in shape]
-        raise ValueError(f"{field}: shape must be {want}, got {list(dims)}")
+        want = ", ".join("*" if e is None else str(e) for e in shape)
+        raise ValueError(f"{field}: shape must be [{want}], got {list(dims)}")
     want_bytes = int(np.prod(dims, dtype=np.int64)) * DTYPES[t.dtype].itemsize
     if len(t.data) != want_bytes:
         raise ValueError(f"{field}: {len(t.data)} bytes do not fit shape {list(dims)} of {t.dtype} ({want_bytes} bytes)")

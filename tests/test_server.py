@@ -52,8 +52,8 @@ def cluster4(tmp_path):
 
 
 @pytest.mark.parametrize("make, field, detail", [
-    (lambda x, y: (x[:, :-1], None), "inputs", "shape must be ['*', 10], got [9, 9]"),
-    (lambda x, y: (x.reshape(-1), None), "inputs", "shape must be ['*', 10], got [90]"),
+    (lambda x, y: (x[:, :-1], None), "inputs", "shape must be [*, 10], got [9, 9]"),
+    (lambda x, y: (x.reshape(-1), None), "inputs", "shape must be [*, 10], got [90]"),
     (lambda x, y: (x.astype(np.float64), None), "inputs", "dtype must be float32, got float64"),
     (lambda x, y: (x, y.astype(np.int32)), "labels", "dtype must be int64, got int32"),
     (lambda x, y: (x, y[:-1]), "labels", "shape must be [9], got [8]"),

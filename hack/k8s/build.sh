@@ -93,7 +93,10 @@ up_to_date() { # <bin>
   local bin=$1
   [[ -x $DEST/$bin && -f $DEST/.stamps/$bin ]] || return 1
   [[ $(cat "$DEST/.stamps/$bin") == "$(stamp_for "$bin")" ]] || return 1
-  version_cmd "$bin" | grep -qF -- "$(expected_version "$bin")"
+  # Capture first: `| grep -q` could SIGPIPE the writer and fail under pipefail.
+  local out
+  out=$(version_cmd "$bin") || return 1
+  [[ $out == *"$(expected_version "$bin")"* ]]
 }
 
 mkdir -p "$DEST/.stamps"

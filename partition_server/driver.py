@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import time
 import uuid
 from concurrent import futures
@@ -22,13 +23,13 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .channels import CHANNEL_OPTIONS
 from .datasets import Dataset
 from .engine import OptimizerConfig
 from .lookup import LookupTable
 from .manifest import ModelSpec, TrainingSpec
 from .protos import mpnn_pb2 as pb
 from .protos import mpnn_pb2_grpc as pb_grpc
-from .server import CHANNEL_OPTIONS, optimizer_message
 from .store import Checkpoint, ModelStore
 from .wire import from_tensor, to_tensor
 
@@ -36,7 +37,14 @@ log = logging.getLogger("mpnn.driver")
 
 
 class DriverError(RuntimeError):
-    """A partition failed a call; the message names the partition, its address and the status."""
+    """A partition failed a call; the message names the partition, its address and the status.
+
+    ``code`` is that call's ``grpc.StatusCode`` (None when no call failed, e.g. a wait timed out).
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -77,22 +85,33 @@ class Driver:
     # ------------------------------------------------------------ plumbing
 
     def _all(self, method: str, requests: Iterable, timeout: float | None = None) -> list:
-        """Call ``method`` on every partition concurrently; replies in partition order."""
+        """Call ``method`` on every partition concurrently; replies in partition order.
+
+        The first failure other than a deadline cancels the other calls (their partitions stop
+        waiting for messages that will not come) and is raised as DriverError.
+        """
         calls = [getattr(stub, method).future(req, timeout=timeout or self.timeout)
                  for stub, req in zip(self._stubs, requests)]
-        replies, errors = [], []
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i, call in enumerate(calls):
-            try:
-                replies.append(call.result())
-            except grpc.RpcError as exc:
+            call.add_done_callback(lambda _, i=i: finished.put(i))
+        errors = []
+        for _ in calls:
+            i = finished.get()
+            exc = calls[i].exception()
+            if exc is not None:
                 errors.append((i, exc))
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
         if errors:
+            for call in calls:
+                call.cancel()
             # The root cause is usually the one that is not a knock-on deadline.
             errors.sort(key=lambda e: e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED)
             i, exc = errors[0]
             raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "
-                              f"{exc.code().name}: {exc.details()}") from exc
-        return replies
+                              f"{exc.code().name}: {exc.details()}", exc.code()) from exc
+        return [call.result() for call in calls]
 
     def wait_ready(self, timeout: float = 60.0, alive: Callable[[], None] | None = None) -> None:
         """Block until every partition's health service answers SERVING.
@@ -122,14 +141,15 @@ class Driver:
 
     # ------------------------------------------------------------ steps
 
-    def step(self, x: np.ndarray, y: np.ndarray | None = None,
-             optimizer: OptimizerConfig | None = None) -> tuple[np.ndarray, float | None, int | None]:
+    def step(self, x: np.ndarray, y: np.ndarray | None = None, optimizer: OptimizerConfig | None = None,
+             timeout: float | None = None) -> tuple[np.ndarray, float | None, int | None]:
         """One pass on every partition: training when ``y`` is given, else inference.
 
         Args:
             x: ``[batch, inputs]``; cast to float32.
             y: ``[batch]`` class indices (int64), or None.
             optimizer: sent with training steps.
+            timeout: deadline of the calls, seconds (default: the driver's).
 
         Returns:
             ``(outputs [batch, units_last] float32, loss or None, correct or None)``.
@@ -143,17 +163,20 @@ class Driver:
             request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
             if optimizer is not None:
                 request.optimizer.CopyFrom(optimizer_message(optimizer))
-        replies = self._all("Step", [request] * self.table.num_partitions)
+        replies = self._all("Step", [request] * self.table.num_partitions, timeout)
         first = next(r for r in replies if r.has_outputs)
         outputs = from_tensor(first.outputs, "outputs", "float32")
         if y is None:
             return outputs, None, None
         return outputs, first.loss, first.correct
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Outputs ``[n, units_last]`` float32 for ``x`` ``[n, inputs]``, in chunks of ``batch_size``."""
+    def predict(self, x: np.ndarray, batch_size: int = 256, timeout: float | None = None) -> np.ndarray:
+        """Outputs ``[n, units_last]`` float32 for ``x`` ``[n, inputs]``, in chunks of ``batch_size``.
+
+        ``timeout`` bounds each chunk's calls (default: the driver's). Raises DriverError.
+        """
         x = np.asarray(x, dtype=np.float32)
-        parts = [self.step(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)]
+        parts = [self.step(x[i:i + batch_size], timeout=timeout)[0] for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.table.layer_units[-1]), np.float32)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Evaluation:
@@ -163,8 +186,9 @@ class Driver:
         accuracy = float(np.mean(probs.argmax(axis=1) == y)) if len(y) else float("nan")
         return Evaluation(accuracy, loss, len(y))
 
-    def status(self) -> list[pb.StatusReply]:
-        return self._all("Status", [pb.StatusRequest()] * self.table.num_partitions)
+    def status(self, timeout: float | None = None) -> list[pb.StatusReply]:
+        """Every partition's ``Status``, in partition order. Raises DriverError."""
+        return self._all("Status", [pb.StatusRequest()] * self.table.num_partitions, timeout)
 
     def reload(self) -> list[pb.StatusReply]:
         """Make every partition reload its rows from the latest committed checkpoint."""
@@ -188,6 +212,10 @@ class Driver:
         meta = {**meta, "lookup_version": self.table.version,
                 "optimizer_step": max(r.optimizer_step for r in replies)}
         return store.commit(sequence, shards, model.shape_dict(), meta)
+
+
+def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
+    return pb.OptimizerConfig(**asdict(cfg))
 
 
 @dataclass

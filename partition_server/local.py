@@ -12,6 +12,9 @@ Workdir layout (the volume)::
     <workdir>/lookup.json, network.json     # what the ConfigMap holds in a cluster
     <workdir>/<name>/checkpoints/...        # the network's model directory
     <workdir>/logs/partition-<i>.log        # each server's JSON log lines
+
+Every server also answers the Open Inference Protocol v2 for the whole network on
+its gRPC port and on a REST port of its own; ``--serve`` prints them.
 """
 
 from __future__ import annotations
@@ -96,9 +99,11 @@ class LocalDeployment:
         self.procs: list[subprocess.Popen] = []
         self.crashed: str | None = None
         self._stopping = threading.Event()
-        ports = free_ports(net.partitions, host)
+        ports = free_ports(2 * net.partitions, host)
+        self.http_ports = ports[net.partitions:]
         assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
-        self.table = LookupTable.build(net.name, net.model.layer_units, assignment, loopback_addresses(ports, host))
+        self.table = LookupTable.build(net.name, net.model.layer_units, assignment,
+                                       loopback_addresses(ports[:net.partitions], host))
 
     def log_path(self, i: int) -> Path:
         return self.workdir / "logs" / f"partition-{i}.log"
@@ -122,7 +127,8 @@ class LocalDeployment:
         port = self.table.addresses[i].rsplit(":", 1)[1]
         cmd = [sys.executable, "-m", "mpnn_operator.cli", "serve", "--partition", str(i),
                "--lookup", str(self.workdir / "lookup.json"), "--network", str(self.workdir / "network.json"),
-               "--model-dir", str(self.model_dir), "--host", self.host, "--port", port]
+               "--model-dir", str(self.model_dir), "--host", self.host, "--port", port,
+               "--http-port", str(self.http_ports[i])]
         with open(self.log_path(i), "ab") as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     preexec_fn=_die_with_parent)
@@ -274,9 +280,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _serve_forever(args: Any, deployment: LocalDeployment) -> int:
-    print("partition servers (gRPC mpnn.v1.Partition):")
-    for i, address in enumerate(deployment.table.addresses):
-        print(f"gRPC  {address}    partition {i}")
+    """Print the endpoints, then wait for Ctrl-C or a crashed server.
+
+    The first lines name partition 0's Open Inference Protocol endpoints, ``REST  http://HOST:PORT``
+    and ``gRPC  HOST:PORT``; every partition is an entry point, and the indented lines list them all.
+    """
+    table, name = deployment.table, deployment.net.name
+    print(f"model {name!r} (Open Inference Protocol v2, KServe / Triton clients):")
+    print(f"REST  http://{deployment.host}:{deployment.http_ports[0]}")
+    print(f"gRPC  {table.addresses[0]}")
+    print("partition servers (any is an entry point; gRPC also serves mpnn.v1.Partition):")
+    for i, address in enumerate(table.addresses):
+        print(f"  {i}  REST http://{deployment.host}:{deployment.http_ports[i]}  gRPC {address}")
     print("Ctrl-C stops them.", flush=True)
     while True:
         deployment.check_alive()

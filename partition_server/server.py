@@ -8,6 +8,10 @@ one ``Exchange`` message per (layer, peer, phase). It serves the standard
 ``grpc.health.v1`` health service, and re-reads the lookup when the file's
 version changes, reloading the rows it now owns from the latest checkpoint.
 
+It also answers the Open Inference Protocol v2 for the whole network, over gRPC
+(``inference.GRPCInferenceService``, on the same port) and over HTTP/REST on a
+second port: see ``inference.py`` and ``rest.py``.
+
 Status codes: INVALID_ARGUMENT for a wrong shape or dtype, FAILED_PRECONDITION
 for a lookup-version mismatch, DEADLINE_EXCEEDED when a peer's message does not
 arrive before the call's deadline, UNAVAILABLE while no model is loaded.
@@ -32,23 +36,24 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import logs
+from .channels import CHANNEL_OPTIONS
 from .engine import ExchangeError, OptimizerConfig, PartitionEngine
+from .errors import FieldError
+from .inference import InferenceServicer, ModelInference
 from .lookup import LookupTable
 from .mailbox import Mailbox
 from .manifest import ModelSpec, parse_network_document
+from .protos import grpc_predict_v2_pb2_grpc as inference_grpc
 from .protos import mpnn_pb2 as pb
 from .protos import mpnn_pb2_grpc as pb_grpc
 from .reference import init_params
+from .rest import RestServer
 from .store import ModelStore, read_torch_rows
 from .wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.server")
 
 SERVICE = "mpnn.v1.Partition"
-# gRPC's default 4 MiB limit is far below one [batch, units] activation of a wide layer.
-MAX_MESSAGE_BYTES = 1 << 30
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 DEFAULT_TIMEOUT = 60.0  # seconds, when a call carries no deadline
 
 
@@ -145,7 +150,11 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self.bytes_sent = 0
         self._stop = threading.Event()
         self._grpc: grpc.Server | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
         self.port: int | None = None
+        self.inference = ModelInference(name, model, self._served_table)
+        self._rest: RestServer | None = None
+        self.http_port: int | None = None
 
     # ------------------------------------------------------------ loading
 
@@ -190,6 +199,10 @@ class PartitionServer(pb_grpc.PartitionServicer):
                                   "neurons": table.neuron_count(self.index)})
         return loaded
 
+    def _served_table(self) -> LookupTable | None:
+        loaded = self._loaded
+        return loaded.table if loaded is not None else None
+
     def _engine(self, table: LookupTable, params: dict, optimizer: OptimizerConfig | None = None) -> PartitionEngine:
         return PartitionEngine(self.index, self.model.inputs, self.model.layers, table, params, optimizer)
 
@@ -226,6 +239,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
 
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
         loaded = self._current(request.lookup_version, context)
+        # A cancelled step (the driver saw another partition fail) wakes the engine waiting on its mailbox.
+        context.add_callback(lambda: self.mailbox.discard(request.step_id))
         engine = loaded.engine
         timeout = context.time_remaining() or DEFAULT_TIMEOUT
         try:
@@ -296,28 +311,58 @@ class PartitionServer(pb_grpc.PartitionServicer):
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, host: str = "0.0.0.0", port: int = 50051, workers: int = 32) -> int:
-        """Load the model, bind, and serve in background threads. Returns the bound port."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                             options=CHANNEL_OPTIONS)
+    def start(self, host: str = "0.0.0.0", port: int = 50051, workers: int = 32,
+              http_port: int | None = None) -> int:
+        """Load the model, bind, and serve in background threads. Returns the bound gRPC port.
+
+        Args:
+            host: bind address of both ports.
+            port: gRPC port (``mpnn.v1.Partition``, ``grpc.health.v1``, ``inference.GRPCInferenceService``);
+                0 lets the OS pick.
+            http_port: Open Inference Protocol REST port; 0 lets the OS pick (see :attr:`http_port`);
+                None serves no REST.
+
+        Raises:
+            OSError: a port cannot be bound. And whatever :meth:`load` raises.
+        """
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+        server = grpc.server(self._executor, options=CHANNEL_OPTIONS)
         pb_grpc.add_PartitionServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        inference_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.inference, max_calls=max(1, workers // 4)), server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
-        self.load()
+        if http_port is not None:
+            self._rest = RestServer(self.inference, host, http_port)
+            self.http_port = self._rest.port
+        try:
+            self.load()
+        except BaseException:
+            if self._rest is not None:
+                self._rest.stop()
+            raise
         server.start()
         self._grpc = server
+        if self._rest is not None:
+            self._rest.start()
         threading.Thread(target=self._watch_lookup, name="lookup-watch", daemon=True).start()
-        log.info("serving", extra={"partition": self.index, "address": f"{host}:{self.port}"})
+        log.info("serving", extra={"partition": self.index, "address": f"{host}:{self.port}",
+                                   "http_port": self.http_port})
         return self.port
 
     def stop(self, grace: float = 5.0) -> None:
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self._rest is not None:
+            self._rest.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # grpc leaves its idle worker threads running
+        self.inference.close()
         self.peers.close()
 
     def wait(self) -> None:
@@ -338,10 +383,6 @@ def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:
     return out
 
 
-def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
-    return pb.OptimizerConfig(**asdict(cfg))
-
-
 def partition_from_hostname(hostname: str | None = None) -> int:
     """A StatefulSet pod's ordinal: ``digits-3`` → 3. Raises ValueError if the name has none."""
     hostname = hostname or socket.gethostname()
@@ -353,11 +394,13 @@ def partition_from_hostname(hostname: str | None = None) -> int:
 
 def main(args: Any) -> int:
     """``mpnn serve``: run one partition server until SIGTERM or SIGINT."""
+    if not 0 <= args.http_port <= 65535:
+        raise FieldError("--http-port (MPNN_HTTP_PORT)", args.http_port, "must be a port, or 0 for no REST")
     logs.configure(args.log_level)
     index = args.partition if args.partition is not None else partition_from_hostname()
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))
     server = PartitionServer(index, name, model, args.lookup, args.model_dir)
-    server.start(args.host, args.port)
+    server.start(args.host, args.port, http_port=args.http_port or None)
     done = threading.Event()
 
     def shutdown(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(target="partition_server.local:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
-                       description="Serve one partition over gRPC. Settings come from flags or MPNN_* variables.")
+                       description="Serve one partition over gRPC, and the whole network over the Open Inference "
+                                   "Protocol v2 (gRPC on --port, REST on --http-port). Settings come from flags "
+                                   "or MPNN_* variables.")
     s.add_argument("--partition", type=int, default=_env_int("MPNN_PARTITION"),
                    help="partition index (env MPNN_PARTITION; default: the hostname's ordinal suffix)")
     s.add_argument("--lookup", default=os.environ.get("MPNN_LOOKUP", "/etc/mpnn/lookup.json"),
@@ -52,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the network's directory on the shared volume (env MPNN_MODEL_DIR; default: %(default)s)")
     s.add_argument("--host", default=os.environ.get("MPNN_HOST", "0.0.0.0"), help="bind address (default: %(default)s)")
     s.add_argument("--port", type=int, default=_env_int("MPNN_PORT", 50051), help="gRPC port (default: %(default)s)")
+    s.add_argument("--http-port", type=int, default=_env_int("MPNN_HTTP_PORT", 8000),
+                   help="Open Inference Protocol v2 REST port; 0 disables REST "
+                        "(env MPNN_HTTP_PORT; default: %(default)s)")
     s.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     s.set_defaults(target="partition_server.server:main")
 

@@ -19,7 +19,6 @@ its gRPC port and on a REST port of its own; ``--serve`` prints them.
 
 from __future__ import annotations
 
-import _thread
 import ctypes
 import json
 import os
@@ -28,7 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -97,8 +95,6 @@ class LocalDeployment:
         self.host = host
         self.model_dir = self.workdir / net.name
         self.procs: list[subprocess.Popen] = []
-        self.crashed: str | None = None
-        self._stopping = threading.Event()
         ports = free_ports(2 * net.partitions, host)
         self.http_ports = ports[net.partitions:]
         assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
@@ -117,7 +113,6 @@ class LocalDeployment:
         try:
             for i in range(self.net.partitions):
                 self.procs.append(self._spawn(i))
-            threading.Thread(target=self._monitor, name="server-monitor", daemon=True).start()
         except BaseException:
             self.stop()
             raise
@@ -133,15 +128,6 @@ class LocalDeployment:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     preexec_fn=_die_with_parent)
 
-    def _monitor(self) -> None:
-        while not self._stopping.wait(0.2):
-            for i, proc in enumerate(self.procs):
-                code = proc.poll()
-                if code is not None and not self._stopping.is_set():
-                    self.crashed = self.describe_exit(i, code)
-                    _thread.interrupt_main()  # unblock the main thread, however it waits
-                    return
-
     def describe_exit(self, i: int, code: int) -> str:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
         tail = self.log_path(i).read_text(errors="replace").strip().splitlines()[-5:]
@@ -150,14 +136,28 @@ class LocalDeployment:
 
     def check_alive(self) -> None:
         """Raise :class:`ServerCrashed` if a server has exited."""
-        for i, proc in enumerate(self.procs):
-            code = proc.poll()
-            if code is not None:
-                raise ServerCrashed(self.crashed or self.describe_exit(i, code))
+        crash = self.find_crash(wait=0.0)
+        if crash:
+            raise ServerCrashed(crash)
+
+    def find_crash(self, wait: float = 2.0) -> str | None:
+        """Describe the first server that has exited, polling up to ``wait`` seconds; None if all run.
+
+        A failed call usually reaches the driver as a peer's error (``sending ... to partition 1
+        failed``); the dead process is what the user needs named.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is not None:
+                    return self.describe_exit(i, code)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after ``grace`` seconds."""
-        self._stopping.set()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -206,14 +206,13 @@ def main(args: Any) -> int:
             driver.wait_ready(timeout=120, alive=deployment.check_alive)
             return _work(args, net, deployment, driver, predict_input, workdir)
         except KeyboardInterrupt:
-            if deployment.crashed:
-                print(f"mpnn run: error: {deployment.crashed}", file=sys.stderr)
-                return EXIT_FAILURE
             print("mpnn run: interrupted; servers stopped", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except (DriverError, ServerCrashed) as exc:
-            message = deployment.crashed or str(exc)
-            print(f"mpnn run: error: {message}", file=sys.stderr)
+        except ServerCrashed as exc:
+            print(f"mpnn run: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except DriverError as exc:
+            print(f"mpnn run: error: {deployment.find_crash() or exc}", file=sys.stderr)
             return EXIT_FAILURE
 
 

@@ -132,8 +132,12 @@ def _ensure_binaries(config: pytest.Config | None) -> tuple[Path, str | None]:
             say(f"built in {time.monotonic() - t0:.0f}s")
     missing = kube_cluster.missing_binaries(bin_dir)
     if missing:
-        hint = ("install Go >= 1.24 or run `make k8s-binaries`" if not may_build
-                else f"see {build_log}")
+        if os.environ.get("K8S_BIN"):
+            hint = "K8S_BIN is set, so nothing is built"
+        elif may_build:
+            hint = f"see {build_log}"
+        else:
+            hint = "install Go >= 1.24 or run `make k8s-binaries`"
         _binaries = (bin_dir, f"missing {', '.join(missing)} in {bin_dir} ({hint})")
     else:
         _binaries = (bin_dir.resolve(), None)
@@ -153,6 +157,26 @@ def kubectl_bin(k8s_bin_dir: Path) -> str:
     return str(k8s_bin_dir / "kubectl")
 
 
+TMP_PREFIX = "mpnn-k8s-"
+
+
+def _remove_stale_clusters() -> None:
+    """Remove state left by killed test sessions (their components died with
+    them; see ``die_with_parent``), i.e. dirs whose owner process is gone."""
+    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+        try:
+            owner = int((d / "owner.pid").read_text())
+            os.kill(owner, 0)
+            continue  # owner alive
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # not ours to judge (no/unreadable owner file, other user)
+        c = kube_cluster.Cluster(d / "cluster")
+        if not any(c.alive().values()):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def kubeconfig(k8s_bin_dir: Path) -> Iterator[str]:
     external = os.environ.get("KUBECONFIG_MPNN")
@@ -167,7 +191,9 @@ def kubeconfig(k8s_bin_dir: Path) -> Iterator[str]:
         yield str(path)
         return
 
-    tmp = Path(tempfile.mkdtemp(prefix="mpnn-k8s-"))
+    _remove_stale_clusters()
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    (tmp / "owner.pid").write_text(f"{os.getpid()}\n")
     try:
         cluster = kube_cluster.Cluster.start(tmp / "cluster", k8s_bin_dir, nodes=2,
                                              die_with_parent=True)

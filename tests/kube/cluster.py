@@ -277,11 +277,18 @@ def _cmdline(pid: int) -> str | None:
     return out.split(None, 1)[1] if " " in out else out
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """``preexec_fn``: SIGKILL this child when its parent dies (Linux only).
+
+    SIGKILL rather than SIGTERM: a throwaway cluster has nothing to save, and
+    a gracefully stopping kube-apiserver can linger on open requests.
+    """
+    if sys.platform != "linux":
+        return
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 
@@ -332,8 +339,8 @@ class Cluster:
         """Start a fresh control plane and wait until it is usable.
 
         ``state_dir`` must not hold a running cluster (it is wiped). With
-        ``die_with_parent`` (Linux) the components get SIGTERM when the
-        calling process dies, so a killed test run leaves nothing behind.
+        ``die_with_parent`` (Linux) the components get SIGKILL when the
+        calling process dies, so a killed test run leaves no processes.
         On failure everything started is stopped again and ClusterError
         carries the failing component's log tail.
         """
@@ -492,7 +499,7 @@ class Cluster:
         }
         (self.state_dir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    def _spawn(self, comp: str, args: list[str], die_with_parent: bool) -> None:
+    def _spawn(self, comp: str, args: list[str], tie_to_parent: bool) -> None:
         assert self.bin_dir is not None
         env = dict(os.environ)
         env.pop("KUBECONFIG", None)
@@ -503,7 +510,7 @@ class Cluster:
                 [str(self.bin_dir / comp), *args],
                 stdin=devnull, stdout=logf, stderr=subprocess.STDOUT,
                 cwd=self.state_dir, env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+                preexec_fn=die_with_parent if tie_to_parent else None,
             )
         self._procs[comp] = proc
         self.pid_path(comp).write_text(f"{proc.pid}\n")
@@ -729,7 +736,7 @@ def _up(args: argparse.Namespace) -> int:
         c = Cluster.start(state, Path(args.bin_dir).resolve(), nodes=args.nodes, timeout=args.timeout)
     except ClusterError as e:
         print(f"cluster failed to start: {e}", file=sys.stderr)
-        print(f"logs kept in {state / 'logs'}; run `make cluster-down` to remove them", file=sys.stderr)
+        print(f"logs kept in {state / 'logs'}; remove them with `python -m tests.kube.cluster down --state-dir {state}` (or `make cluster-down`)", file=sys.stderr)
         return 1
     print(f"export KUBECONFIG={c.kubeconfig}")
     return 0

@@ -7,6 +7,8 @@ import os
 import subprocess
 from typing import Any, Iterable
 
+from .cluster import die_with_parent
+
 
 class KubectlError(AssertionError):
     """kubectl exited non-zero; carries the command, stdout and stderr."""
@@ -40,8 +42,9 @@ class Kubectl:
             cmd.append(f"--namespace={namespace}")
         cmd += [str(a) for a in args]
         env = dict(os.environ, KUBECONFIG=self.kubeconfig)
+        # Tied to this process: a killed test run leaves no kubectl behind.
         result = subprocess.run(cmd, input=input, capture_output=True, text=True,
-                                timeout=timeout, env=env)
+                                timeout=timeout, env=env, preexec_fn=die_with_parent)
         if check and result.returncode != 0:
             raise KubectlError(result)
         return result

@@ -24,6 +24,13 @@ RESYNC_SECONDS = 300
 RETRY_SECONDS = 10
 
 
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials as the kubernetes client finds them (in-cluster, else KUBECONFIG);
+    kopf's built-in login applies to its global registry only."""
+    return kopf.login_via_client(**kwargs)
+
+
 @kopf.on.resume(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
 @kopf.on.create(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
 @kopf.on.update(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)

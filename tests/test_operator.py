@@ -1,0 +1,366 @@
+"""The operator against the real local control plane (tests/kube): kube-apiserver,
+controller-manager, scheduler and kwok nodes where the partition server pods turn
+Running and Ready. The operator runs as a subprocess (`mpnn operator`) watching only
+the test's namespace, and is always stopped at teardown."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from partition_server.distributor import check_coverage, parse_neuron_ids
+from partition_server.lookup import LookupTable
+from tests.kube.kubectl import Kubectl
+
+pytestmark = pytest.mark.k8s
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits.yaml"
+NFS = {"nfs": {"server": "10.0.0.1", "path": "/exports/mpnn"}}
+CHILD_KINDS = ("partitions.mpnn.dev", "configmap", "service", "statefulset", "persistentvolumeclaim")
+SELECTOR = "app.kubernetes.io/managed-by=mpnn-operator,mpnn.dev/network=digits"
+
+
+class Operator:
+    """`python -m mpnn_operator.cli operator --namespace NS` as a child process."""
+
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path):
+        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> "Operator":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONPATH=path)
+        self._log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mpnn_operator.cli", "operator", "--namespace", self.namespace,
+             "--liveness-port", str(self.port), "--log-level", "info"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"operator /healthz not up within 60s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/neuralnetworks.mpnn.dev", "crd/partitions.mpnn.dev",
+            "--timeout=60s")
+    # Discovery of a new group can lag a moment behind Established.
+    deadline = time.monotonic() + 30
+    while kubectl("get", "nn", "-A", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "NeuralNetwork resource not discoverable"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def operator(crds, kubeconfig, kubectl_bin, namespace, tmp_path) -> Iterator[Operator]:
+    op = Operator(kubeconfig, namespace, tmp_path / "operator.log")
+    try:
+        yield op.start()
+        # While the operator still runs: its finalizer deletes the PersistentVolume.
+        if op.proc is not None:
+            Kubectl(kubectl_bin, kubeconfig)("delete", "neuralnetworks.mpnn.dev", "--all", "--timeout=60s",
+                                             namespace=namespace, check=False)
+    finally:
+        op.stop()
+        print(f"--- operator log ({op.log_path}) ---\n{op.tail(200)}")
+
+
+def digits(**spec: Any) -> dict:
+    doc = yaml.safe_load(DIGITS.read_text())
+    doc["spec"]["storage"] = copy.deepcopy(NFS)
+    doc["spec"].update(spec)
+    return doc
+
+
+def nn(kubectl, ns: str) -> dict:
+    return kubectl.json("get", "neuralnetwork", "digits", namespace=ns)
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def lookup(kubectl, ns: str) -> LookupTable:
+    cm = kubectl.json("get", "configmap", "digits-lookup", namespace=ns)
+    return LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
+
+
+def partitions(kubectl, ns: str) -> list[dict]:
+    items = kubectl.json("get", "partitions.mpnn.dev", "-l", SELECTOR, namespace=ns)["items"]
+    return sorted(items, key=lambda p: p["spec"]["index"])
+
+
+def converged(kubectl, ns: str, n: int) -> dict | None:
+    """The NeuralNetwork once it reports n ready partitions for its current generation."""
+    obj = nn(kubectl, ns)
+    st = obj.get("status") or {}
+    ok = (st.get("observedGeneration") == obj["metadata"]["generation"] and st.get("phase") == "Ready"
+          and st.get("partitions") == n and st.get("readyPartitions") == n
+          and condition(obj, "Ready").get("status") == "True")
+    return obj if ok else None
+
+
+def wait_ready(kubectl, ns: str, n: int, wait_for, op: Operator, timeout: float = 150) -> dict:
+    try:
+        return wait_for(lambda: converged(kubectl, ns, n), timeout=timeout,
+                        message=f"NeuralNetwork digits Ready with {n} partitions")
+    except Exception as exc:
+        raise AssertionError(f"{exc}\nstatus: {json.dumps(nn(kubectl, ns).get('status'), indent=1)}\n"
+                             f"operator log:\n{op.tail()}") from exc
+
+
+def resource_versions(kubectl, ns: str) -> dict[str, str]:
+    out = {}
+    for kind in CHILD_KINDS:
+        for obj in kubectl.json("get", kind, "-l", SELECTOR, namespace=ns)["items"]:
+            out[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["metadata"]["resourceVersion"]
+    for pv in kubectl.json("get", "pv", "-l", f"{SELECTOR},mpnn.dev/namespace={ns}")["items"]:
+        out[f"PersistentVolume/{pv['metadata']['name']}"] = pv["metadata"]["resourceVersion"]
+    return out
+
+
+def assert_partitions_match(kubectl, ns: str, table: LookupTable) -> None:
+    parts = partitions(kubectl, ns)
+    assert [p["spec"]["index"] for p in parts] == list(range(table.num_partitions))
+    for p in parts:
+        claimed = sorted(parse_neuron_ids(t, "ranges") for t in p["spec"]["ranges"])
+        owned = sorted((k, r.start, r.end) for k in range(table.num_layers)
+                       for r in table.ranges(k, p["spec"]["index"]))
+        assert claimed == owned, p["metadata"]["name"]
+
+
+def events(kubectl, ns: str) -> list[dict]:
+    return kubectl.json("get", "events", "--field-selector", "involvedObject.kind=NeuralNetwork",
+                        namespace=ns)["items"]
+
+
+def test_create_deploys_ready_partition_servers(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    obj = wait_ready(kubectl, ns, 4, wait_for, operator)
+    uid = obj["metadata"]["uid"]
+
+    table = lookup(kubectl, ns)
+    assert table.num_partitions == 4 and table.layer_units == (128, 64, 10)
+    assert check_coverage(table.layer_units, table.owners_by_layer) == []
+    assert table.addresses[2] == f"digits-2.digits.{ns}.svc.cluster.local:50051"
+    assert obj["status"]["lookupVersion"] == table.version
+    assert obj["status"]["selector"] == "app.kubernetes.io/component=server,mpnn.dev/network=digits"
+    assert_partitions_match(kubectl, ns, table)
+
+    for kind in CHILD_KINDS:
+        items = kubectl.json("get", kind, "-l", SELECTOR, namespace=ns)["items"]
+        assert items, kind
+        for item in items:
+            (ref,) = item["metadata"]["ownerReferences"]
+            assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("NeuralNetwork", "digits", uid, True)
+
+    svc = kubectl.json("get", "service", "digits", namespace=ns)
+    assert svc["spec"]["clusterIP"] == "None"
+    pvc = kubectl.json("get", "pvc", "digits-model", namespace=ns)
+    assert pvc["status"]["phase"] == "Bound" and pvc["spec"]["volumeName"] == f"mpnn.{ns}.digits"
+    pv = kubectl.json("get", "pv", f"mpnn.{ns}.digits")
+    assert pv["status"]["phase"] == "Bound" and pv["spec"]["nfs"] == NFS["nfs"]
+    assert pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+    sts = kubectl.json("get", "statefulset", "digits", namespace=ns)
+    assert sts["spec"]["replicas"] == 4 and sts["status"]["readyReplicas"] == 4
+    pods = kubectl.json("get", "pods", "-l", obj["status"]["selector"], namespace=ns)["items"]
+    assert sorted(p["metadata"]["name"] for p in pods) == [f"digits-{i}" for i in range(4)]
+    assert all(condition(p, "Ready").get("status") == "True" for p in pods)
+
+    wait_for(lambda: all((p.get("status") or {}).get("ready") for p in partitions(kubectl, ns)),
+             timeout=60, message="every Partition to report its pod ready")
+    assert [p["status"]["neurons"] for p in partitions(kubectl, ns)] == [51, 51, 50, 50]
+
+    header, row = kubectl("get", "nn", namespace=ns).stdout.splitlines()
+    assert header.split() == ["NAME", "PARTITIONS", "READY", "STRATEGY", "PHASE", "AGE"]
+    assert row.split()[:5] == ["digits", "4", "4", "balanced", "Ready"]
+    listed = kubectl("get", "mpnn", "-o", "name", namespace=ns).stdout.split()
+    assert "neuralnetwork.mpnn.dev/digits" in listed and "partition.mpnn.dev/digits-3" in listed
+    assert any(e["reason"] == "Distributed" for e in events(kubectl, ns))
+
+
+def test_restart_changes_no_children(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    wait_ready(kubectl, ns, 4, wait_for, operator)
+    wait_for(lambda: all((p.get("status") or {}).get("ready") for p in partitions(kubectl, ns)),
+             timeout=60, message="every Partition to report its pod ready")
+    time.sleep(2)  # let the last status writes settle
+    before = resource_versions(kubectl, ns)
+    nn_before = nn(kubectl, ns)["metadata"]["resourceVersion"]
+    operator.stop()
+    operator.start()
+    wait_for(lambda: "Resuming is processed" in operator.tail(400),
+             timeout=60, message="the restarted operator to resume digits")
+    time.sleep(5)
+    assert resource_versions(kubectl, ns) == before
+    assert nn(kubectl, ns)["metadata"]["resourceVersion"] == nn_before
+
+
+def test_scale_with_kubectl_scale(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    wait_ready(kubectl, ns, 4, wait_for, operator)
+    versions = {lookup(kubectl, ns).version}
+    for n in (6, 3):
+        kubectl("scale", "nn/digits", f"--replicas={n}", namespace=ns)
+        obj = wait_ready(kubectl, ns, n, wait_for, operator)
+        table = lookup(kubectl, ns)
+        assert table.num_partitions == n and table.version not in versions
+        versions.add(table.version)
+        assert obj["status"]["lookupVersion"] == table.version
+        assert kubectl.json("get", "statefulset", "digits", namespace=ns)["spec"]["replicas"] == n
+        assert_partitions_match(kubectl, ns, table)
+        scale = json.loads(kubectl("get", "--raw",
+                                   f"/apis/mpnn.dev/v1alpha1/namespaces/{ns}/neuralnetworks/digits/scale").stdout)
+        assert scale["spec"]["replicas"] == n and scale["status"]["replicas"] == n
+    assert [e["reason"] for e in events(kubectl, ns)].count("Scaled") >= 2
+
+
+def test_scale_refused_when_the_strategy_lists_do_not_fit(kubectl, namespace, crds):
+    kubectl.apply(digits(distribution={"strategy": "count", "counts": [51, 51, 50, 50]}), namespace=namespace)
+    r = kubectl("scale", "nn/digits", "--replicas=5", namespace=namespace, check=False)
+    assert r.returncode != 0
+    assert "spec.distribution.counts must have one entry per partition" in r.stderr, r.stderr
+    assert nn(kubectl, namespace)["spec"]["partitions"] == 4
+
+
+def test_manual_move_in_two_edits(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    wait_ready(kubectl, ns, 4, wait_for, operator)
+    first = lookup(kubectl, ns)
+    assert partitions(kubectl, ns)[0]["spec"]["ranges"] == ["0:0-31", "1:0-15", "2:0-2"]
+
+    # Edit 1: partition 0 gives up 0:0-3, nobody owns those neurons yet.
+    kubectl("patch", "partitions.mpnn.dev", "digits-0", "--type=merge",
+            "-p", json.dumps({"spec": {"ranges": ["0:4-31", "1:0-15", "2:0-2"]}}), namespace=ns)
+    obj = wait_for(lambda: (lambda o: o if condition(o, "Degraded").get("status") == "True" else None)(nn(kubectl, ns)),
+                   timeout=60, message="Degraded condition after the first edit")
+    degraded = condition(obj, "Degraded")
+    assert degraded["reason"] == "InconsistentPartitions"
+    assert "neurons 0:0-3 owned by no partition" in degraded["message"]
+    assert lookup(kubectl, ns) == first and obj["status"]["lookupVersion"] == first.version
+    assert any(e["reason"] == "InconsistentPartitions" and e["type"] == "Warning" for e in events(kubectl, ns))
+
+    # Edit 2: partition 1 takes them: consistent again, a new lookup version.
+    kubectl("patch", "partitions.mpnn.dev", "digits-1", "--type=merge",
+            "-p", json.dumps({"spec": {"ranges": ["0:0-3", "0:32-63", "1:16-31", "2:3-5"]}}), namespace=ns)
+    wait_for(lambda: nn(kubectl, ns)["status"].get("lookupVersion") != first.version,
+             timeout=60, message="a new lookup version after the second edit")
+    obj = wait_ready(kubectl, ns, 4, wait_for, operator)
+    table = lookup(kubectl, ns)
+    assert table.version == obj["status"]["lookupVersion"] != first.version
+    assert [table.owner_of(0, u) for u in (0, 3, 4, 32)] == [1, 1, 0, 1]
+    assert condition(obj, "Degraded")["status"] == "False" and obj["status"]["placement"] == "manual"
+    assert_partitions_match(kubectl, ns, table)
+
+
+def test_invalid_spec_leaves_the_deployment_untouched(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    wait_ready(kubectl, ns, 4, wait_for, operator)
+    wait_for(lambda: all((p.get("status") or {}).get("ready") for p in partitions(kubectl, ns)),
+             timeout=60, message="every Partition to report its pod ready")
+    time.sleep(2)
+    before = resource_versions(kubectl, ns)
+    # Accepted by the schema (layer indices are not cross-checked there), refused by the model.
+    kubectl.apply(digits(distribution={"strategy": "layers", "layers": [[0], [1], [2], [9]]}), namespace=ns)
+    obj = wait_for(lambda: (lambda o: o if condition(o, "Degraded").get("reason") == "InvalidSpec" else None)(
+        nn(kubectl, ns)), timeout=60, message="Degraded InvalidSpec")
+    message = condition(obj, "Degraded")["message"]
+    assert "spec.distribution.layers[3][0]" in message and "9" in message
+    assert condition(obj, "Degraded")["observedGeneration"] == obj["metadata"]["generation"]
+    assert obj["status"]["phase"] == "Degraded"
+    assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events(kubectl, ns))
+    time.sleep(2)
+    assert resource_versions(kubectl, ns) == before
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"distribution": {"strategy": "percentage", "percentages": [30, 30, 20, 10]}},
+     "spec.distribution.percentages must sum to 100"),
+    ({"distribution": {"strategy": "count", "counts": [101, 101]}},
+     "spec.distribution.counts must have one entry per partition"),
+    ({"distribution": {"strategy": "count", "counts": [50, 50, 50, 50]}},
+     "spec.distribution.counts must sum to the number of neurons"),
+    ({"storage": {"nfs": NFS["nfs"], "existingClaim": "models"}},
+     "spec.storage: set exactly one of nfs and existingClaim"),
+    ({"partitions": 300}, "spec.partitions must be at most the number of neurons"),
+    ({"model": {"inputs": 64, "layers": [{"units": 10, "activation": "softmax"}, {"units": 10}]}},
+     "spec.model.layers: softmax is allowed on the last layer only"),
+], ids=["percentages-90", "counts-length", "counts-sum", "both-storages", "too-many-partitions", "softmax"])
+def test_invalid_resources_are_refused_by_the_api_server(kubectl, namespace, crds, spec, message):
+    r = kubectl.apply(digits(**spec), namespace=namespace, check=False)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert kubectl("get", "nn", "digits", namespace=namespace, check=False).returncode != 0
+
+
+def test_storage_cannot_change_in_place(kubectl, namespace, crds):
+    kubectl.apply(digits(), namespace=namespace)
+    r = kubectl.apply(digits(storage={"nfs": {"server": "10.0.0.2", "path": "/exports/mpnn"}}),
+                      namespace=namespace, check=False)
+    assert r.returncode != 0 and "spec.storage is immutable" in r.stderr, r.stderr
+
+
+def test_delete_removes_every_child(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    wait_ready(kubectl, ns, 4, wait_for, operator)
+    assert len(resource_versions(kubectl, ns)) == 4 + 4 + 1  # Partitions; ConfigMap, Service, StatefulSet, PVC; PV
+    kubectl("delete", "nn", "digits", "--timeout=60s", namespace=ns)
+
+    def gone():
+        left = resource_versions(kubectl, ns)
+        pods = kubectl.json("get", "pods", "-l", "mpnn.dev/network=digits", namespace=ns)["items"]
+        return not left and not pods
+
+    wait_for(gone, timeout=120, message="every child of digits to be deleted")

@@ -60,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     s.set_defaults(target="partition_server.server:main")
 
+    t = sub.add_parser("train", help="run a training run against deployed partition servers (the Job's command)",
+                       description="Train the network served at the lookup's addresses, checkpointing to the "
+                                   "shared volume and reporting progress into the NeuralNetwork's status.training.")
+    t.add_argument("--training", required=True, help="spec.training as JSON (camelCase keys, as in the manifest)")
+    t.add_argument("--lookup", default=os.environ.get("MPNN_LOOKUP", "/etc/mpnn/lookup.json"))
+    t.add_argument("--network", default=os.environ.get("MPNN_NETWORK", "/etc/mpnn/network.json"))
+    t.add_argument("--model-dir", default=os.environ.get("MPNN_MODEL_DIR", "/var/lib/mpnn/model"))
+    t.add_argument("--namespace", default=os.environ.get("MPNN_NAMESPACE", "default"),
+                   help="namespace of the NeuralNetwork to report to (env MPNN_NAMESPACE)")
+    t.add_argument("--report", action="store_true", help="patch status.training of the NeuralNetwork")
+    t.add_argument("--timeout", type=float, default=120.0, help="deadline of each step, seconds")
+    t.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every partition")
+    t.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
+    t.set_defaults(target="mpnn_operator.trainer:main")
+
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)",
                        description="Reconcile NeuralNetwork resources into partition-server deployments.")
     o.add_argument("--namespace", action="append", dest="namespaces",

@@ -1,0 +1,105 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "mpnn-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's objects: the release name if it already contains the
+chart name (e.g. release "mpnn-operator"), else "<release>-<chart>".
+*/}}
+{{- define "mpnn-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mpnn-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object of the release. */}}
+{{- define "mpnn-operator.labels" -}}
+helm.sh/chart: {{ include "mpnn-operator.chart" . }}
+{{ include "mpnn-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: mpnn
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The Deployment's selector (immutable: never add to it). */}}
+{{- define "mpnn-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mpnn-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mpnn-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mpnn-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "mpnn-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+RBAC rules for the namespaced resources the operator reads and writes: in a
+ClusterRole when it watches every namespace, else in a Role per watched namespace.
+Each rule is justified in docs/install.md ("Permissions").
+*/}}
+{{- define "mpnn-operator.namespacedRules" -}}
+# NeuralNetworks: kopf lists and watches them and patches its finalizer and
+# annotations; the reconciler reads each one afresh.
+- apiGroups: [mpnn.dev]
+  resources: [neuralnetworks]
+  verbs: [get, list, watch, patch]
+# status (phase, conditions, partitions, lookupVersion) by merge patch.
+- apiGroups: [mpnn.dev]
+  resources: [neuralnetworks/status, partitions/status]
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion to their NeuralNetwork;
+# where the OwnerReferencesPermissionEnforcement admission plugin is enabled,
+# that requires update on the owner's finalizers subresource.
+- apiGroups: [mpnn.dev]
+  resources: [neuralnetworks/finalizers]
+  verbs: [update]
+# Partitions: server-side applied (create + patch), watched for hand edits,
+# pruned when the network shrinks.
+- apiGroups: [mpnn.dev]
+  resources: [partitions]
+  verbs: [list, watch, create, patch, delete]
+# The lookup ConfigMap: applied, and read back for the table in force.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+# The headless Service: applied only (deleted by garbage collection).
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create, patch]
+# The model claim: applied, pruned when spec.storage.nfs goes away.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [list, create, patch, delete]
+# The partition servers: applied, watched for readiness.
+- apiGroups: [apps]
+  resources: [statefulsets]
+  verbs: [get, list, watch, create, patch]
+# Pod readiness for each Partition's status.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+# Events on NeuralNetworks (kopf posts core v1 Events).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}

@@ -364,3 +364,56 @@ def test_delete_removes_every_child(kubectl, namespace, operator, wait_for):
         return not left and not pods
 
     wait_for(gone, timeout=120, message="every child of digits to be deleted")
+
+
+def _documented_rules() -> list[dict]:
+    """The permission table of docs/operator.md as RBAC rules (keeps the doc honest)."""
+    text = (ROOT / "docs" / "operator.md").read_text().split("## Permissions", 1)[1].split("\n## ", 1)[0]
+    rules = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        groups = [g.strip("`").replace('""', "") for g in cells[0].split(", ")]
+        resources = [r.split("`")[1] for r in cells[1].split(", ")]
+        verbs = [v.strip() for v in cells[2].split("(")[0].split(",")]
+        rules.append({"apiGroups": groups, "resources": resources, "verbs": verbs})
+    assert len(rules) >= 8, rules
+    return rules
+
+
+def test_documented_permissions_suffice(kubectl, kubectl_bin, namespace, crds, wait_for, tmp_path):
+    ns, name = namespace, f"mpnn-operator-{namespace}"
+    kubectl.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "mpnn-operator", "namespace": ns}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": _documented_rules()},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": "mpnn-operator", "namespace": ns}]},
+    ])
+    try:
+        token = kubectl("create", "token", "mpnn-operator", "--duration=1h", namespace=ns).stdout.strip()
+        admin = kubectl.json("config", "view", "--raw", "--minify")
+        config = {"apiVersion": "v1", "kind": "Config", "clusters": admin["clusters"],
+                  "users": [{"name": "operator", "user": {"token": token}}],
+                  "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"],
+                                                                "user": "operator"}}],
+                  "current-context": "operator"}
+        kubeconfig = tmp_path / "operator.kubeconfig"
+        kubeconfig.write_text(json.dumps(config))
+        op = Operator(str(kubeconfig), ns, tmp_path / "operator.log").start()
+        try:
+            kubectl.apply(digits(), namespace=ns)
+            wait_ready(kubectl, ns, 4, wait_for, op)
+            kubectl("scale", "nn/digits", "--replicas=5", namespace=ns)
+            wait_ready(kubectl, ns, 5, wait_for, op)
+            assert any(e["reason"] == "Scaled" for e in events(kubectl, ns)), op.tail()
+            kubectl("delete", "nn", "digits", "--timeout=60s", namespace=ns)
+            wait_for(lambda: not resource_versions(kubectl, ns), timeout=120, message="children deleted")
+            assert "Forbidden" not in op.log_path.read_text() and "403" not in op.log_path.read_text(), op.tail()
+        finally:
+            op.stop()
+            print(f"--- operator log ---\n{op.tail(200)}")
+    finally:
+        kubectl("delete", "clusterrolebinding,clusterrole", name, "--ignore-not-found", check=False)

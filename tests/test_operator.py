@@ -223,7 +223,10 @@ def test_create_deploys_ready_partition_servers(kubectl, namespace, operator, wa
     assert row.split()[:5] == ["digits", "4", "4", "balanced", "Ready"]
     listed = kubectl("get", "mpnn", "-o", "name", namespace=ns).stdout.split()
     assert "neuralnetwork.mpnn.dev/digits" in listed and "partition.mpnn.dev/digits-3" in listed
-    assert any(e["reason"] == "Distributed" for e in events(kubectl, ns))
+    assert obj["status"]["placement"] == "strategy"
+    reasons = [(e["type"], e["reason"]) for e in events(kubectl, ns)]
+    assert ("Normal", "Distributed") in reasons
+    assert not [r for r in reasons if r[0] == "Warning" or r[1] == "Repartitioned"], reasons
 
 
 def test_restart_changes_no_children(kubectl, namespace, operator, wait_for):
@@ -261,7 +264,11 @@ def test_scale_with_kubectl_scale(kubectl, namespace, operator, wait_for):
         scale = json.loads(kubectl("get", "--raw",
                                    f"/apis/mpnn.dev/v1alpha1/namespaces/{ns}/neuralnetworks/digits/scale").stdout)
         assert scale["spec"]["replicas"] == n and scale["status"]["replicas"] == n
-    assert [e["reason"] for e in events(kubectl, ns)].count("Scaled") >= 2
+    reasons = [(e["type"], e["reason"]) for e in events(kubectl, ns)]
+    assert reasons.count(("Normal", "Scaled")) >= 2
+    # The operator's own Partition writes while scaling are never taken for hand edits.
+    assert not [r for r in reasons if r[0] == "Warning" or r[1] == "Repartitioned"], reasons
+    assert nn(kubectl, ns)["status"]["placement"] == "strategy"
 
 
 def test_scale_refused_when_the_strategy_lists_do_not_fit(kubectl, namespace, crds):

@@ -58,7 +58,7 @@ def test_lookup_configmap_holds_a_valid_table_and_the_network_document():
     assert cm["metadata"]["annotations"]["mpnn.dev/lookup-version"] == table.version
     network = json.loads(cm["data"]["network.json"])
     assert network["name"] == "digits" and network["inputs"] == 64
-    assert [l["units"] for l in network["layers"]] == [128, 64, 10]
+    assert [layer["units"] for layer in network["layers"]] == [128, 64, 10]
 
 
 def test_partitions_hold_exactly_the_lookup_ranges():

@@ -136,7 +136,7 @@ class Reconciler:
 
     def _reconcile(self, body: dict[str, Any]) -> None:
         meta, status = body["metadata"], body.get("status") or {}
-        namespace, name, generation = meta["namespace"], meta["name"], meta["generation"]
+        namespace, name = meta["namespace"], meta["name"]
         try:
             net = parse_neural_network(manifest_view(body))
         except ManifestError as exc:

@@ -423,3 +423,20 @@ def test_dockerignore_keeps_what_pip_install_needs():
     for path in re.findall(r'"[\w.]+" = "([\w/]+)"', pyproject):  # [tool.setuptools] package-dir
         assert path.split("/")[0] in allowed, path
     assert 'readme = "README.md"' in pyproject and "README.md" in allowed
+
+
+def test_docs_list_exactly_the_chart_permissions():
+    """docs/install.md's two permission tables say what the chart grants."""
+    text = (ROOT / "docs" / "install.md").read_text().split("## Permissions", 1)[1]
+    documented: dict[tuple[str, str], set[str]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        groups = [g.strip("`").replace('""', "") for g in cells[0].split(", ")]
+        resources = [r.strip("`") for r in cells[1].split(", ")]
+        verbs = {v.strip() for v in cells[2].split(",")}
+        for group in groups:
+            for resource in resources:
+                documented[(group, resource)] = verbs
+    assert documented == {**NAMESPACED_RULES, **CLUSTER_RULES, **NAMESPACE_WATCH_RULES}

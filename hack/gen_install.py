@@ -32,11 +32,13 @@ NAMESPACE = "mpnn-system"
 RELEASE = "mpnn-operator"
 
 # Helm's install order (helm.sh/helm pkg/release/util/kind_sorter.go), as far as it
-# concerns kinds a chart like this can contain; unknown kinds go last.
+# concerns kinds a chart like this can contain, with the admission policy placed
+# before the workloads; unknown kinds go last.
 INSTALL_ORDER = (
     "PriorityClass", "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodDisruptionBudget",
     "ServiceAccount", "Secret", "ConfigMap", "StorageClass", "PersistentVolume", "PersistentVolumeClaim",
-    "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
+    "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+    "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "Service",
     "DaemonSet", "Pod", "ReplicaSet", "Deployment", "HorizontalPodAutoscaler", "StatefulSet", "Job",
     "CronJob", "IngressClass", "Ingress", "APIService", "MutatingWebhookConfiguration",
     "ValidatingWebhookConfiguration",

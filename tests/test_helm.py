@@ -126,6 +126,7 @@ def test_chart_metadata():
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert meta["apiVersion"] == "v2" and meta["name"] == "mpnn-operator" and meta["type"] == "application"
     assert meta["appVersion"] == "0.1.0"
+    assert meta["kubeVersion"] == ">=1.30.0-0"  # ValidatingAdmissionPolicy v1
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^version = "0\.1\.0"$', pyproject, re.M), "appVersion follows the project version"
 
@@ -135,10 +136,11 @@ def test_chart_metadata():
 
 def test_default_render_is_cluster_wide():
     objs = objects(render())
-    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount",
+                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     for o in objs:
-        assert o["metadata"]["name"] == "mpnn-operator"
-        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        assert o["metadata"]["name"].startswith("mpnn-operator")
+        if o["kind"] in ("ServiceAccount", "Deployment"):
             assert o["metadata"]["namespace"] == "mpnn-system"
     (role,) = by_kind(objs, "ClusterRole")
     assert rule_table(role["rules"]) == {**CLUSTER_RULES, **NAMESPACED_RULES}
@@ -227,8 +229,31 @@ def test_values_reach_the_deployment():
     assert binding["subjects"][0]["name"] == "ops"
 
 
+def test_persistent_volume_policy_confines_the_operator_service_account():
+    objs = objects(render(name="mpnn", namespace="ops"))
+    (policy,) = by_kind(objs, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(objs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [{"apiGroups": [""], "apiVersions": ["v1"],
+                                                         "operations": ["CREATE", "UPDATE", "DELETE"],
+                                                         "resources": ["persistentvolumes"]}]
+    (condition,) = spec["matchConditions"]
+    assert condition["expression"] == 'request.userInfo.username == "system:serviceaccount:ops:mpnn-mpnn-operator"'
+    # The operator's own volumes are what the policy admits.
+    from partition_server.manifest import load_manifest
+    from mpnn_operator import builders
+    pv = builders.persistent_volume(load_manifest(EXAMPLES / "digits-nfs.yaml"))
+    assert pv["metadata"]["name"].startswith("mpnn.") and "nfs" in pv["spec"]
+    assert pv["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "mpnn-operator"
+    kinds = {o["kind"] for o in objects(render({"persistentVolumePolicy": {"enabled": False}}))}
+    assert not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+
+
 def test_without_rbac_and_service_account_only_the_deployment_renders():
-    objs = objects(render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}}))
+    objs = objects(render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"},
+                           "persistentVolumePolicy": {"enabled": False}}))
     (dep,) = objs
     assert dep["kind"] == "Deployment" and dep["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
     with pytest.raises(helm.HelmError, match="serviceAccount.name is required"):
@@ -241,8 +266,8 @@ def test_without_rbac_and_service_account_only_the_deployment_renders():
 def test_watch_namespaces_render_a_role_per_namespace():
     objs = objects(render({"watchNamespaces": ["team-a", "team-b"]}, name="mpnn", namespace="ops"))
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "Role",
-                     "RoleBinding", "RoleBinding", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "Role", "RoleBinding", "RoleBinding",
+                     "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     (cluster_role,) = by_kind(objs, "ClusterRole")
     assert rule_table(cluster_role["rules"]) == {**CLUSTER_RULES, **NAMESPACE_WATCH_RULES}
     roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role")}
@@ -326,12 +351,15 @@ def test_install_yaml_contents():
     docs = [d for d in yaml.safe_load_all(INSTALL_YAML.read_text()) if d]
     kinds = [d["kind"] for d in docs]
     assert kinds == ["Namespace", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
-                     "ClusterRole", "ClusterRoleBinding", "Deployment"]
+                     "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding", "Deployment"]
     ns = docs[0]
     assert ns["metadata"]["name"] == "mpnn-system"
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert docs[1:3] == sorted(chart_crds(), key=lambda c: c["metadata"]["name"])
     assert docs[3:] == sorted(objects(render()), key=lambda o: kinds.index(o["kind"]))
+    assert [d["metadata"]["name"] for d in docs[3:]] == ["mpnn-operator"] * 3 + ["mpnn-operator-persistentvolumes"] * 2 \
+        + ["mpnn-operator"]
     for d in docs[3:]:
         if d["kind"] in ("ServiceAccount", "Deployment"):
             assert d["metadata"]["namespace"] == "mpnn-system"

@@ -47,6 +47,8 @@ SYSTEM_NS, SYSTEM_SA = "mpnn-system", "mpnn-operator"
 # How the API server words an RBAC denial; a denial for any other reason (say, a
 # namespace being deleted) is worded differently and is not a permission gap.
 RBAC_DENIAL = "cannot "
+CLUSTER_SCOPED_KINDS = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                        "ValidatingAdmissionPolicyBinding")
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -171,8 +173,10 @@ def install_crds(kubectl) -> None:
 def uninstall_at_end(kubectl) -> Iterator[None]:
     """At session end, delete what install.yaml created except the CRDs (other tests share them)."""
     yield
-    for kind in ("clusterrolebinding", "clusterrole"):
-        kubectl("delete", kind, SYSTEM_SA, "--ignore-not-found", "--wait=false", check=False)
+    for doc in yaml.safe_load_all(INSTALL_YAML.read_text()):
+        if doc and doc["kind"] in CLUSTER_SCOPED_KINDS:
+            kubectl("delete", doc["kind"].lower(), doc["metadata"]["name"], "--ignore-not-found", "--wait=false",
+                    check=False)
     kubectl("delete", "namespace", SYSTEM_NS, "--ignore-not-found", "--wait=false", check=False)
 
 
@@ -203,7 +207,7 @@ def applied_chart(kubectl, values: dict[str, Any] | None, release: str, namespac
         yield objs
     finally:
         for o in objs:
-            if o["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+            if o["kind"] in CLUSTER_SCOPED_KINDS:
                 kubectl("delete", o["kind"].lower(), o["metadata"]["name"], "--ignore-not-found", check=False)
 
 
@@ -231,7 +235,7 @@ def test_install_yaml_dry_run_then_apply(kubectl, install_crds, uninstall_at_end
     # in one go: kubectl applies the file in order, the Namespace first.
     cluster_scoped = [d for d in docs if "namespace" not in d["metadata"]]
     assert [d["kind"] for d in cluster_scoped] == ["Namespace", "CustomResourceDefinition",
-                                                   "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"]
+                                                   "CustomResourceDefinition", *CLUSTER_SCOPED_KINDS]
     kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", "-",
             input=as_list(cluster_scoped))
     kubectl("apply", "--server-side", "-f", "-", input=as_list(docs[:1]))  # the Namespace
@@ -304,6 +308,8 @@ def test_helm_install_upgrade_uninstall(kubectl, kubeconfig, install_crds, names
                        ("role", "mpnn-mpnn-operator")):
         assert kubectl("get", kind, name, namespace=namespace, check=False).returncode != 0, kind
     assert kubectl("get", "clusterrole", "mpnn-mpnn-operator", check=False).returncode != 0
+    assert kubectl("get", "validatingadmissionpolicy", "mpnn-mpnn-operator-persistentvolumes",
+                   check=False).returncode != 0
     # Helm never deletes the CRDs of crds/ (nor, thereby, anyone's NeuralNetworks).
     kubectl("get", "crd", "neuralnetworks.mpnn.dev", "partitions.mpnn.dev")
 
@@ -341,6 +347,42 @@ def test_service_account_cannot_read_secrets_create_workloads_or_escalate(kubect
     for scope in (namespace, None):
         allowed = [(v, r) for v, r in denied if can_i(kubectl, user, v, r, scope)]
         assert allowed == [], f"{user} may {allowed} ({scope or 'cluster-wide'})"
+
+
+def persistent_volume(name: str, labels: dict[str, str] | None = None, **source: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name, "labels": labels or {}},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                     **source}}
+
+
+def test_admission_policy_confines_the_service_account_to_its_own_nfs_volumes(kubectl, installed, wait_for):
+    """RBAC lets the operator create any PersistentVolume and delete every one; the
+    chart's ValidatingAdmissionPolicy narrows that to its own NFS volumes."""
+    user = f"--as=system:serviceaccount:{SYSTEM_NS}:{SYSTEM_SA}"
+    ours = persistent_volume("mpnn.policy-test.digits", {"app.kubernetes.io/managed-by": "mpnn-operator"},
+                             nfs={"server": "10.0.0.1", "path": "/exports"})
+    host_path = persistent_volume(ours["metadata"]["name"], ours["metadata"]["labels"],
+                                  hostPath={"path": "/"})
+    unlabelled = persistent_volume("mpnn.policy-test.other", nfs={"server": "10.0.0.1", "path": "/exports"})
+
+    def create(obj: dict[str, Any]):
+        return kubectl("create", user, "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+
+    # The policy is enforced once the API server has loaded it.
+    wait_for(lambda: "ValidatingAdmissionPolicy" in create(host_path).stderr, timeout=30,
+             message="the PersistentVolume policy to be enforced")
+    assert create(ours).returncode == 0, create(ours).stderr
+    r = create(unlabelled)
+    assert r.returncode != 0 and "only create NFS PersistentVolumes" in r.stderr, r.stderr
+    # Someone else's volume: the operator may not delete it, though RBAC would allow it.
+    foreign = persistent_volume(f"data-{uuid.uuid4().hex[:6]}", nfs={"server": "10.0.0.1", "path": "/data"})
+    kubectl.apply(foreign)
+    try:
+        r = kubectl("delete", "pv", foreign["metadata"]["name"], user, "--dry-run=server", check=False)
+        assert r.returncode != 0 and "only its own PersistentVolumes" in r.stderr, r.stderr
+        assert kubectl("delete", "pv", foreign["metadata"]["name"], "--dry-run=server").returncode == 0  # admin
+    finally:
+        kubectl("delete", "pv", foreign["metadata"]["name"], "--ignore-not-found", check=False)
 
 
 def test_namespaced_service_account_is_confined_to_its_namespaces(kubectl, install_crds, namespace,

@@ -41,4 +41,8 @@ protos: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
--include mk/cluster.mk
+include mk/cluster.mk
+include mk/install.mk
+
+# The control plane's scripts run on the project's Python.
+cluster cluster-down cluster-status: install

@@ -16,14 +16,14 @@
 # Usage: hack/k8s/build.sh [--force] [--print-dir]
 #   --force      rebuild everything
 #   --print-dir  only print the directory the pinned binaries live in
-# Env:   K8S_CACHE (default: <repo>/.cache/k8s; relative paths are taken
-#        relative to the current directory), GO (default: go).
+# Env:   K8S_CACHE (default: .cache/k8s; relative paths are relative to the
+#        repository root), GO (default: go).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 K8S_CACHE=${K8S_CACHE:-$ROOT/.cache/k8s}
-case $K8S_CACHE in /*) ;; *) K8S_CACHE=$PWD/$K8S_CACHE ;; esac
+case $K8S_CACHE in /*) ;; *) K8S_CACHE=$ROOT/$K8S_CACHE ;; esac
 GO=${GO:-go}
 
 FORCE=0

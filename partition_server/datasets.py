@@ -86,7 +86,7 @@ class Dataset:
     """A classification dataset split into a training and a test part.
 
     Attributes:
-        x_train: ``[n_train, features]`` float32, every value in ``[0, 1]``.
+        x_train: ``[n_train, features]`` float32, every value in ``[0, 1]`` (stored C-contiguous).
         y_train: ``[n_train]`` int64 class labels in ``[0, num_classes)``.
         x_test: ``[n_test, features]`` float32, every value in ``[0, 1]``.
         y_test: ``[n_test]`` int64 class labels in ``[0, num_classes)``.
@@ -107,6 +107,10 @@ class Dataset:
     num_classes: int
 
     def __post_init__(self) -> None:
+        for field in ("x_train", "y_train", "x_test", "y_test"):
+            value = getattr(self, field)
+            if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
+                object.__setattr__(self, field, np.ascontiguousarray(value))
         if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1:
             raise DatasetError(f"{self.name}: num_classes must be a positive int, got {self.num_classes!r}")
         for part in ("train", "test"):
@@ -182,14 +186,7 @@ def load_digits_dataset(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=float(test_fraction), random_state=int(seed), shuffle=True
     )
-    return Dataset(
-        x_train=np.ascontiguousarray(x_train),
-        y_train=np.ascontiguousarray(y_train),
-        x_test=np.ascontiguousarray(x_test),
-        y_test=np.ascontiguousarray(y_test),
-        name="digits",
-        num_classes=10,
-    )
+    return Dataset(x_train, y_train, x_test, y_test, name="digits", num_classes=10)
 
 
 # --------------------------------------------------------------------------
@@ -395,14 +392,7 @@ def load_mnist_idx(
         x_test, y_test = x_test[cut:], y_test[cut:]
     x_train, y_train = _take(x_train, y_train, train_count, "train_count")
     x_test, y_test = _take(x_test, y_test, test_count, "test_count")
-    return Dataset(
-        x_train=np.ascontiguousarray(x_train),
-        y_train=np.ascontiguousarray(y_train),
-        x_test=np.ascontiguousarray(x_test),
-        y_test=np.ascontiguousarray(y_test),
-        name="mnist",
-        num_classes=10,
-    )
+    return Dataset(x_train, y_train, x_test, y_test, name="mnist", num_classes=10)
 
 
 def download_mnist(directory: str | os.PathLike[str], timeout: float = 60.0) -> list[Path]:
@@ -525,14 +515,9 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
             labels = [arrays[k] for k in ("y_train", "y_test") if arrays[k].size]
             num_classes = int(max(int(a.max()) for a in labels)) + 1 if labels else 1
     try:
-        return Dataset(
-            x_train=np.ascontiguousarray(arrays["x_train"], dtype=np.float32),
-            y_train=np.ascontiguousarray(arrays["y_train"], dtype=np.int64),
-            x_test=np.ascontiguousarray(arrays["x_test"], dtype=np.float32),
-            y_test=np.ascontiguousarray(arrays["y_test"], dtype=np.int64),
-            name=path.stem,
-            num_classes=num_classes,
-        )
+        return Dataset(arrays["x_train"].astype(np.float32), arrays["y_train"].astype(np.int64),
+                       arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64),
+                       name=path.stem, num_classes=num_classes)
     except DatasetError as e:
         raise DatasetError(f"{path}: {e}") from e
 

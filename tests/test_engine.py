@@ -9,71 +9,36 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from partition_server.engine import (ExchangeError, LocalTransport, OptimizerConfig, PartitionEngine,
                                      validate_batch)
+from partition_server.distributor import Distribution, Range, distribute
+from partition_server.lookup import LookupTable
 from partition_server.mailbox import Mailbox, StepAborted
+from partition_server.manifest import LayerSpec
 from partition_server.reference import ReferenceNetwork, gather_rows, init_params, slice_params
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------- stand-ins for lookup/manifest
+# ---------------------------------------------------------------- tables from the real contracts
 
-@dataclass(frozen=True)
-class Layer:
-    units: int
-    activation: str
+Layer = LayerSpec
 
 
-@dataclass(frozen=True)
-class Range:
-    partition: int
-    start: int
-    end: int
+def Table(partitions: int, layers: list[list[tuple[int, int, int]]]) -> LookupTable:
+    """A lookup table from per-layer ``(partition, start, end)`` triples."""
+    owners = [[Range(*r) for r in rs] for rs in layers]
+    units = [max(r.end for r in rs) for rs in owners]
+    return LookupTable.build("test", units, owners, [f"p{i}" for i in range(partitions)])
 
 
-class Table:
-    """Minimal object with the ``LookupTable`` interface the engine uses."""
-
-    def __init__(self, partitions: int, layers: list[list[tuple[int, int, int]]]):
-        self.network, self.version = "test", "test"
-        self.addresses = [f"p{i}" for i in range(partitions)]
-        self._owners = [sorted((Range(*r) for r in rs), key=lambda r: r.start) for rs in layers]
-        self.layer_units = [o[-1].end for o in self._owners]
-        for owners in self._owners:
-            assert [r.start for r in owners] == [0] + [r.end for r in owners[:-1]], owners
-
-    @property
-    def num_partitions(self) -> int:
-        return len(self.addresses)
-
-    def owners(self, layer):
-        return list(self._owners[layer])
-
-    def ranges(self, layer, partition):
-        return [r for r in self._owners[layer] if r.partition == partition]
-
-    def partitions_in_layer(self, layer):
-        return sorted({r.partition for r in self._owners[layer]})
-
-
-def balanced(units: list[int], parts: int) -> Table:
-    layers = []
-    for n in units:
-        base, extra = divmod(n, parts)
-        rs, at = [], 0
-        for p in range(parts):
-            size = base + (p < extra)
-            if size:
-                rs.append((p, at, at + size))
-            at += size
-        layers.append(rs)
-    return Table(parts, layers)
+def balanced(units: list[int], parts: int) -> LookupTable:
+    return LookupTable.build("test", units, distribute(units, parts, Distribution()),
+                             [f"p{i}" for i in range(parts)])
 
 
 def round_robin(units: list[int], parts: int, block: int) -> Table:
@@ -565,21 +530,3 @@ def test_local_transport_copies_and_rejects_self():
     np.testing.assert_array_equal(got, np.ones((2, 2)))
     with pytest.raises(ValueError, match="peer"):
         transports[0].exchange(("s", "fwd", 1), {0: arr}, [], 1)
-
-
-# ---------------------------------------------------------------- the real lookup table
-
-def test_engine_works_with_the_real_lookup_table():
-    lookup = pytest.importorskip("partition_server.lookup")
-    distributor = pytest.importorskip("partition_server.distributor")
-    owners = [[distributor.Range(r.partition, r.start, r.end) for r in ASSIGNMENTS["holes"].owners(k)]
-              for k in range(len(UNITS))]
-    table = lookup.LookupTable.build("t", UNITS, owners, ["a", "b", "c"])
-    ref, engines, transports = build(table)
-    x, y = batch(9)
-    results = train_all(engines, transports, "s", x, y, apply=False)
-    want = ref.train_step(x, y, apply=False)
-    np.testing.assert_allclose(results[2].outputs, want.outputs, **TOL)
-    for k in range(len(UNITS)):
-        dw = assembled(table, engines, k, lambda e, k=k: e.last_grads[k][0])
-        np.testing.assert_allclose(dw, ref.last_grads[k][0], **TOL)

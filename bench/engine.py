@@ -13,6 +13,7 @@ warm-up step:
   servers with real ``Exchange`` calls over loopback, raw-bytes tensors, one message per
   (layer, peer, phase)), driven by ``Driver.step``. One process means one GIL for all four
   servers and the driver; numpy's matrix products release it.
+- ``grpc_processes``: the same over 4 ``mpnn serve`` processes, as ``mpnn run`` starts them.
 
 Messages and bytes per step come from ``Driver.traffic()`` deltas over the timed steps.
 
@@ -43,9 +44,9 @@ if str(ROOT) not in sys.path:
 from partition_server.distributor import Distribution, distribute  # noqa: E402
 from partition_server.driver import Driver  # noqa: E402
 from partition_server.engine import LocalTransport, OptimizerConfig, PartitionEngine  # noqa: E402
-from partition_server.local import free_ports, write_atomically  # noqa: E402
+from partition_server.local import LocalDeployment, free_ports, write_atomically  # noqa: E402
 from partition_server.lookup import LookupTable, loopback_addresses  # noqa: E402
-from partition_server.manifest import LayerSpec, ModelSpec  # noqa: E402
+from partition_server.manifest import LayerSpec, ModelSpec, parse_neural_network  # noqa: E402
 from partition_server.reference import ReferenceNetwork, init_params, slice_params  # noqa: E402
 from partition_server.server import PartitionServer  # noqa: E402
 
@@ -108,18 +109,32 @@ def bench_grpc(model: ModelSpec, distribution: Distribution, x, y, repeats: int)
                 server = PartitionServer(i, "bench", model, root / "lookup.json", root / "bench", poll_seconds=3600)
                 servers.append(server)
                 server.start(HOST, ports[i])
-            with Driver(table, timeout=300.0) as driver:
-                driver.wait_ready(timeout=60)
-                driver.step(x, y, OPTIMIZER)  # warm-up outside the traffic window
-                m0, b0 = driver.traffic()
-                times = timed(lambda: driver.step(x, y, OPTIMIZER), repeats)
-                m1, b1 = driver.traffic()
-            steps = repeats + 1  # timed() runs one more warm-up step
-            per = lambda n: n // steps if n % steps == 0 else n / steps  # noqa: E731
-            return times, per(m1 - m0), per(b1 - b0)
+            return drive(table, x, y, repeats)
         finally:
             for server in servers:
                 server.stop(grace=1.0)
+
+
+def bench_processes(model: ModelSpec, x, y, repeats: int) -> tuple[list[float], float, float]:
+    """4 ``mpnn serve`` processes, as ``mpnn run`` starts them: one GIL each."""
+    net = parse_neural_network({
+        "apiVersion": "mpnn.dev/v1alpha1", "kind": "NeuralNetwork", "metadata": {"name": "bench"},
+        "spec": {"model": model.shape_dict(), "partitions": PARTITIONS}})
+    with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep:
+        return drive(dep.table, x, y, repeats, alive=dep.check_alive)
+
+
+def drive(table: LookupTable, x, y, repeats: int, alive=None) -> tuple[list[float], float, float]:
+    """Time ``Driver.step`` training steps; messages and bytes per step between the partitions."""
+    with Driver(table, timeout=300.0) as driver:
+        driver.wait_ready(timeout=120, alive=alive)
+        driver.step(x, y, OPTIMIZER)  # warm-up outside the traffic window
+        m0, b0 = driver.traffic()
+        times = timed(lambda: driver.step(x, y, OPTIMIZER), repeats)
+        m1, b1 = driver.traffic()
+    steps = repeats + 1  # timed() runs one more warm-up step
+    per = lambda n: n // steps if n % steps == 0 else n / steps  # noqa: E731
+    return times, per(m1 - m0), per(b1 - b0)
 
 
 def run(widths: list[int], repeats: int, batch: int) -> dict:
@@ -139,6 +154,10 @@ def run(widths: list[int], repeats: int, batch: int) -> dict:
         say(f"width {width}: gRPC ...")
         times, messages, nbytes = bench_grpc(model, distribution, x, y, repeats)
         grpc_s = statistics.median(times)
+        say(f"width {width}: gRPC, 4 server processes ...")
+        proc_times, proc_messages, _ = bench_processes(model, x, y, repeats)
+        proc_s = statistics.median(proc_times)
+        assert proc_messages == messages, (proc_messages, messages)
         parameters = sum(u * (i + 1) for u, i in zip(model.layer_units, [width] + model.layer_units[:-1]))
         results.append({
             "width": width,
@@ -146,7 +165,9 @@ def run(widths: list[int], repeats: int, batch: int) -> dict:
             "reference_s_per_step": round(ref, 6),
             "local_transport_s_per_step": round(local, 6),
             "grpc_s_per_step": round(grpc_s, 6),
+            "grpc_processes_s_per_step": round(proc_s, 6),
             "grpc_over_reference": round(grpc_s / ref, 3),
+            "grpc_processes_over_reference": round(proc_s / ref, 3),
             "local_over_reference": round(local / ref, 3),
             "messages_per_step": messages,
             "bytes_per_step": nbytes,
@@ -157,7 +178,8 @@ def run(widths: list[int], repeats: int, batch: int) -> dict:
         "network": "inputs=W, layers [W relu, W relu, 10 softmax]",
         "partitions": PARTITIONS,
         "assignment": "balanced",
-        "grpc_servers": "4 in-process PartitionServer objects on 127.0.0.1, driven by Driver.step",
+        "grpc_servers": "grpc: 4 in-process PartitionServer objects on 127.0.0.1; grpc_processes: 4 `mpnn serve` "
+                        "processes (LocalDeployment, as `mpnn run`); both driven by Driver.step",
         "batch": batch,
         "repeats": repeats,
         "statistic": "median seconds per step after 1 warm-up step",

@@ -43,6 +43,7 @@ from .manifest import ManifestError, NeuralNetwork, load_manifest, network_docum
 from .store import ModelStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class ServerCrashed(RuntimeError):
@@ -124,9 +125,13 @@ class LocalDeployment:
                "--lookup", str(self.workdir / "lookup.json"), "--network", str(self.workdir / "network.json"),
                "--model-dir", str(self.model_dir), "--host", self.host, "--port", port,
                "--http-port", str(self.http_ports[i])]
+        # N servers on one machine: BLAS thread pools sized for the whole machine each would
+        # oversubscribe the cores (measured: 6x slower steps with 4 servers on 2 cores).
+        threads = str(max(1, (os.cpu_count() or 1) // self.net.partitions))
+        env = {**{var: threads for var in BLAS_THREAD_VARS}, **os.environ}
         with open(self.log_path(i), "ab") as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent)
+                                    env=env, preexec_fn=_die_with_parent)
 
     def describe_exit(self, i: int, code: int) -> str:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"

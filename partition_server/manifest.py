@@ -27,11 +27,15 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity", "softmax")
 OPTIMIZERS = ("sgd", "adam")
 DATASET_FORMATS = ("digits", "mnist-idx", "npz")
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_TRAINER_SERVICE_ACCOUNT = "mpnn-trainer"
 DEFAULT_IMAGE = "ghcr.io/mpnn/mpnn:0.1.0"
 # StatefulSet pods are named <name>-<ordinal> and carry a controller-revision-hash
 # label built from the name, which caps StatefulSet names at 52 characters.
 _NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
 _NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# A DNS-1123 subdomain, as Kubernetes requires of ServiceAccount names.
+_SUBDOMAIN_RE = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 class ManifestError(FieldError):
@@ -93,7 +97,8 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """``spec.training``. ``learning_rate`` is per step; ``checkpoint_every`` counts steps (0: per epoch only)."""
+    """``spec.training``. ``learning_rate`` is per step; ``checkpoint_every`` counts steps (0: per epoch only).
+    ``service_account_name`` is the identity of the training Job's pod in a cluster (unused locally)."""
 
     dataset: DatasetSpec = DatasetSpec()
     epochs: int = 10
@@ -104,14 +109,17 @@ class TrainingSpec:
     checkpoint_every: int = 0
     run_id: str = "run-1"
     seed: int = 0
+    service_account_name: str = DEFAULT_TRAINER_SERVICE_ACCOUNT
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """``spec.server``: the partition servers' container image, gRPC port and resources."""
+    """``spec.server``: the partition servers' container image, gRPC port, Open Inference
+    Protocol REST port and resources."""
 
     image: str = DEFAULT_IMAGE
     port: int = DEFAULT_PORT
+    http_port: int = DEFAULT_HTTP_PORT
     resources: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -293,7 +301,7 @@ def parse_training(t: Any) -> TrainingSpec | None:
         return None
     _expect_map(t, "spec.training")
     _no_unknown(t, "spec.training", {"dataset", "epochs", "batchSize", "learningRate", "optimizer",
-                                     "momentum", "checkpointEvery", "runId", "seed"})
+                                     "momentum", "checkpointEvery", "runId", "seed", "serviceAccountName"})
     ds = t.get("dataset") or {}
     _expect_map(ds, "spec.training.dataset")
     _no_unknown(ds, "spec.training.dataset", {"format", "path"})
@@ -310,6 +318,10 @@ def parse_training(t: Any) -> TrainingSpec | None:
     if not isinstance(run_id, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?", run_id):
         raise ManifestError("spec.training.runId", run_id,
                             "must be lowercase letters, digits and '-', at most 40 characters")
+    account = t.get("serviceAccountName", DEFAULT_TRAINER_SERVICE_ACCOUNT)
+    if not isinstance(account, str) or not _SUBDOMAIN_RE.fullmatch(account):
+        raise ManifestError("spec.training.serviceAccountName", account,
+                            "must be a ServiceAccount name (lowercase letters, digits, '-' and '.')")
     return TrainingSpec(
         dataset=DatasetSpec(fmt, path),
         epochs=_int(t.get("epochs", 10), "spec.training.epochs", minimum=1),
@@ -320,6 +332,7 @@ def parse_training(t: Any) -> TrainingSpec | None:
         checkpoint_every=_int(t.get("checkpointEvery", 0), "spec.training.checkpointEvery", minimum=0),
         run_id=run_id,
         seed=_int(t.get("seed", 0), "spec.training.seed", minimum=0),
+        service_account_name=account,
     )
 
 
@@ -327,16 +340,24 @@ def _parse_server(s: Any) -> ServerSpec:
     if s is None:
         return ServerSpec()
     _expect_map(s, "spec.server")
-    _no_unknown(s, "spec.server", {"image", "port", "resources"})
+    _no_unknown(s, "spec.server", {"image", "port", "httpPort", "resources"})
     image = s.get("image", DEFAULT_IMAGE)
     if not isinstance(image, str) or not image:
         raise ManifestError("spec.server.image", image, "must be a container image reference")
-    port = _int(s.get("port", DEFAULT_PORT), "spec.server.port", minimum=1)
-    if port > 65535:
-        raise ManifestError("spec.server.port", port, "must be at most 65535")
+    port = _port(s.get("port", DEFAULT_PORT), "spec.server.port")
+    http_port = _port(s.get("httpPort", DEFAULT_HTTP_PORT), "spec.server.httpPort")
+    if http_port == port:
+        raise ManifestError("spec.server.httpPort", http_port, "must differ from spec.server.port")
     resources = s.get("resources") or {}
     _expect_map(resources, "spec.server.resources")
-    return ServerSpec(image, port, dict(resources))
+    return ServerSpec(image, port, http_port, dict(resources))
+
+
+def _port(value: Any, path: str) -> int:
+    port = _int(value, path, minimum=1)
+    if port > 65535:
+        raise ManifestError(path, port, "must be at most 65535")
+    return port
 
 
 def _expect_map(value: Any, path: str) -> Mapping[str, Any]:
@@ -385,7 +406,8 @@ def training_document(training: TrainingSpec) -> dict[str, Any]:
     return {"dataset": {k: v for k, v in asdict(training.dataset).items() if v is not None},
             "epochs": training.epochs, "batchSize": training.batch_size, "learningRate": training.learning_rate,
             "optimizer": training.optimizer, "momentum": training.momentum,
-            "checkpointEvery": training.checkpoint_every, "runId": training.run_id, "seed": training.seed}
+            "checkpointEvery": training.checkpoint_every, "runId": training.run_id, "seed": training.seed,
+            "serviceAccountName": training.service_account_name}
 
 
 def parse_network_document(obj: Mapping[str, Any]) -> tuple[str, ModelSpec]:

@@ -18,6 +18,8 @@ from partition_server.manifest import (
     network_document,
     parse_network_document,
     parse_neural_network,
+    parse_training,
+    training_document,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,7 @@ def test_minimal_manifest_defaults():
     assert net.distribution == Distribution()
     assert net.storage is None and net.training is None
     assert net.server.port == DEFAULT_PORT and net.server.image == DEFAULT_IMAGE
+    assert net.server.http_port == 8000
 
 
 def test_activation_defaults_to_relu():
@@ -369,6 +372,9 @@ def test_bad_storage(storage, field):
     ({"checkpointEvery": -1}, "spec.training.checkpointEvery"),
     ({"runId": "Run_1"}, "spec.training.runId"),
     ({"seed": -1}, "spec.training.seed"),
+    ({"serviceAccountName": "Trainer"}, "spec.training.serviceAccountName"),
+    ({"serviceAccountName": ""}, "spec.training.serviceAccountName"),
+    ({"serviceAccountName": "a" * 254}, "spec.training.serviceAccountName"),
 ])
 def test_bad_training(training, field):
     err = error_of(manifest(training=training))
@@ -379,6 +385,12 @@ def test_training_defaults():
     t = parse_neural_network(manifest(training={})).training
     assert (t.dataset.format, t.dataset.path, t.epochs, t.batch_size, t.optimizer) == ("digits", None, 10, 32, "sgd")
     assert t.momentum == 0.9 and t.learning_rate == 0.05 and t.run_id == "run-1"
+    assert t.service_account_name == "mpnn-trainer"
+
+
+def test_training_document_round_trips():
+    t = parse_neural_network(manifest(training={"runId": "r2", "serviceAccountName": "ml.trainer"})).training
+    assert parse_training(training_document(t)) == t
 
 
 def test_momentum_zero_allowed():
@@ -391,6 +403,11 @@ def test_momentum_zero_allowed():
 @pytest.mark.parametrize("server,field", [
     ({"port": 0}, "spec.server.port"),
     ({"port": 65536}, "spec.server.port"),
+    ({"httpPort": 0}, "spec.server.httpPort"),
+    ({"httpPort": 65536}, "spec.server.httpPort"),
+    ({"httpPort": "8000"}, "spec.server.httpPort"),
+    ({"httpPort": 50051}, "spec.server.httpPort"),  # the gRPC port
+    ({"port": 8000}, "spec.server.httpPort"),  # the default REST port
     ({"image": ""}, "spec.server.image"),
     ({"resources": ["cpu"]}, "spec.server.resources"),
 ])

@@ -59,7 +59,13 @@ class FakeKube:
         self.writes.append(("apply",) + key[:1] + key[2:])
         return copy.deepcopy(new)
 
-    def delete(self, api_version, kind, name, namespace=None):
+    def create(self, obj):
+        if (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) in self.objects:
+            return None
+        self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
+        return self.apply(obj)
+
+    def delete(self, api_version, kind, name, namespace=None, propagation="Background"):
         self.writes.append(("delete", kind, name))
         return self.objects.pop((kind, namespace, name), None) is not None
 
@@ -67,7 +73,7 @@ class FakeKube:
         obj = self.objects.get((kind, namespace, name))
         if obj is None:
             return None
-        obj["status"] = {**obj.get("status", {}), **copy.deepcopy(status)}
+        obj["status"] = _merge_patch(obj.get("status", {}), status)
         self._bump(obj)
         self.writes.append(("status", kind, name))
         return copy.deepcopy(obj)
@@ -87,6 +93,19 @@ class FakeKube:
     def lookup(self, name="digits"):
         cm = self.objects[("ConfigMap", "ns", naming.lookup_name(name))]
         return LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
+
+
+def _merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, as the API server applies it to status: maps merge, None deletes."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
 
 
 @pytest.fixture
@@ -126,7 +145,7 @@ def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconc
     kube.create_network(_digits())
     reconciler.reconcile("ns", "digits")
     kinds = sorted({k for k, _, _ in kube.objects})
-    assert kinds == ["ConfigMap", "NeuralNetwork", "Partition", "PersistentVolume", "PersistentVolumeClaim",
+    assert kinds == ["ConfigMap", "Job", "NeuralNetwork", "Partition", "PersistentVolume", "PersistentVolumeClaim",
                      "Service", "StatefulSet"]
     assert kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]["metadata"].get("ownerReferences") is None
     for (kind, ns, name), obj in kube.objects.items():
@@ -137,7 +156,7 @@ def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconc
     assert status["partitions"] == 4 and status["placement"] == "strategy"
     assert status["selector"] == "app.kubernetes.io/component=server,mpnn.dev/network=digits"
     assert status["observedGeneration"] == 1
-    assert [e[1] for e in events] == ["Distributed"]
+    assert [e[1] for e in events] == ["Distributed", "TrainingStarted", "TrainingBlocked"]  # no ServiceAccount
     parts = kube.list("", "Partition", "ns", naming.children_selector("digits"))
     assert [p["status"]["neurons"] for p in parts] == [51, 51, 50, 50]
     assert sum(p["status"]["parameters"] for p in parts) == 128 * 65 + 64 * 129 + 10 * 65
@@ -271,3 +290,184 @@ def test_refresh_reports_readiness_from_the_statefulset(kube, reconciler):
     kube.writes.clear()
     reconciler.refresh_status("ns", "digits")
     assert kube.writes == []
+
+
+# -- training ---------------------------------------------------------------------------
+
+
+def _jobs(kube):
+    return kube.list("batch/v1", "Job", "ns", naming.children_selector("digits"))
+
+
+def _training(kube):
+    return _status(kube).get("training", {})
+
+
+def _trainer_account(kube, name="mpnn-trainer"):
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "ns"}})
+
+
+def _set_training(kube, **training):
+    obj = kube.get("", "NeuralNetwork", "digits", "ns")
+    obj["spec"]["training"].update(training)
+    kube.edit("NeuralNetwork", "digits", training=obj["spec"]["training"])
+
+
+def test_one_job_per_run(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    (job,) = _jobs(kube)
+    assert job["metadata"]["name"] == "digits-train-digits-1"
+    assert job["metadata"]["labels"][naming.RUN] == "digits-1"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert _training(kube) == {"run": "digits-1", "job": "digits-train-digits-1", "phase": "Pending",
+                               "message": "starting Job digits-train-digits-1; waiting for the trainer"}
+    assert [e[1] for e in events] == ["Distributed", "TrainingStarted"]
+
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == []
+    # Its Job gone (finished and cleaned up, or deleted by hand): the run is not started again.
+    kube.delete("batch/v1", "Job", job["metadata"]["name"], "ns")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and _jobs(kube) == []
+
+    # A new runId: a new run, from a clean status.training.
+    kube.objects[("NeuralNetwork", "ns", "digits")]["status"]["training"].update(epoch=3, accuracy=0.9)
+    _set_training(kube, runId="digits-2")
+    reconciler.reconcile("ns", "digits")
+    (job,) = _jobs(kube)
+    assert job["metadata"]["name"] == "digits-train-digits-2"
+    assert _training(kube) == {"run": "digits-2", "job": "digits-train-digits-2", "phase": "Pending",
+                               "message": "starting Job digits-train-digits-2; waiting for the trainer"}
+
+
+def test_a_new_run_waits_for_the_old_job_to_be_gone(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    old = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    deleted = []
+    real_delete = kube.delete
+
+    def foreground_delete(api_version, kind, name, namespace=None, propagation="Background"):
+        # The API server keeps a Job deleted in the foreground until its pods are gone.
+        deleted.append((name, propagation))
+        kube.objects[(kind, namespace, name)]["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+        return True
+
+    kube.delete = foreground_delete
+    _set_training(kube, runId="digits-2")
+    reconciler.reconcile("ns", "digits")
+    reconciler.refresh_training("ns", "digits")  # the Job's MODIFIED event: still there
+    assert deleted == [("digits-train-digits-1", "Foreground")]
+    assert [j["metadata"]["name"] for j in _jobs(kube)] == ["digits-train-digits-1"]
+    assert events[-1][1] == "TrainingStopped" and "run digits-1" in events[-1][2]
+    kube.delete = real_delete
+    kube.delete("batch/v1", "Job", old["metadata"]["name"], "ns")
+    reconciler.refresh_training("ns", "digits")  # its DELETED event
+    assert [j["metadata"]["name"] for j in _jobs(kube)] == ["digits-train-digits-2"]
+
+
+def test_training_needs_storage(kube, reconciler, events):
+    kube.create_network(_digits(storage=False))
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube) == []
+    training = _training(kube)
+    assert training["phase"] == "Blocked" and training["run"] == "digits-1"
+    assert training["message"].startswith("spec.training needs spec.storage")
+    assert events[-1][:2] == ("Warning", "TrainingBlocked")
+    assert _status(kube)["phase"] != "Degraded"  # the servers are fine; only training cannot run
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and [e[1] for e in events].count("TrainingBlocked") == 1
+
+
+def test_a_missing_service_account_blocks_the_run_until_it_exists(kube, reconciler, events):
+    doc = _digits()
+    doc["spec"]["training"]["serviceAccountName"] = "trainers"
+    kube.create_network(doc)
+    reconciler.reconcile("ns", "digits")
+    assert len(_jobs(kube)) == 1  # created anyway: its pod starts once the ServiceAccount exists
+    training = _training(kube)
+    assert training["phase"] == "Blocked"
+    assert "ServiceAccount trainers (spec.training.serviceAccountName) does not exist" in training["message"]
+    assert events[-1][:2] == ("Warning", "TrainingBlocked")
+    _trainer_account(kube, "trainers")
+    reconciler.refresh_training("ns", "digits")
+    assert _training(kube)["phase"] == "Pending"
+
+
+def test_a_foreign_job_in_the_way_blocks_the_run_once(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "digits-train-digits-1", "namespace": "ns", "labels": {"team": "other"}}})
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    training = _training(kube)
+    assert training["phase"] == "Blocked" and "a Job named digits-train-digits-1 exists" in training["message"]
+    assert "job" not in training
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == []
+    assert [e[1] for e in events].count("TrainingBlocked") == 1
+    kube.delete("batch/v1", "Job", "digits-train-digits-1", "ns")
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube)[0]["metadata"]["labels"][naming.RUN] == "digits-1"
+    assert _training(kube)["phase"] == "Pending" and _training(kube)["job"] == "digits-train-digits-1"
+
+
+def test_trainer_reports_are_kept(kube, reconciler):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    report = {"run": "digits-1", "phase": "Running", "epoch": 2, "step": 40, "loss": 0.3, "accuracy": 0.91,
+              "checkpoint": 4, "startTime": "2025-01-01T00:00:00Z", "message": None}
+    kube.patch_status("", "NeuralNetwork", "digits", "ns", {"training": report})
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == []
+    assert _training(kube)["epoch"] == 2 and _training(kube)["job"] == "digits-train-digits-1"
+
+
+def test_a_failed_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kube.patch_status("", "NeuralNetwork", "digits", "ns", {"training": {"phase": "Running", "epoch": 1}})
+    job = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    job["status"] = {"failed": 4, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+         "message": "Job has reached the specified backoff limit", "lastTransitionTime": "2025-01-01T01:00:00Z"}]}
+    reconciler.refresh_training("ns", "digits")
+    training = _training(kube)
+    assert training["phase"] == "Failed" and training["epoch"] == 1
+    assert training["message"] == ("Job digits-train-digits-1 failed (BackoffLimitExceeded): "
+                                   "Job has reached the specified backoff limit")
+    assert training["completionTime"] == "2025-01-01T01:00:00Z"
+    assert events[-1][:2] == ("Warning", "TrainingFailed")
+    kube.writes.clear()
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == []
+    # The trainer's own verdict (more precise) stands.
+    kube.patch_status("", "NeuralNetwork", "digits", "ns",
+                      {"training": {"phase": "Failed", "message": "partition 2 unavailable"}})
+    kube.writes.clear()
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == [] and _training(kube)["message"] == "partition 2 unavailable"
+
+
+def test_removing_training_stops_the_job(kube, reconciler):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    obj = kube.get("", "NeuralNetwork", "digits", "ns")
+    del obj["spec"]["training"]
+    kube.objects[("NeuralNetwork", "ns", "digits")]["spec"] = obj["spec"]
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube) == []
+    assert _training(kube)["run"] == "digits-1"  # the last run's record stays

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -12,7 +13,7 @@ from mpnn_operator import builders, cli, naming
 from mpnn_operator.render import render
 from partition_server.distributor import check_coverage, distribute, parse_neuron_ids, Range
 from partition_server.lookup import LookupTable
-from partition_server.manifest import LayerSpec, ModelSpec, load_manifest
+from partition_server.manifest import LayerSpec, ModelSpec, load_manifest, parse_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.yaml"
@@ -36,7 +37,8 @@ def _by_kind(objs: list[dict]) -> dict[str, list[dict]]:
 
 def test_digits_renders_every_child_with_labels_and_no_owner():
     objs = render(str(DIGITS))
-    assert [o["kind"] for o in objs] == ["Service", "ConfigMap"] + ["Partition"] * 4 + ["StatefulSet"]
+    # digits.yaml has training but no storage: no Job.
+    assert [o["kind"] for o in objs] == ["Service", "Service", "ConfigMap"] + ["Partition"] * 4 + ["StatefulSet"]
     for o in objs:
         meta = o["metadata"]
         assert meta["namespace"] == "default"
@@ -45,7 +47,8 @@ def test_digits_renders_every_child_with_labels_and_no_owner():
         assert meta["labels"]["app.kubernetes.io/name"] == "mpnn"
         assert "ownerReferences" not in meta
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
-    assert {("Service", "digits"), ("ConfigMap", "digits-lookup"), ("StatefulSet", "digits")} <= names
+    assert {("Service", "digits"), ("Service", "digits-inference"), ("ConfigMap", "digits-lookup"),
+            ("StatefulSet", "digits")} <= names
     assert {n for k, n in names if k == "Partition"} == {f"digits-{i}" for i in range(4)}
 
 
@@ -97,8 +100,11 @@ def test_statefulset_runs_servers_in_parallel_with_lookup_mounted_as_directory()
     assert env["MPNN_NETWORK"]["value"] == "/etc/mpnn/network.json"
     assert env["MPNN_MODEL_DIR"]["value"] == "/var/lib/mpnn/digits"
     assert env["MPNN_PORT"]["value"] == "50051"
-    assert container["readinessProbe"]["grpc"]["port"] == 50051
-    assert container["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+    assert env["MPNN_HTTP_PORT"]["value"] == "8000"
+    # Readiness is the server's own gRPC health, not /v2/health/ready (which needs every peer).
+    assert container["readinessProbe"] == {"grpc": {"port": 50051}, "periodSeconds": 5, "failureThreshold": 3}
+    assert container["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                                  {"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["lookup"]["configMap"]["name"] == "digits-lookup"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -170,7 +176,7 @@ def test_cli_render_prints_the_same_objects_as_yaml(capsys):
     assert cli.main(["render", str(DIGITS), "--namespace", "ml", "--cluster-domain", "example.org"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert docs == render(str(DIGITS), "example.org", "ml")
-    table = LookupTable.from_dict(json.loads(docs[1]["data"]["lookup.json"]))
+    table = LookupTable.from_dict(json.loads(_by_kind(docs)["ConfigMap"][0]["data"]["lookup.json"]))
     assert table.addresses[0] == "digits-0.digits.ml.svc.example.org:50051"
 
 
@@ -193,3 +199,98 @@ def test_same_builders_serve_render_and_operator():
     net = load_manifest(DIGITS)
     assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
     assert builders.children(net, assignment) == render(str(DIGITS))
+
+
+def test_inference_service_exposes_both_protocols_of_the_servers(tmp_path):
+    doc = yaml.safe_load(DIGITS.read_text())
+    doc["spec"]["server"] = {"port": 50052, "httpPort": 8080}
+    path = tmp_path / "ports.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    by_kind = _by_kind(render(str(path)))
+    svc = {s["metadata"]["name"]: s for s in by_kind["Service"]}["digits-inference"]
+    sts = by_kind["StatefulSet"][0]
+    assert svc["spec"]["type"] == "ClusterIP" and "clusterIP" not in svc["spec"]
+    assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50052, "targetPort": "grpc", "protocol": "TCP"},
+                                    {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50052, "http": 8080}
+    assert {"name": "MPNN_HTTP_PORT", "value": "8080"} in container["env"]
+    assert svc["metadata"]["labels"][naming.COMPONENT] == naming.INFERENCE
+
+
+def test_no_job_without_training_or_without_storage(tmp_path):
+    assert builders.training_job(load_manifest(DIGITS)) is None  # training, no storage
+    doc = yaml.safe_load(_with_storage(tmp_path, {"existingClaim": "models"}).read_text())
+    del doc["spec"]["training"]
+    path = tmp_path / "untrained.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert "Job" not in {o["kind"] for o in render(str(path))}
+
+
+def _trained(tmp_path: Path, storage: dict | None = None, **training) -> Path:
+    path = _with_storage(tmp_path, storage or {"nfs": {"server": "10.0.0.1", "path": "/exports/mpnn"}})
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["training"].update(training)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_training_job_runs_the_driver_against_the_servers(tmp_path):
+    objs = render(str(_trained(tmp_path, runId="run-2", serviceAccountName="trainers")))
+    assert objs[-1]["kind"] == "Job"
+    job, sts = objs[-1], _by_kind(objs)["StatefulSet"][0]
+    net = load_manifest(_trained(tmp_path, runId="run-2", serviceAccountName="trainers"))
+    assert job["apiVersion"] == "batch/v1" and job["metadata"]["name"] == "digits-train-run-2"
+    assert job["metadata"]["namespace"] == "ml" and "ownerReferences" not in job["metadata"]
+    labels = job["metadata"]["labels"]
+    assert labels[naming.NETWORK] == "digits" and labels[naming.MANAGED_BY] == "mpnn-operator"
+    assert labels[naming.RUN] == "run-2" and labels[naming.COMPONENT] == naming.TRAINING
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 3
+    pod = spec["template"]["spec"]
+    assert spec["template"]["metadata"]["labels"] == labels
+    # The trainer's pod is no server: neither Service may route to it.
+    assert not all(labels.get(k) == v for k, v in naming.selector("digits").items())
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "trainers"
+    assert pod["automountServiceAccountToken"] is True  # its token patches status.training
+    (c,) = pod["containers"]
+    assert c["image"] == sts["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert c["command"] == ["mpnn", "train"]
+    flag, document, *rest = c["args"]
+    assert flag == "--training" and rest == ["--report", "--namespace", "ml"]
+    assert parse_training(json.loads(document)) == net.training
+    assert json.loads(document)["runId"] == "run-2"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == {"MPNN_LOOKUP": "/etc/mpnn/lookup.json", "MPNN_NETWORK": "/etc/mpnn/network.json",
+                   "MPNN_MODEL_DIR": "/var/lib/mpnn/digits"}
+    server = sts["spec"]["template"]["spec"]
+    # What the servers mount, the trainer mounts: the lookup as a directory, the shared model volume.
+    assert pod["volumes"] == server["volumes"]
+    assert c["volumeMounts"] == server["containers"][0]["volumeMounts"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "digits-model"}} in pod["volumes"]
+    assert pod["securityContext"] == server["securityContext"]
+    assert c["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                                    "seccompProfile": {"type": "RuntimeDefault"}}
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                 "values": [cli.EXIT_USAGE]}} in rules
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def test_training_job_mounts_an_existing_claim(tmp_path):
+    job = builders.training_job(load_manifest(_trained(tmp_path, {"existingClaim": "shared-models"})))
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "shared-models"}} in \
+        job["spec"]["template"]["spec"]["volumes"]
+
+
+def test_job_names_fit_a_label_and_stay_distinct_per_run():
+    assert naming.job_name("digits", "run-2") == "digits-train-run-2"
+    network, runs = "n" * 52, ["r" * 39 + "a", "r" * 39 + "b"]
+    names = [naming.job_name(network, r) for r in runs]
+    assert all(len(n) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", n) for n in names), names
+    assert names[0] != names[1] and names == [naming.job_name(network, r) for r in runs]
+    # Cut right after a '-': that '-' is dropped, not doubled before the hash.
+    assert naming.job_name("a" * 47, "b" * 20).startswith("a" * 47 + "-train-")
+    assert "--" not in naming.job_name("a" * 47, "b" * 20)

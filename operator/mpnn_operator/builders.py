@@ -8,8 +8,9 @@ Objects per network ``N`` in namespace ``NS`` (see ``docs/operator.md``):
 
 - ``Partition`` ``N-<i>`` per partition (``spec.ranges``: ``L:A-B`` strings),
 - ``ConfigMap`` ``N-lookup`` (``lookup.json``, ``network.json``),
-- headless ``Service`` ``N``, ``StatefulSet`` ``N``,
-- with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``.
+- headless ``Service`` ``N``, ``StatefulSet`` ``N``, ClusterIP ``Service`` ``N-inference``,
+- with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``,
+- with ``spec.training`` and ``spec.storage``: the training ``Job`` of ``spec.training.runId``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 from partition_server.distributor import Assignment, Range, shares
 from partition_server.lookup import LookupTable, service_addresses
-from partition_server.manifest import NeuralNetwork, network_document
+from partition_server.manifest import NeuralNetwork, TrainingSpec, network_document, training_document
 
 from . import naming
 
@@ -28,6 +29,11 @@ CONFIG_DIR = "/etc/mpnn"
 MODEL_ROOT = "/var/lib/mpnn"
 # Must be numeric so the kubelet can verify runAsNonRoot without reading the image.
 RUN_AS = 65532
+# Failed training pods the Job replaces before it fails; each retry resumes from the
+# run's last committed checkpoint.
+TRAIN_BACKOFF_LIMIT = 3
+# `mpnn` exits 2 on invalid input (FieldError, argparse): retrying cannot help.
+EXIT_USAGE = 2
 
 
 def lookup_table(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local") -> LookupTable:
@@ -90,6 +96,17 @@ def headless_service(net: NeuralNetwork) -> dict[str, Any]:
                                 "protocol": "TCP"}]}}
 
 
+def inference_service(net: NeuralNetwork) -> dict[str, Any]:
+    """ClusterIP ``Service`` ``<name>-inference``: the Open Inference Protocol (gRPC and REST)
+    of the ready partition servers, any of which answers for the whole network."""
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(net, naming.inference_service_name(net.name), naming.INFERENCE),
+            "spec": {"type": "ClusterIP", "selector": naming.selector(net.name),
+                     "ports": [{"name": "grpc", "port": net.server.port, "targetPort": "grpc", "protocol": "TCP"},
+                               {"name": "http", "port": net.server.http_port, "targetPort": "http",
+                                "protocol": "TCP"}]}}
+
+
 def persistent_volume(net: NeuralNetwork) -> dict[str, Any] | None:
     """The ReadWriteMany NFS ``PersistentVolume`` for ``spec.storage.nfs`` (else None).
 
@@ -138,7 +155,9 @@ def statefulset(net: NeuralNetwork) -> dict[str, Any]:
     The lookup ConfigMap is mounted as a directory (never ``subPath``) so the
     kubelet propagates new lookup versions, which the servers reload without a
     restart. ``network.json``'s hash is a template annotation, so a model change
-    rolls the pods.
+    rolls the pods. Readiness is the gRPC health service of the server itself: the
+    Open Inference Protocol's ``/v2/health/ready`` needs every peer, so probing it
+    would keep all pods unready until all are up (and out of the Services).
     """
     port = net.server.port
     config_hash = hashlib.sha256(network_json(net).encode()).hexdigest()[:16]
@@ -150,21 +169,17 @@ def statefulset(net: NeuralNetwork) -> dict[str, Any]:
         "env": [
             {"name": "MPNN_PARTITION",
              "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{naming.POD_INDEX_LABEL}']"}}},
-            {"name": "MPNN_LOOKUP", "value": f"{CONFIG_DIR}/lookup.json"},
-            {"name": "MPNN_NETWORK", "value": f"{CONFIG_DIR}/network.json"},
-            {"name": "MPNN_MODEL_DIR", "value": f"{MODEL_ROOT}/{net.name}"},
+            *_config_env(net),
             {"name": "MPNN_PORT", "value": str(port)},
+            {"name": "MPNN_HTTP_PORT", "value": str(net.server.http_port)},
         ],
-        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"}],
+        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"},
+                  {"name": "http", "containerPort": net.server.http_port, "protocol": "TCP"}],
         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"grpc": {"port": port}, "initialDelaySeconds": 10, "periodSeconds": 10,
                           "failureThreshold": 6},
-        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-        "volumeMounts": [{"name": "lookup", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "model", "mountPath": MODEL_ROOT},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _container_security_context(),
+        "volumeMounts": _volume_mounts(),
     }
     if net.server.resources:
         container["resources"] = dict(net.server.resources)
@@ -182,24 +197,106 @@ def statefulset(net: NeuralNetwork) -> dict[str, Any]:
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
-                                        "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": _pod_security_context(),
                     "containers": [container],
-                    "volumes": [{"name": "lookup", "configMap": {"name": naming.lookup_name(net.name)}},
-                                model_volume(net),
-                                {"name": "tmp", "emptyDir": {}}],
+                    "volumes": _volumes(net),
                 },
             },
         },
     }
 
 
+def training_json(training: TrainingSpec) -> str:
+    """``spec.training`` as the training Job passes it to ``mpnn train --training``."""
+    return json.dumps(training_document(training), sort_keys=True, separators=(",", ":"))
+
+
+def training_job(net: NeuralNetwork) -> dict[str, Any] | None:
+    """The ``Job`` running ``mpnn train`` for ``spec.training.runId`` (None without training or storage).
+
+    Its pod mounts what the servers mount (lookup ConfigMap, model volume) and runs
+    as ``spec.training.serviceAccountName``, whose token lets it patch the
+    NeuralNetwork's ``status.training``. ``restartPolicy: Never``: each attempt is a
+    new pod (its log stays readable) and ``podFailurePolicy`` can tell invalid input
+    (exit 2: fail at once) from an eviction (not counted); other failures are retried
+    up to :data:`TRAIN_BACKOFF_LIMIT` times, resuming from the last committed checkpoint.
+    """
+    training = net.training
+    if training is None or net.storage is None:
+        return None
+    meta = _meta(net, naming.job_name(net.name, training.run_id), naming.TRAINING)
+    meta["labels"][naming.RUN] = training.run_id
+    container = {
+        "name": "trainer",
+        "image": net.server.image,
+        "command": ["mpnn", "train"],
+        "args": ["--training", training_json(training), "--report", "--namespace", net.namespace],
+        "env": _config_env(net),
+        "securityContext": _container_security_context(),
+        "volumeMounts": _volume_mounts(),
+    }
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {
+            "backoffLimit": TRAIN_BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                      "values": [EXIT_USAGE]}},
+            ]},
+            "template": {
+                "metadata": {"labels": dict(meta["labels"])},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": training.service_account_name,
+                    "automountServiceAccountToken": True,
+                    "enableServiceLinks": False,
+                    "securityContext": _pod_security_context(),
+                    "containers": [container],
+                    "volumes": _volumes(net),
+                },
+            },
+        },
+    }
+
+
+def _config_env(net: NeuralNetwork) -> list[dict[str, Any]]:
+    """Where a pod finds the lookup table, the network and the model on the shared volume."""
+    return [{"name": "MPNN_LOOKUP", "value": f"{CONFIG_DIR}/lookup.json"},
+            {"name": "MPNN_NETWORK", "value": f"{CONFIG_DIR}/network.json"},
+            {"name": "MPNN_MODEL_DIR", "value": f"{MODEL_ROOT}/{net.name}"}]
+
+
+def _volumes(net: NeuralNetwork) -> list[dict[str, Any]]:
+    return [{"name": "lookup", "configMap": {"name": naming.lookup_name(net.name)}},
+            model_volume(net),
+            {"name": "tmp", "emptyDir": {}}]
+
+
+def _volume_mounts() -> list[dict[str, Any]]:
+    return [{"name": "lookup", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "model", "mountPath": MODEL_ROOT},
+            {"name": "tmp", "mountPath": "/tmp"}]
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def children(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local") -> list[dict[str, Any]]:
-    """Every object the operator creates for ``net`` under ``assignment``, in apply order."""
+    """Every object the operator creates for ``net`` under ``assignment``, in apply order; the
+    training Job, last, is created once per run rather than applied."""
     storage = [o for o in (persistent_volume(net), volume_claim(net)) if o is not None]
-    return [*storage, headless_service(net),
+    job = training_job(net)
+    return [*storage, headless_service(net), inference_service(net),
             lookup_configmap(net, lookup_table(net, assignment, cluster_domain)),
-            *partitions(net, assignment), statefulset(net)]
+            *partitions(net, assignment), statefulset(net), *([job] if job else [])]
 
 
 def _meta(net: NeuralNetwork, name: str, component: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ registry = kopf.OperatorRegistry()
 NETWORKS = dict(group=naming.GROUP, version=naming.VERSION, plural=naming.NETWORKS)
 OURS = {naming.MANAGED_BY: naming.FIELD_MANAGER}
 # Catches children changed or deleted behind the operator's back (it watches
-# only NeuralNetworks, Partitions and StatefulSets).
+# only NeuralNetworks, Partitions, StatefulSets and Jobs).
 RESYNC_SECONDS = 300
 # Retry delay after a failed reconcile (an API error; the Degraded condition says which).
 RETRY_SECONDS = 10
@@ -62,3 +62,10 @@ def statefulset_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
         memo.reconciler.reconcile(body.metadata.namespace, network)
     else:
         memo.reconciler.refresh_status(body.metadata.namespace, network)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OURS, registry=registry)
+def job_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    network = body.metadata.labels.get(naming.NETWORK)
+    if network:
+        memo.reconciler.refresh_training(body.metadata.namespace, network)

@@ -13,13 +13,13 @@ from typing import Any, Mapping
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 from .naming import FIELD_MANAGER
 
 
 class Kube:
-    """Get, list, apply, delete and patch status of objects given as plain dicts."""
+    """Get, list, apply, create, delete and patch status of objects given as plain dicts."""
 
     def __init__(self, api_client: k8s_client.ApiClient | None = None):
         if api_client is None:
@@ -56,11 +56,21 @@ class Kube:
         return res.server_side_apply(body=dict(obj), name=meta["name"], namespace=meta.get("namespace"),
                                      field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
 
-    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
-        """Delete in the background; False if it was already gone."""
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create ``obj``; None if an object of that name exists already (nothing is changed)."""
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        try:
+            return res.create(body=dict(obj), namespace=obj["metadata"].get("namespace"),
+                              field_manager=FIELD_MANAGER).to_dict()
+        except ConflictError:
+            return None
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None,
+               propagation: str = "Background") -> bool:
+        """Delete (dependents: ``Background`` or ``Foreground``); False if it was already gone."""
         try:
             self._resource(api_version, kind).delete(name=name, namespace=namespace,
-                                                     propagation_policy="Background")
+                                                     propagation_policy=propagation)
             return True
         except NotFoundError:
             return False

@@ -6,6 +6,8 @@ builders, the reconciler and ``mpnn render`` cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
+
 GROUP = "mpnn.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -18,10 +20,15 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 NETWORK = f"{GROUP}/network"
 NAMESPACE = f"{GROUP}/namespace"
 PARTITION = f"{GROUP}/partition"
+RUN = f"{GROUP}/run"
 COMPONENT = "app.kubernetes.io/component"
-# Components: the partition server pods and their Service/StatefulSet, the
-# Partition CRs, the lookup ConfigMap, the model volume.
+# Components: the partition server pods and their Services/StatefulSet, the
+# Partition CRs, the lookup ConfigMap, the model volume, the training Jobs.
 SERVER, PARTITION_COMPONENT, LOOKUP, STORAGE = "server", "partition", "lookup", "storage"
+INFERENCE, TRAINING = "inference", "training"
+
+# Names that end up as label values (a Job's name labels its pods) must fit this.
+MAX_LABEL_VALUE = 63
 
 # Set by the StatefulSet controller on every pod since Kubernetes 1.28.
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
@@ -60,6 +67,20 @@ def partition_name(network: str, index: int) -> str:
 
 def lookup_name(network: str) -> str:
     return f"{network}-lookup"
+
+
+def inference_service_name(network: str) -> str:
+    return f"{network}-inference"
+
+
+def job_name(network: str, run_id: str) -> str:
+    """The training Job of run ``run_id``: ``<network>-train-<runId>``, or, beyond 63
+    characters, its first 54 plus a hash of both, so distinct runs keep distinct names."""
+    name = f"{network}-train-{run_id}"
+    if len(name) <= MAX_LABEL_VALUE:
+        return name
+    digest = hashlib.sha256(f"{network}/{run_id}".encode()).hexdigest()[:8]
+    return f"{name[:MAX_LABEL_VALUE - 9].rstrip('-')}-{digest}"
 
 
 def claim_name(network: str) -> str:

@@ -23,6 +23,7 @@ from . import builders, naming
 from .conditions import HEALTHY, Finding, network_status
 from .kube import Kube
 from .placement import Placement, STRATEGY, parse_ranges, partition_index, plan
+from .training import Training
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Reconciler:
         self.cluster_domain = cluster_domain
         self.emit = emit
         self.adopt = adopt
+        self.training = Training(kube, emit, adopt)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -95,6 +97,19 @@ class Reconciler:
             except ManifestError:
                 net = None
             self._partition_statuses(namespace, name, net, self._partitions(namespace, name))
+
+    def refresh_training(self, namespace: str, name: str) -> None:
+        """After a training Job changed: start the next run once the old Jobs are gone, and
+        mirror the Job's state into ``status.training``."""
+        with self._lock(namespace, name):
+            body = self._network(namespace, name)
+            if body is None:
+                return
+            try:
+                net = parse_neural_network(manifest_view(body))
+            except ManifestError:
+                return  # the reconcile reports it; an invalid spec starts nothing
+            self.training.sync(body, net)
 
     def partition_changed(self, partition: Mapping[str, Any], deleted: bool = False) -> None:
         """React to a Partition event: reconcile its network unless the Partition already
@@ -163,6 +178,12 @@ class Reconciler:
         if placement.assignment is not None:
             extra.update(placement=placement.source, distributionHash=placement.distribution_hash)
         self._announce(body, net, placement, table)
+        try:
+            self.training.sync(body, net)
+        except DynamicApiError as exc:
+            self._finish(body, Finding(True, "ApplyFailed", f"starting or watching the training Job failed: "
+                                                           f"{exc.summary()}"), extra)
+            raise
         self._finish(body, finding, extra)
 
     def _apply_children(self, owner: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
@@ -175,6 +196,7 @@ class Reconciler:
         else:
             self._prune_storage(net)
         self.kube.apply(self._owned(builders.headless_service(net), owner))
+        self.kube.apply(self._owned(builders.inference_service(net), owner))
         if placement.redistribute:
             wanted = builders.partitions(net, placement.assignment)
             for obj in wanted:

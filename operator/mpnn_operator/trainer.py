@@ -35,12 +35,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _number(value: float) -> float | None:
+    """``value`` rounded for the status; None (the field is dropped) for NaN or infinity,
+    which JSON cannot carry (a diverged run's loss)."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
 class TrainingReporter:
     """Writes ``status.training`` of one NeuralNetwork: the path every progress report takes.
 
     Fields: ``run``, ``phase`` (Running, Succeeded, Failed), ``epoch``, ``step``,
     ``loss``, ``accuracy`` (held-out split, in [0, 1]), ``checkpoint`` (last
     committed checkpoint number), ``startTime``, ``completionTime``, ``message``.
+    The operator writes the rest of ``status.training`` (``job``; phases Pending and
+    Blocked; see :mod:`mpnn_operator.training`).
 
     Args:
         patch_status: ``(status: dict) -> None``, e.g. a merge patch of the status subresource.
@@ -68,13 +77,13 @@ class TrainingReporter:
     def progress(self, epoch: int, step: int, loss: float, checkpoint: int | None,
                  accuracy: float | None = None) -> None:
         fields: dict[str, Any] = {"phase": "Running", "epoch": epoch, "step": step,
-                                  "loss": round(float(loss), 6), "checkpoint": checkpoint}
+                                  "loss": _number(loss), "checkpoint": checkpoint}
         if accuracy is not None:
-            fields["accuracy"] = round(float(accuracy), 6)
+            fields["accuracy"] = _number(accuracy)
         self.report(**fields)
 
     def finished(self, accuracy: float, loss: float) -> None:
-        self.report(phase="Succeeded", accuracy=round(accuracy, 6), loss=round(loss, 6), completionTime=_now(),
+        self.report(phase="Succeeded", accuracy=_number(accuracy), loss=_number(loss), completionTime=_now(),
                     message=f"held-out accuracy {accuracy:.4f}")
 
     def failed(self, message: str) -> None:

@@ -89,6 +89,9 @@ def test_networks_scale_on_spec_partitions(nn):
 
 def test_printer_columns(nn, nnp):
     cols = {c["name"]: c["jsonPath"] for c in _version(nn)["additionalPrinterColumns"]}
+    default = [c["name"] for c in _version(nn)["additionalPrinterColumns"] if not c.get("priority")]
+    assert default == ["Partitions", "Ready", "Strategy", "Phase", "Epoch", "Accuracy", "Age"]
+    assert cols["Epoch"] == ".status.training.epoch" and cols["Accuracy"] == ".status.training.accuracy"
     assert cols["Partitions"] == ".spec.partitions"
     assert cols["Ready"] == ".status.readyPartitions"
     assert cols["Strategy"] == ".spec.distribution.strategy"
@@ -110,7 +113,7 @@ def test_schema_mirrors_the_manifest_model(nn):
     assert set(spec["training"]["properties"]) == {_camel(f.name) for f in dataclasses.fields(manifest.TrainingSpec)}
     assert set(spec["training"]["properties"]["dataset"]["properties"]) == \
         {f.name for f in dataclasses.fields(manifest.DatasetSpec)}
-    assert set(spec["server"]["properties"]) == {f.name for f in dataclasses.fields(manifest.ServerSpec)}
+    assert set(spec["server"]["properties"]) == {_camel(f.name) for f in dataclasses.fields(manifest.ServerSpec)}
 
 
 def test_enums_match_the_manifest_model(nn):
@@ -129,6 +132,7 @@ def test_schema_defaults_equal_the_manifest_defaults(nn):
     assert spec["distribution"]["properties"]["strategy"]["default"] == Distribution().strategy == "balanced"
     assert spec["server"]["default"] == {}
     assert spec["server"]["properties"]["port"]["default"] == manifest.ServerSpec().port == 50051
+    assert spec["server"]["properties"]["httpPort"]["default"] == manifest.ServerSpec().http_port == 8000
     assert spec["model"]["properties"]["layers"]["items"]["properties"]["activation"]["default"] == \
         manifest.LayerSpec(1).activation
     assert spec["model"]["properties"]["seed"]["default"] == manifest.ModelSpec(1, ()).seed
@@ -156,6 +160,36 @@ def test_cross_field_cel_rules_name_their_field(nn, field, fragment):
     matching = [r for r in rules if fragment in (r.get("message") or r.get("messageExpression", ""))]
     assert len(matching) == 1, fragment
     assert matching[0]["fieldPath"] == field
+
+
+def test_status_training_holds_what_the_trainer_and_the_operator_write(nn):
+    from mpnn_operator.training import RUN_FIELDS
+    from mpnn_operator.trainer import TrainingReporter
+
+    status = _version(nn)["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    training = status["training"]
+    assert "x-kubernetes-preserve-unknown-fields" not in training  # unknown fields are pruned
+    assert set(training["properties"]) == {"run", *RUN_FIELDS}
+    patches = []
+    reporter = TrainingReporter(patches.append, "r1")
+    reporter.started()
+    reporter.progress(epoch=1, step=10, loss=0.5, checkpoint=1, accuracy=0.9)
+    reporter.finished(accuracy=0.9, loss=0.4)
+    reporter.failed("x")
+    written = set().union(*(p["training"] for p in patches))
+    assert written <= set(training["properties"])
+    types = {k: v.get("type") for k, v in training["properties"].items()}
+    assert {k: types[k] for k in ("epoch", "step", "checkpoint")} == dict.fromkeys(("epoch", "step", "checkpoint"),
+                                                                                "integer")
+    assert types["loss"] == types["accuracy"] == "number"
+    assert training["properties"]["startTime"]["format"] == training["properties"]["completionTime"]["format"] \
+        == "date-time"
+
+
+def test_server_ports_must_differ(nn):
+    server = _spec(nn)["properties"]["server"]
+    (rule,) = server["x-kubernetes-validations"]
+    assert rule["fieldPath"] == ".httpPort" and "spec.server.httpPort must differ" in rule["message"]
 
 
 def test_storage_rules(nn):

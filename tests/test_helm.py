@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "mpnn-operator"
 INSTALL_YAML = ROOT / "manifests" / "install.yaml"
 EXAMPLES = ROOT / "manifests" / "examples"
+TRAINER_RBAC = EXAMPLES / "trainer-rbac.yaml"  # the one example that is not a network
 
 STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
 
@@ -39,6 +40,8 @@ NAMESPACED_RULES = {
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
+    ("batch", "jobs"): {"create", "list", "watch", "delete"},
+    ("", "serviceaccounts"): {"get"},
 }
 CLUSTER_RULES = {
     ("", "persistentvolumes"): {"list", "create", "patch", "delete"},
@@ -46,6 +49,10 @@ CLUSTER_RULES = {
 }
 # Only when watching given namespaces: kopf lists/watches namespaces to match them.
 NAMESPACE_WATCH_RULES = {("", "namespaces"): {"list", "watch"}}
+# The training Jobs' identity (ClusterRole mpnn-trainer, bound per namespace by the user):
+# TrainingReporter's merge patch of status.training, nothing else.
+TRAINER_RULES = {("mpnn.dev", "neuralnetworks"): {"get"}, ("mpnn.dev", "neuralnetworks/status"): {"patch"}}
+TRAINER_ROLE = "mpnn-trainer"
 
 
 # -- helpers (also used by tests/test_install.py) ---------------------------------------
@@ -136,14 +143,15 @@ def test_chart_metadata():
 
 def test_default_render_is_cluster_wide():
     objs = objects(render())
-    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount",
-                                               "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                               "ServiceAccount", "ValidatingAdmissionPolicy",
+                                               "ValidatingAdmissionPolicyBinding"]
     for o in objs:
-        assert o["metadata"]["name"].startswith("mpnn-operator")
+        assert o["metadata"]["name"].startswith("mpnn-operator") or o["metadata"]["name"] == TRAINER_ROLE
         if o["kind"] in ("ServiceAccount", "Deployment"):
             assert o["metadata"]["namespace"] == "mpnn-system"
-    (role,) = by_kind(objs, "ClusterRole")
-    assert rule_table(role["rules"]) == {**CLUSTER_RULES, **NAMESPACED_RULES}
+    roles = {r["metadata"]["name"]: r for r in by_kind(objs, "ClusterRole")}
+    assert rule_table(roles["mpnn-operator"]["rules"]) == {**CLUSTER_RULES, **NAMESPACED_RULES}
     (binding,) = by_kind(objs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": "mpnn-operator"}
@@ -156,8 +164,11 @@ def test_rbac_never_grants_secrets_workloads_or_rbac():
         for role in by_kind(objs, "ClusterRole") + by_kind(objs, "Role"):
             table = rule_table(role["rules"])
             resources = {r for _, r in table}
-            assert not resources & {"secrets", "deployments", "daemonsets", "jobs", "serviceaccounts",
-                                    "serviceaccounts/token", "nodes", "pods/exec"}, resources
+            assert not resources & {"secrets", "deployments", "daemonsets", "serviceaccounts/token", "nodes",
+                                    "pods/exec"}, resources
+            # Jobs: created once per run, never changed; ServiceAccounts: only looked at.
+            assert table.get(("batch", "jobs"), set()) <= {"create", "list", "watch", "delete"}
+            assert table.get(("", "serviceaccounts"), set()) <= {"get"}
             assert not {g for g, _ in table} & {"rbac.authorization.k8s.io", "certificates.k8s.io",
                                                 "admissionregistration.k8s.io"}
             assert table.get(("", "pods"), {"list"}) == {"list"}
@@ -251,6 +262,17 @@ def test_persistent_volume_policy_confines_the_operator_service_account():
     assert not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 
 
+def test_trainer_cluster_role():
+    """The training Jobs' identity: what TrainingReporter needs, and not the spec."""
+    (role,) = [r for r in by_kind(objects(render()), "ClusterRole") if r["metadata"]["name"] == TRAINER_ROLE]
+    assert rule_table(role["rules"]) == TRAINER_RULES
+    from partition_server.manifest import DEFAULT_TRAINER_SERVICE_ACCOUNT
+    assert DEFAULT_TRAINER_SERVICE_ACCOUNT == TRAINER_ROLE  # the documented binding uses one name for both
+    names = lambda values: {r["metadata"]["name"] for r in by_kind(objects(render(values)), "ClusterRole")}  # noqa: E731
+    assert "ml-trainer" in names({"rbac": {"trainerClusterRole": "ml-trainer"}})
+    assert names({"rbac": {"trainerClusterRole": ""}}) == {"mpnn-operator"}
+
+
 def test_without_rbac_and_service_account_only_the_deployment_renders():
     objs = objects(render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"},
                            "persistentVolumePolicy": {"enabled": False}}))
@@ -266,10 +288,12 @@ def test_without_rbac_and_service_account_only_the_deployment_renders():
 def test_watch_namespaces_render_a_role_per_namespace():
     objs = objects(render({"watchNamespaces": ["team-a", "team-b"]}, name="mpnn", namespace="ops"))
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "Role", "RoleBinding", "RoleBinding",
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "Role", "RoleBinding",
+                     "RoleBinding",
                      "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
-    (cluster_role,) = by_kind(objs, "ClusterRole")
-    assert rule_table(cluster_role["rules"]) == {**CLUSTER_RULES, **NAMESPACE_WATCH_RULES}
+    roles = {r["metadata"]["name"]: r for r in by_kind(objs, "ClusterRole")}
+    assert sorted(roles) == ["mpnn-mpnn-operator", TRAINER_ROLE]
+    assert rule_table(roles["mpnn-mpnn-operator"]["rules"]) == {**CLUSTER_RULES, **NAMESPACE_WATCH_RULES}
     roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role")}
     assert sorted(roles) == ["team-a", "team-b"]
     for ns, role in roles.items():
@@ -351,15 +375,15 @@ def test_install_yaml_contents():
     docs = [d for d in yaml.safe_load_all(INSTALL_YAML.read_text()) if d]
     kinds = [d["kind"] for d in docs]
     assert kinds == ["Namespace", "CustomResourceDefinition", "CustomResourceDefinition", "ServiceAccount",
-                     "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                     "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
                      "ValidatingAdmissionPolicyBinding", "Deployment"]
     ns = docs[0]
     assert ns["metadata"]["name"] == "mpnn-system"
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert docs[1:3] == sorted(chart_crds(), key=lambda c: c["metadata"]["name"])
     assert docs[3:] == sorted(objects(render()), key=lambda o: kinds.index(o["kind"]))
-    assert [d["metadata"]["name"] for d in docs[3:]] == ["mpnn-operator"] * 3 + ["mpnn-operator-persistentvolumes"] * 2 \
-        + ["mpnn-operator"]
+    assert [d["metadata"]["name"] for d in docs[3:]] == ["mpnn-operator"] * 2 + [TRAINER_ROLE, "mpnn-operator"] \
+        + ["mpnn-operator-persistentvolumes"] * 2 + ["mpnn-operator"]
     for d in docs[3:]:
         if d["kind"] in ("ServiceAccount", "Deployment"):
             assert d["metadata"]["namespace"] == "mpnn-system"
@@ -391,7 +415,7 @@ def test_examples_cover_every_strategy_for_digits_and_mnist():
     from partition_server.manifest import parse_neural_network
 
     nets = example_networks()
-    assert len(nets) == len(list(EXAMPLES.glob("*.yaml")))
+    assert len(nets) == len(list(EXAMPLES.glob("*.yaml"))) - 1, "every example but trainer-rbac.yaml is a network"
     seen = set()
     for filename, doc in nets.items():
         assert doc["apiVersion"] == "mpnn.dev/v1alpha1"
@@ -401,6 +425,20 @@ def test_examples_cover_every_strategy_for_digits_and_mnist():
         dataset = {64: "digits", 784: "mnist"}[net.model.inputs]
         seen.add((dataset, net.distribution.strategy))
     assert seen >= {(d, s) for d in ("digits", "mnist") for s in STRATEGIES}
+
+
+def test_trainer_rbac_example_binds_the_chart_role_to_the_default_service_account():
+    from partition_server.manifest import DEFAULT_TRAINER_SERVICE_ACCOUNT
+
+    sa, binding = example_documents(TRAINER_RBAC)
+    assert (sa["kind"], sa["metadata"]) == ("ServiceAccount", {"name": DEFAULT_TRAINER_SERVICE_ACCOUNT})
+    assert binding["kind"] == "RoleBinding" and "namespace" not in binding["metadata"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": TRAINER_ROLE}
+    # Without a namespace, the subject is the ServiceAccount of the binding's own namespace.
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": DEFAULT_TRAINER_SERVICE_ACCOUNT}]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["rbac"]["trainerClusterRole"] == TRAINER_ROLE
 
 
 def test_storage_examples():

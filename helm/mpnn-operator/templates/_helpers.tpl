@@ -82,7 +82,7 @@ Each rule is justified in docs/install.md ("Permissions").
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
-# The headless Service: applied only (deleted by garbage collection).
+# The headless and the inference Service: applied only (deleted by garbage collection).
 - apiGroups: [""]
   resources: [services]
   verbs: [create, patch]
@@ -98,6 +98,15 @@ Each rule is justified in docs/install.md ("Permissions").
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
+# Training Jobs: created once per run (never updated), watched for their outcome,
+# deleted when another run replaces them.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, list, watch, delete]
+# Whether a training Job's ServiceAccount exists (its pods cannot start otherwise).
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get]
 # Events on NeuralNetworks (kopf posts core v1 Events).
 - apiGroups: [""]
   resources: [events]

@@ -15,7 +15,6 @@ running with exactly the permissions they grant.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -34,8 +33,8 @@ import yaml
 
 from tests.kube.kubectl import Kubectl
 from tests.test_helm import CHART, EXAMPLES, INSTALL_YAML, example_documents, objects, render
-from tests.test_operator import (
-    assert_partitions_match, condition, digits, lookup, partitions, resource_versions, wait_ready,
+from tests.kube.operator import (
+    assert_partitions_match, condition, digits, lookup, partitions, resource_versions, token_kubeconfig, wait_ready,
 )
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (a dev dependency) is not installed")
@@ -56,26 +55,6 @@ CLUSTER_SCOPED_KINDS = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissio
 
 def as_list(objs: list[dict[str, Any]]) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": objs})
-
-
-def token_kubeconfig(kubectl, admin_kubeconfig: str, namespace: str, service_account: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as ``namespace/service_account`` with a bound token."""
-    token = kubectl("create", "token", service_account, "--duration=1h", namespace=namespace).stdout.strip()
-    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
-    cluster = dict(admin["clusters"][0]["cluster"])
-    if "certificate-authority" in cluster:  # inline it, so the file stands alone
-        ca = Path(cluster.pop("certificate-authority"))
-        if not ca.is_absolute():
-            ca = Path(admin_kubeconfig).parent / ca
-        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "cluster", "cluster": cluster}],
-        "users": [{"name": service_account, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "cluster", "user": service_account}}],
-        "current-context": "sa",
-    }))
-    return path
 
 
 class OperatorProcess:
@@ -200,7 +179,9 @@ def other_namespace(kubectl, wait_for) -> Iterator[str]:
 
 @contextmanager
 def applied_chart(kubectl, values: dict[str, Any] | None, release: str, namespace: str) -> Iterator[list[dict]]:
-    """Helm's rendering of the chart, applied server-side; cluster-scoped objects deleted afterwards."""
+    """Helm's rendering of the chart, applied server-side; cluster-scoped objects deleted afterwards.
+    The trainer ClusterRole is named after the release, leaving install.yaml's ``mpnn-trainer`` alone."""
+    values = {**(values or {}), "rbac": {"trainerClusterRole": f"{release}-mpnn-trainer"}}
     objs = objects(render(values, name=release, namespace=namespace))
     kubectl("apply", "--server-side", "-f", "-", input=as_list(objs))
     try:
@@ -235,7 +216,8 @@ def test_install_yaml_dry_run_then_apply(kubectl, install_crds, uninstall_at_end
     # in one go: kubectl applies the file in order, the Namespace first.
     cluster_scoped = [d for d in docs if "namespace" not in d["metadata"]]
     assert [d["kind"] for d in cluster_scoped] == ["Namespace", "CustomResourceDefinition",
-                                                   "CustomResourceDefinition", *CLUSTER_SCOPED_KINDS]
+                                                   "CustomResourceDefinition", "ClusterRole",  # mpnn-trainer
+                                                   *CLUSTER_SCOPED_KINDS]
     kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", "-",
             input=as_list(cluster_scoped))
     kubectl("apply", "--server-side", "-f", "-", input=as_list(docs[:1]))  # the Namespace
@@ -282,16 +264,19 @@ def test_helm_install_upgrade_uninstall(kubectl, kubeconfig, install_crds, names
     """The install path of docs/install.md, with Helm's own install (CRDs already present:
     Helm applies its crds/ copies, identical, without conflict)."""
     release = "mpnn"
+    # A trainer ClusterRole of this release's own: install.yaml's mpnn-trainer is not Helm's to adopt.
+    trainer_role = f"mpnn-trainer-{namespace}"
+    values = {"watchNamespaces": [namespace], "rbac": {"trainerClusterRole": trainer_role}}
     with helm.Config(kubeconfig_path=kubeconfig, namespace=namespace) as cfg:
-        rel = cfg.install(str(CHART), release, {"watchNamespaces": [namespace]}, namespace=namespace,
-                          timeout=120, wait="watcher")
+        rel = cfg.install(str(CHART), release, values, namespace=namespace, timeout=120, wait="watcher")
         assert rel["status"] == "deployed" and rel["revision"] == 1
         assert f"kubectl apply -n {namespace} -f -" in rel["notes"]
         dep = kubectl.json("get", "deployment", "mpnn-mpnn-operator", namespace=namespace)
         assert dep["status"].get("availableReplicas") == 1
         assert kubectl("get", "role", "mpnn-mpnn-operator", namespace=namespace).returncode == 0
+        assert kubectl("get", "clusterrole", trainer_role).returncode == 0
 
-        rel = cfg.upgrade(str(CHART), release, {"watchNamespaces": [namespace], "logLevel": "debug"},
+        rel = cfg.upgrade(str(CHART), release, {**values, "logLevel": "debug"},
                           namespace=namespace, timeout=120, wait="watcher")
         assert rel["status"] == "deployed" and rel["revision"] == 2
         args = kubectl.json("get", "deployment", "mpnn-mpnn-operator",
@@ -308,6 +293,7 @@ def test_helm_install_upgrade_uninstall(kubectl, kubeconfig, install_crds, names
                        ("role", "mpnn-mpnn-operator")):
         assert kubectl("get", kind, name, namespace=namespace, check=False).returncode != 0, kind
     assert kubectl("get", "clusterrole", "mpnn-mpnn-operator", check=False).returncode != 0
+    assert kubectl("get", "clusterrole", trainer_role, check=False).returncode != 0
     assert kubectl("get", "validatingadmissionpolicy", "mpnn-mpnn-operator-persistentvolumes",
                    check=False).returncode != 0
     # Helm never deletes the CRDs of crds/ (nor, thereby, anyone's NeuralNetworks).
@@ -322,12 +308,14 @@ def test_service_account_cannot_read_secrets_create_workloads_or_escalate(kubect
     # What it must be able to do (sanity: the identity is the bound one).
     for verb, resource in (("create", "partitions.mpnn.dev"), ("patch", "neuralnetworks.mpnn.dev/status"),
                            ("create", "statefulsets.apps"), ("create", "persistentvolumes"),
-                           ("list", "pods"), ("create", "events")):
+                           ("list", "pods"), ("create", "events"), ("create", "jobs.batch"),
+                           ("delete", "jobs.batch"), ("get", "serviceaccounts")):
         assert can_i(kubectl, user, verb, resource, namespace if resource != "persistentvolumes" else None), \
             (verb, resource)
     denied = [
         ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"),
-        ("create", "deployments.apps"), ("create", "daemonsets.apps"), ("create", "jobs.batch"),
+        ("create", "deployments.apps"), ("create", "daemonsets.apps"), ("create", "cronjobs.batch"),
+        ("patch", "jobs.batch"), ("update", "jobs.batch"), ("list", "serviceaccounts"),
         ("create", "pods"), ("delete", "pods"), ("create", "pods/exec"), ("create", "pods/eviction"),
         ("create", "serviceaccounts"), ("create", "serviceaccounts/token"),
         ("update", "configmaps"), ("delete", "configmaps"), ("delete", "statefulsets.apps"),
@@ -410,8 +398,8 @@ def test_namespaced_service_account_is_confined_to_its_namespaces(kubectl, insta
 
 
 def create_scale_delete(kubectl, ns: str, op: OperatorProcess, wait_for) -> None:
-    """The operator scenario: NFS-backed digits, 4 partitions Ready; scale to 6; delete."""
-    kubectl.apply(digits(), namespace=ns)
+    """The operator scenario: NFS-backed digits with training, 4 partitions Ready; scale to 6; delete."""
+    kubectl.apply(digits(training={"runId": "install-1"}), namespace=ns)  # a training Job too
     obj = wait_ready(kubectl, ns, 4, wait_for, op)
     table = lookup(kubectl, ns)
     assert table.num_partitions == 4 and obj["status"]["lookupVersion"] == table.version
@@ -419,7 +407,9 @@ def create_scale_delete(kubectl, ns: str, op: OperatorProcess, wait_for) -> None
     children = resource_versions(kubectl, ns)
     kinds = sorted(k.split("/")[0] for k in children)
     assert kinds == ["ConfigMap", "Partition", "Partition", "Partition", "Partition", "PersistentVolume",
-                     "PersistentVolumeClaim", "Service", "StatefulSet"], kinds
+                     "PersistentVolumeClaim", "Service", "Service", "StatefulSet"], kinds
+    (job,) = kubectl.json("get", "jobs", "-l", "mpnn.dev/network=digits", namespace=ns)["items"]
+    assert job["metadata"]["labels"]["mpnn.dev/run"] == "install-1"
     assert kubectl.json("get", "pvc", "digits-model", namespace=ns)["status"]["phase"] == "Bound"
     pods = kubectl.json("get", "pods", "-l", obj["status"]["selector"], namespace=ns)["items"]
     assert len(pods) == 4 and all(condition(p, "Ready").get("status") == "True" for p in pods)
@@ -487,7 +477,7 @@ def test_every_example_reconciles_to_ready(kubectl, kubeconfig, install_crds, na
                 doc["spec"]["volumeName"] = pv_name
             docs.append(doc)
     nets = {d["metadata"]["name"]: d["spec"]["partitions"] for d in docs if d["kind"] == "NeuralNetwork"}
-    assert len(nets) == len(list(EXAMPLES.glob("*.yaml")))
+    assert len(nets) == len(list(EXAMPLES.glob("*.yaml"))) - 1  # and trainer-rbac.yaml
 
     with applied_chart(kubectl, {"watchNamespaces": [namespace]}, release, namespace) as objs:
         config = token_kubeconfig(kubectl, kubeconfig, *service_account_of(objs), tmp_path / "sa.kubeconfig")

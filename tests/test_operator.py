@@ -5,180 +5,18 @@ the test's namespace, and is always stopped at teardown."""
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
-from typing import Any, Iterator
 
 import pytest
-import yaml
 
-from partition_server.distributor import check_coverage, parse_neuron_ids
-from partition_server.lookup import LookupTable
-from tests.kube.kubectl import Kubectl
+from partition_server.distributor import check_coverage
+from tests.kube.operator import (  # noqa: F401 (crds, operator: fixtures)
+    CHILD_KINDS, NFS, ROOT, SELECTOR, Operator, assert_partitions_match, condition, crds, digits, events, lookup,
+    nn, operator, partitions, resource_versions, token_kubeconfig, wait_ready,
+)
 
 pytestmark = pytest.mark.k8s
-
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "examples" / "digits.yaml"
-NFS = {"nfs": {"server": "10.0.0.1", "path": "/exports/mpnn"}}
-CHILD_KINDS = ("partitions.mpnn.dev", "configmap", "service", "statefulset", "persistentvolumeclaim")
-SELECTOR = "app.kubernetes.io/managed-by=mpnn-operator,mpnn.dev/network=digits"
-
-
-class Operator:
-    """`python -m mpnn_operator.cli operator --namespace NS` as a child process."""
-
-    def __init__(self, kubeconfig: str, namespace: str, log_path: Path):
-        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    def start(self) -> "Operator":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
-        env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONPATH=path)
-        self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpnn_operator.cli", "operator", "--namespace", self.namespace,
-             "--liveness-port", str(self.port), "--log-level", "info"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"operator /healthz not up within 60s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self.proc = None
-
-    def tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-@pytest.fixture(scope="session")
-def crds(kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/neuralnetworks.mpnn.dev", "crd/partitions.mpnn.dev",
-            "--timeout=60s")
-    # Discovery of a new group can lag a moment behind Established.
-    deadline = time.monotonic() + 30
-    while kubectl("get", "nn", "-A", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "NeuralNetwork resource not discoverable"
-        time.sleep(0.5)
-
-
-@pytest.fixture
-def operator(crds, kubeconfig, kubectl_bin, namespace, tmp_path) -> Iterator[Operator]:
-    op = Operator(kubeconfig, namespace, tmp_path / "operator.log")
-    try:
-        yield op.start()
-        # While the operator still runs: its finalizer deletes the PersistentVolume.
-        if op.proc is not None:
-            Kubectl(kubectl_bin, kubeconfig)("delete", "neuralnetworks.mpnn.dev", "--all", "--timeout=60s",
-                                             namespace=namespace, check=False)
-    finally:
-        op.stop()
-        print(f"--- operator log ({op.log_path}) ---\n{op.tail(200)}")
-
-
-def digits(**spec: Any) -> dict:
-    doc = yaml.safe_load(DIGITS.read_text())
-    doc["spec"]["storage"] = copy.deepcopy(NFS)
-    doc["spec"].update(spec)
-    return doc
-
-
-def nn(kubectl, ns: str) -> dict:
-    return kubectl.json("get", "neuralnetwork", "digits", namespace=ns)
-
-
-def condition(obj: dict, type_: str) -> dict:
-    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
-
-
-def lookup(kubectl, ns: str) -> LookupTable:
-    cm = kubectl.json("get", "configmap", "digits-lookup", namespace=ns)
-    return LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
-
-
-def partitions(kubectl, ns: str) -> list[dict]:
-    items = kubectl.json("get", "partitions.mpnn.dev", "-l", SELECTOR, namespace=ns)["items"]
-    return sorted(items, key=lambda p: p["spec"]["index"])
-
-
-def converged(kubectl, ns: str, n: int) -> dict | None:
-    """The NeuralNetwork once it reports n ready partitions for its current generation."""
-    obj = nn(kubectl, ns)
-    st = obj.get("status") or {}
-    ok = (st.get("observedGeneration") == obj["metadata"]["generation"] and st.get("phase") == "Ready"
-          and st.get("partitions") == n and st.get("readyPartitions") == n
-          and condition(obj, "Ready").get("status") == "True")
-    return obj if ok else None
-
-
-def wait_ready(kubectl, ns: str, n: int, wait_for, op: Operator, timeout: float = 150) -> dict:
-    try:
-        return wait_for(lambda: converged(kubectl, ns, n), timeout=timeout,
-                        message=f"NeuralNetwork digits Ready with {n} partitions")
-    except Exception as exc:
-        raise AssertionError(f"{exc}\nstatus: {json.dumps(nn(kubectl, ns).get('status'), indent=1)}\n"
-                             f"operator log:\n{op.tail()}") from exc
-
-
-def resource_versions(kubectl, ns: str) -> dict[str, str]:
-    out = {}
-    for kind in CHILD_KINDS:
-        for obj in kubectl.json("get", kind, "-l", SELECTOR, namespace=ns)["items"]:
-            out[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["metadata"]["resourceVersion"]
-    for pv in kubectl.json("get", "pv", "-l", f"{SELECTOR},mpnn.dev/namespace={ns}")["items"]:
-        out[f"PersistentVolume/{pv['metadata']['name']}"] = pv["metadata"]["resourceVersion"]
-    return out
-
-
-def assert_partitions_match(kubectl, ns: str, table: LookupTable) -> None:
-    parts = partitions(kubectl, ns)
-    assert [p["spec"]["index"] for p in parts] == list(range(table.num_partitions))
-    for p in parts:
-        claimed = sorted(parse_neuron_ids(t, "ranges") for t in p["spec"]["ranges"])
-        owned = sorted((k, r.start, r.end) for k in range(table.num_layers)
-                       for r in table.ranges(k, p["spec"]["index"]))
-        assert claimed == owned, p["metadata"]["name"]
-
-
-def events(kubectl, ns: str) -> list[dict]:
-    return kubectl.json("get", "events", "--field-selector", "involvedObject.kind=NeuralNetwork",
-                        namespace=ns)["items"]
-
 
 def test_create_deploys_ready_partition_servers(kubectl, namespace, operator, wait_for):
     ns = namespace
@@ -219,8 +57,9 @@ def test_create_deploys_ready_partition_servers(kubectl, namespace, operator, wa
     assert [p["status"]["neurons"] for p in partitions(kubectl, ns)] == [51, 51, 50, 50]
 
     header, row = kubectl("get", "nn", namespace=ns).stdout.splitlines()
-    assert header.split() == ["NAME", "PARTITIONS", "READY", "STRATEGY", "PHASE", "AGE"]
+    assert header.split() == ["NAME", "PARTITIONS", "READY", "STRATEGY", "PHASE", "EPOCH", "ACCURACY", "AGE"]
     assert row.split()[:5] == ["digits", "4", "4", "balanced", "Ready"]
+    assert len(row.split()) == 6  # no training: EPOCH and ACCURACY are blank
     listed = kubectl("get", "mpnn", "-o", "name", namespace=ns).stdout.split()
     assert "neuralnetwork.mpnn.dev/digits" in listed and "partition.mpnn.dev/digits-3" in listed
     assert obj["status"]["placement"] == "strategy"
@@ -341,9 +180,11 @@ def test_invalid_spec_leaves_the_deployment_untouched(kubectl, namespace, operat
     ({"storage": {"nfs": NFS["nfs"], "existingClaim": "models"}},
      "spec.storage: set exactly one of nfs and existingClaim"),
     ({"partitions": 300}, "spec.partitions must be at most the number of neurons"),
+    ({"server": {"port": 8000, "httpPort": 8000}}, "spec.server.httpPort must differ from spec.server.port"),
     ({"model": {"inputs": 64, "layers": [{"units": 10, "activation": "softmax"}, {"units": 10}]}},
      "spec.model.layers: softmax is allowed on the last layer only"),
-], ids=["percentages-90", "counts-length", "counts-sum", "both-storages", "too-many-partitions", "softmax"])
+], ids=["percentages-90", "counts-length", "counts-sum", "both-storages", "too-many-partitions", "same-ports",
+        "softmax"])
 def test_invalid_resources_are_refused_by_the_api_server(kubectl, namespace, crds, spec, message):
     r = kubectl.apply(digits(**spec), namespace=namespace, check=False)
     assert r.returncode != 0
@@ -362,7 +203,8 @@ def test_delete_removes_every_child(kubectl, namespace, operator, wait_for):
     ns = namespace
     kubectl.apply(digits(), namespace=ns)
     wait_ready(kubectl, ns, 4, wait_for, operator)
-    assert len(resource_versions(kubectl, ns)) == 4 + 4 + 1  # Partitions; ConfigMap, Service, StatefulSet, PVC; PV
+    # Partitions; ConfigMap, the two Services, StatefulSet, PVC; PV
+    assert len(resource_versions(kubectl, ns)) == 4 + 5 + 1
     kubectl("delete", "nn", "digits", "--timeout=60s", namespace=ns)
 
     def gone():
@@ -389,7 +231,7 @@ def _documented_rules() -> list[dict]:
     return rules
 
 
-def test_documented_permissions_suffice(kubectl, kubectl_bin, namespace, crds, wait_for, tmp_path):
+def test_documented_permissions_suffice(kubectl, kubeconfig, namespace, crds, wait_for, tmp_path):
     ns, name = namespace, f"mpnn-operator-{namespace}"
     kubectl.apply([
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "mpnn-operator", "namespace": ns}},
@@ -400,19 +242,14 @@ def test_documented_permissions_suffice(kubectl, kubectl_bin, namespace, crds, w
          "subjects": [{"kind": "ServiceAccount", "name": "mpnn-operator", "namespace": ns}]},
     ])
     try:
-        token = kubectl("create", "token", "mpnn-operator", "--duration=1h", namespace=ns).stdout.strip()
-        admin = kubectl.json("config", "view", "--raw", "--minify")
-        config = {"apiVersion": "v1", "kind": "Config", "clusters": admin["clusters"],
-                  "users": [{"name": "operator", "user": {"token": token}}],
-                  "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"],
-                                                                "user": "operator"}}],
-                  "current-context": "operator"}
-        kubeconfig = tmp_path / "operator.kubeconfig"
-        kubeconfig.write_text(json.dumps(config))
-        op = Operator(str(kubeconfig), ns, tmp_path / "operator.log").start()
+        config = token_kubeconfig(kubectl, kubeconfig, ns, "mpnn-operator", tmp_path / "operator.kubeconfig")
+        op = Operator(str(config), ns, tmp_path / "operator.log").start()
         try:
-            kubectl.apply(digits(), namespace=ns)
+            # With training: the operator creates its Job and looks for the trainer's ServiceAccount.
+            kubectl.apply(digits(training={"runId": "perm-1"}), namespace=ns)
             wait_ready(kubectl, ns, 4, wait_for, op)
+            wait_for(lambda: kubectl.json("get", "jobs", "-l", SELECTOR, namespace=ns)["items"], timeout=60,
+                     message="the training Job")
             kubectl("scale", "nn/digits", "--replicas=5", namespace=ns)
             wait_ready(kubectl, ns, 5, wait_for, op)
             assert any(e["reason"] == "Scaled" for e in events(kubectl, ns)), op.tail()

@@ -25,7 +25,6 @@ import re
 import signal
 import socket
 import threading
-import time
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -16,13 +16,7 @@ running with exactly the permissions they grant.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +28,8 @@ import yaml
 from tests.kube.kubectl import Kubectl
 from tests.test_helm import CHART, EXAMPLES, INSTALL_YAML, example_documents, objects, render
 from tests.kube.operator import (
-    assert_partitions_match, condition, digits, lookup, partitions, resource_versions, token_kubeconfig, wait_ready,
+    Operator, assert_partitions_match, condition, digits, lookup, partitions, resource_versions, running_operator,
+    token_kubeconfig, wait_ready,
 )
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (a dev dependency) is not installed")
@@ -43,9 +38,6 @@ pytestmark = pytest.mark.k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_NS, SYSTEM_SA = "mpnn-system", "mpnn-operator"
-# How the API server words an RBAC denial; a denial for any other reason (say, a
-# namespace being deleted) is worded differently and is not a permission gap.
-RBAC_DENIAL = "cannot "
 CLUSTER_SCOPED_KINDS = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
                         "ValidatingAdmissionPolicyBinding")
 
@@ -55,77 +47,6 @@ CLUSTER_SCOPED_KINDS = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissio
 
 def as_list(objs: list[dict[str, Any]]) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": objs})
-
-
-class OperatorProcess:
-    """``mpnn operator`` (the console script of this environment) as a subprocess with
-    the given kubeconfig; cluster-wide without ``namespaces``."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path, namespaces: list[str] | None = None):
-        self.kubeconfig, self.log_path, self.namespaces = kubeconfig, log_path, namespaces or []
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "OperatorProcess":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        script = Path(sys.executable).parent / "mpnn"
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "mpnn_operator.cli"]
-        cmd += ["operator", "--liveness-port", str(port), "--log-level", "info"]
-        for ns in self.namespaces:
-            cmd += ["--namespace", ns]
-        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
-        env["KUBECONFIG"] = str(self.kubeconfig)
-        self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"operator /healthz not up within 60s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self.proc = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
-
-    def rbac_denials(self) -> list[str]:
-        return [line for line in self.log().splitlines() if "system:serviceaccount:" in line and RBAC_DENIAL in line]
-
-
-@contextmanager
-def running_operator(kubeconfig: Path, log_path: Path, namespaces: list[str] | None = None) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(kubeconfig, log_path, namespaces)
-    try:
-        yield op.start()
-    finally:
-        op.stop()
-        print(f"--- operator log ({log_path}) ---\n{op.tail(200)}")
 
 
 def delete_networks(kubectl, namespace: str, wait_for) -> None:
@@ -397,7 +318,7 @@ def test_namespaced_service_account_is_confined_to_its_namespaces(kubectl, insta
 # -- the operator under the chart's identity ----------------------------------------------------
 
 
-def create_scale_delete(kubectl, ns: str, op: OperatorProcess, wait_for) -> None:
+def create_scale_delete(kubectl, ns: str, op: Operator, wait_for) -> None:
     """The operator scenario: NFS-backed digits with training, 4 partitions Ready; scale to 6; delete."""
     kubectl.apply(digits(training={"runId": "install-1"}), namespace=ns)  # a training Job too
     obj = wait_ready(kubectl, ns, 4, wait_for, op)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from partition_server.distributor import Distribution, Range
+from partition_server.distributor import Distribution
 from partition_server.manifest import (
     DEFAULT_IMAGE,
     DEFAULT_PORT,

@@ -243,7 +243,7 @@ def test_documented_permissions_suffice(kubectl, kubeconfig, namespace, crds, wa
     ])
     try:
         config = token_kubeconfig(kubectl, kubeconfig, ns, "mpnn-operator", tmp_path / "operator.kubeconfig")
-        op = Operator(str(config), ns, tmp_path / "operator.log").start()
+        op = Operator(config, tmp_path / "operator.log", [ns]).start()
         try:
             # With training: the operator creates its Job and looks for the trainer's ServiceAccount.
             kubectl.apply(digits(training={"runId": "perm-1"}), namespace=ns)

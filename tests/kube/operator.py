@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,11 +34,17 @@ CHILD_KINDS = ("partitions.mpnn.dev", "configmap", "service", "statefulset", "pe
 SELECTOR = "app.kubernetes.io/managed-by=mpnn-operator,mpnn.dev/network=digits"
 
 
-class Operator:
-    """`python -m mpnn_operator.cli operator --namespace NS` as a child process."""
+# How the API server words an RBAC denial; a denial for any other reason (say, a
+# namespace being deleted) is worded differently and is not a permission gap.
+RBAC_DENIAL = "cannot "
 
-    def __init__(self, kubeconfig: str, namespace: str, log_path: Path):
-        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+
+class Operator:
+    """`python -m mpnn_operator.cli operator` as a child process with the given kubeconfig:
+    watching ``namespaces``, or cluster-wide without them."""
+
+    def __init__(self, kubeconfig: str | Path, log_path: Path, namespaces: list[str] | None = None):
+        self.kubeconfig, self.log_path, self.namespaces = str(kubeconfig), log_path, namespaces or []
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -46,12 +53,15 @@ class Operator:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
-        env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONPATH=path)
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+        env.update(KUBECONFIG=self.kubeconfig, PYTHONPATH=path)
+        cmd = [sys.executable, "-m", "mpnn_operator.cli", "operator", "--liveness-port", str(self.port),
+               "--log-level", "info"]
+        for ns in self.namespaces:
+            cmd += ["--namespace", ns]
         self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpnn_operator.cli", "operator", "--namespace", self.namespace,
-             "--liveness-port", str(self.port), "--log-level", "info"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -78,11 +88,27 @@ class Operator:
         self._log.close()
         self.proc = None
 
-    def tail(self, lines: int = 60) -> str:
+    def log(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+            return self.log_path.read_text()
         except OSError:
-            return "(no log)"
+            return ""
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
+
+    def rbac_denials(self) -> list[str]:
+        return [line for line in self.log().splitlines() if "system:serviceaccount:" in line and RBAC_DENIAL in line]
+
+
+@contextmanager
+def running_operator(kubeconfig: str | Path, log_path: Path, namespaces: list[str] | None = None) -> Iterator[Operator]:
+    op = Operator(kubeconfig, log_path, namespaces)
+    try:
+        yield op.start()
+    finally:
+        op.stop()
+        print(f"--- operator log ({log_path}) ---\n{op.tail(200)}")
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +125,7 @@ def crds(kubectl) -> None:
 
 @pytest.fixture
 def operator(crds, kubeconfig, kubectl_bin, namespace, tmp_path) -> Iterator[Operator]:
-    op = Operator(kubeconfig, namespace, tmp_path / "operator.log")
+    op = Operator(kubeconfig, tmp_path / "operator.log", [namespace])
     try:
         yield op.start()
         # While the operator still runs: its finalizer deletes the PersistentVolume.

@@ -42,12 +42,20 @@ from .lookup import LookupTable, loopback_addresses
 from .manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from .store import ModelStore
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class ServerCrashed(RuntimeError):
     """A partition server process exited while it was needed; the message names it."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop the servers and clean up as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -188,7 +196,8 @@ def _resolve_weights(net: NeuralNetwork, manifest_path: Path) -> NeuralNetwork:
 
 
 def main(args: Any) -> int:
-    """``mpnn run``. Returns an exit code: 0 ok, 1 failure or crashed server, 2 invalid input, 130 Ctrl-C."""
+    """``mpnn run``. Returns an exit code: 0 ok, 1 failure or crashed server, 2 invalid input,
+    130 Ctrl-C, 143 SIGTERM."""
     manifest_path = Path(args.manifest)
     net = _resolve_weights(load_manifest(manifest_path), manifest_path)
     if args.partitions is not None:
@@ -198,6 +207,14 @@ def main(args: Any) -> int:
             raise ManifestError("--epochs", args.epochs, "must be at least 1")
         net = replace(net, training=replace(net.training, epochs=args.epochs))
     predict_input = _load_predict_input(args, net)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args, net, predict_input)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: Any, net: NeuralNetwork, predict_input: np.ndarray | None) -> int:
     stack = ExitStack()
     with stack:
         if args.workdir:
@@ -213,6 +230,9 @@ def main(args: Any) -> int:
         except KeyboardInterrupt:
             print("mpnn run: interrupted; servers stopped", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except Terminated:
+            print("mpnn run: terminated; servers stopped", file=sys.stderr)
+            return EXIT_TERMINATED
         except ServerCrashed as exc:
             print(f"mpnn run: error: {exc}", file=sys.stderr)
             return EXIT_FAILURE

@@ -203,11 +203,12 @@ def test_killed_partition_server_fails_the_run_naming_it(tmp_path, reaper):
     assert_no_servers_left(workdir)
 
 
-def test_sigint_stops_the_run_with_130(tmp_path, reaper):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signals_stop_the_run_and_its_servers(tmp_path, reaper, sig, code, said):
     proc, workdir = _start_long_run(tmp_path, reaper)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert stdout == ""
-    assert stderr.strip().endswith("mpnn run: interrupted; servers stopped")
+    assert stderr.strip().endswith(f"mpnn run: {said}; servers stopped")
     assert_no_servers_left(workdir)

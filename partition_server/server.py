@@ -47,7 +47,7 @@ from .protos import mpnn_pb2 as pb
 from .protos import mpnn_pb2_grpc as pb_grpc
 from .reference import init_params
 from .rest import RestServer
-from .store import ModelStore, read_torch_rows
+from .store import ModelStore, StoreError, read_torch_rows
 from .wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.server")
@@ -284,7 +284,12 @@ class PartitionServer(pb_grpc.PartitionServicer):
         loaded = self._current(request.lookup_version, context)
         tensors, step = loaded.engine.state_snapshot()
         ranges = {k: loaded.engine.local_rows(k) for k in tensors}
-        info = self.store.write_shard(request.sequence, self.index, tensors, ranges)
+        try:
+            info = self.store.write_shard(request.sequence, self.index, tensors, ranges)
+        except StoreError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"partition {self.index}: {exc}")
+        except OSError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"partition {self.index}: writing the shard failed: {exc}")
         log.info("shard written", extra={"partition": self.index, "sequence": request.sequence})
         return pb.CheckpointReply(shard_json=json.dumps(info.to_dict()), optimizer_step=step)
 
@@ -374,12 +379,9 @@ def _rows(arr: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:
-    defaults = asdict(OptimizerConfig())
-    out = {"name": msg.name or defaults["name"]}
-    for field in ("learning_rate", "momentum", "beta1", "beta2", "eps", "weight_decay"):
-        value = getattr(msg, field)
-        out[field] = value if value or field in ("momentum", "weight_decay") else defaults[field]
-    return out
+    """Every field as sent: proto3 cannot tell an unset 0 from a real one (Adam's beta1 = 0 is
+    valid), so the driver always sends the whole config and a missing value fails validation."""
+    return {field: getattr(msg, field) for field in asdict(OptimizerConfig())}
 
 
 def partition_from_hostname(hostname: str | None = None) -> int:

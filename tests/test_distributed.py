@@ -135,6 +135,7 @@ def test_forward_gradients_and_one_sgd_step(case, tmp_path):
 OPTIMIZERS = {
     "sgd-momentum": OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9),
     "adam": OptimizerConfig("adam", learning_rate=0.01),
+    "adam-beta-zero": OptimizerConfig("adam", learning_rate=0.01, beta1=0.0, beta2=0.0),
 }
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .distributor import Range, check_coverage
@@ -188,14 +188,20 @@ def _save_atomically(tensors: dict[str, np.ndarray], target: Path, metadata: dic
     return digest, size
 
 
-def _write_text_atomically(target: Path, text: str) -> None:
+def _write_text_atomically(target: Path, text: str, exclusive: bool = False) -> None:
+    """Temp file, fsync, then ``os.replace`` — or, ``exclusive``, ``os.link``, which fails with
+    FileExistsError instead of replacing a file another writer put there first."""
     tmp = _temp_path(target)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target)
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -457,7 +463,7 @@ class Checkpoint:
                     tensor = f.get_slice(key)
                     for lo, hi, at in reads:
                         out[at:at + hi - lo] = tensor[lo:hi]
-            except OSError as e:
+            except (OSError, SafetensorError) as e:
                 raise StoreError(f"checkpoint step {self.step}: cannot read shard {path}: {e}") from e
         return out
 
@@ -761,10 +767,22 @@ class ModelStore:
         # Shards were renamed into place by other processes; make those entries
         # durable before the manifest that points at them.
         _fsync_dir(directory)
-        _write_text_atomically(directory / MANIFEST, text)
+        try:
+            _write_text_atomically(directory / MANIFEST, text, exclusive=True)
+        except FileExistsError:
+            raise StoreError(f"step {step} was committed by another writer at {directory}") from None
         _fsync_dir(self.checkpoints_dir)
         log.info("committed checkpoint step %d (%d shards) at %s", step, len(infos), directory)
         return checkpoint
+
+    def next_step(self) -> int:
+        """One past the highest step directory, committed or not: a step whose manifest is torn
+        is never reused (it counts as committed for :meth:`write_shard`), nor is a dead writer's."""
+        try:
+            names = os.listdir(self.checkpoints_dir)
+        except FileNotFoundError:
+            return 1
+        return max((int(n) for n in names if _STEP_DIR.match(n)), default=0) + 1
 
     def steps(self) -> list[int]:
         """Ascending steps that have a ``manifest.json`` (not parsed; see :meth:`latest`)."""
@@ -799,8 +817,12 @@ class ModelStore:
         if checkpoint.step != step:
             raise StoreError(f"{path}: records step {checkpoint.step} but lives in the directory of step {step}")
         for shard in checkpoint.shards:
-            if not (directory / shard.file).is_file():
-                raise StoreError(f"{path}: shard file {shard.file} does not exist")
+            try:
+                size = (directory / shard.file).stat().st_size
+            except FileNotFoundError:
+                raise StoreError(f"{path}: shard file {shard.file} does not exist") from None
+            if size != shard.size:
+                raise StoreError(f"{path}: shard file {shard.file} has {size} bytes, the manifest says {shard.size}")
         return checkpoint
 
     def latest(self) -> Checkpoint | None:

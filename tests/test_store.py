@@ -327,3 +327,52 @@ def test_prune_keeps_newest_and_latest(tmp_path):
     assert store.latest().step == 4
     with pytest.raises(StoreError, match="keep must be in 1"):
         store.prune(keep=0)
+
+
+def test_next_step_skips_torn_and_dead_step_directories(tmp_path):
+    store = ModelStore(tmp_path)
+    assert store.next_step() == 1
+    write_all(store, 1, full_model(1), FOUR)
+    write_all(store, 2, full_model(2), FOUR, commit=False)   # a writer died before the manifest
+    (tmp_path / "checkpoints/000000000003").mkdir()
+    (tmp_path / "checkpoints/000000000003/manifest.json").write_text("{")  # a torn manifest
+    assert store.latest().step == 1
+    assert store.next_step() == 4
+    model = full_model(4)
+    write_all(store, store.next_step(), model, TWO)
+    assert store.latest().step == 4
+    np.testing.assert_array_equal(store.latest().read_layer(0, "weight"), model[0]["weight"])
+
+
+def test_a_truncated_shard_makes_the_checkpoint_unloadable_and_the_previous_one_loads(tmp_path):
+    store = ModelStore(tmp_path)
+    older = full_model(1)
+    write_all(store, 1, older, FOUR)
+    write_all(store, 2, full_model(2), FOUR)
+    shard = tmp_path / "checkpoints/000000000002/shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(StoreError, match="shard-00001.safetensors has 40 bytes, the manifest says"):
+        store.get(2)
+    assert store.latest().step == 1
+    np.testing.assert_array_equal(store.latest().read_layer(0, "weight"), older[0]["weight"])
+
+
+def test_a_corrupt_shard_of_the_right_size_is_a_store_error_naming_the_file(tmp_path):
+    store = ModelStore(tmp_path)
+    ckpt, _ = write_all(store, 1, full_model(1), FOUR)
+    shard = tmp_path / "checkpoints/000000000001/shard-00002.safetensors"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    with pytest.raises(StoreError, match="cannot read shard .*shard-00002.safetensors"):
+        ckpt.read_layer(2, "weight")
+
+
+def test_a_second_committer_cannot_replace_a_manifest(tmp_path, monkeypatch):
+    store = ModelStore(tmp_path)
+    _, infos = write_all(store, 1, full_model(1), FOUR, commit=False)
+    first = store.commit(1, infos, NETWORK, {"writer": "a"})
+    # The other writer passed the "already committed?" check before the first one wrote.
+    monkeypatch.setattr("pathlib.Path.exists", lambda self: False)
+    with pytest.raises(StoreError, match="committed by another writer"):
+        store.commit(1, infos, NETWORK, {"writer": "b"})
+    monkeypatch.undo()
+    assert store.get(1).meta == first.meta == {"writer": "a"}

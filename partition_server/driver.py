@@ -47,6 +47,10 @@ class DriverError(RuntimeError):
         self.code = code
 
 
+class TrainingDiverged(DriverError):
+    """The loss became NaN or infinite; nothing of it was checkpointed."""
+
+
 @dataclass
 class Evaluation:
     """Held-out metrics: ``accuracy`` in [0, 1], mean cross-entropy ``loss`` (nats)."""
@@ -204,8 +208,7 @@ class Driver:
 
         A failure before the commit leaves the previous checkpoint as the latest.
         """
-        latest = store.latest()
-        sequence = latest.step + 1 if latest else 1
+        sequence = store.next_step()
         request = pb.CheckpointRequest(lookup_version=self.table.version, sequence=sequence)
         replies = self._all("Checkpoint", [request] * self.table.num_partitions)
         shards = [json.loads(r.shard_json) for r in replies]
@@ -255,12 +258,13 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
     n = len(data.x_train)
     per_epoch = math.ceil(n / training.batch_size)
     total = per_epoch * training.epochs
+    # Every attempt starts from committed state, even without a checkpoint: an earlier attempt
+    # that died before its first one may have left the servers partly (and unevenly) trained.
+    driver.reload()
     latest = store.latest()
     start = 0
-    if latest is not None:
-        driver.reload()
-        if latest.meta.get("run_id") == training.run_id:
-            start = min(int(latest.meta.get("run_step", 0)), total)
+    if latest is not None and latest.meta.get("run_id") == training.run_id:
+        start = min(int(latest.meta.get("run_step", 0)), total)
     resumed = start if start else None
     ckpt_step: int | None = latest.step if latest else None
     loss = float("nan")
@@ -275,6 +279,10 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
                 order = np.random.default_rng([training.seed, epoch]).permutation(n)
             idx = order[i * training.batch_size:(i + 1) * training.batch_size]
             _, loss, _ = driver.step(data.x_train[idx], data.y_train[idx], optimizer)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training diverged: loss is {loss} at step {step + 1} (epoch {epoch + 1}); "
+                                       f"the last committed checkpoint ({ckpt_step}) is intact — "
+                                       "lower spec.training.learningRate")
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
             done = step + 1

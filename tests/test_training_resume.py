@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from partition_server.datasets import load_digits_dataset
-from partition_server.driver import Driver, DriverError, train
+from partition_server.driver import Driver, DriverError, TrainingDiverged, optimizer_of, train
 from partition_server.local import LocalDeployment
 from partition_server.manifest import parse_neural_network, training_document
 from partition_server.store import ModelStore
@@ -112,3 +112,37 @@ def test_reporter_writes_status_training():
                                       "checkpoint": 5, "accuracy": 0.9}
     assert patches[2]["training"]["accuracy"] == 0.95 and patches[2]["training"]["completionTime"]
     assert patches[3]["training"]["message"] == "partition 1 unavailable"
+
+
+def test_a_retry_without_checkpoint_starts_from_the_initial_weights(tmp_path, data):
+    one_epoch = parse_neural_network({**MANIFEST, "spec": {**MANIFEST["spec"], "training": {
+        **MANIFEST["spec"]["training"], "epochs": 1, "checkpointEvery": 0}}})
+
+    def run(workdir, stray_steps):
+        with LocalDeployment(one_epoch, workdir) as dep, Driver(dep.table, timeout=30) as driver:
+            driver.wait_ready(60, alive=dep.check_alive)
+            for i in range(stray_steps):  # a dead attempt's progress, never checkpointed
+                driver.step(data.x_train[i * 64:(i + 1) * 64], data.y_train[i * 64:(i + 1) * 64],
+                            optimizer_of(one_epoch.training))
+            store = ModelStore(dep.model_dir)
+            train(driver, data, one_epoch.training, store, one_epoch.model, show_bar=False)
+            return _weights(store)
+
+    for got, want in zip(run(tmp_path / "retry", 3), run(tmp_path / "clean", 0)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data):
+    spec = MANIFEST["spec"]
+    wild = parse_neural_network({**MANIFEST, "spec": {
+        **spec, "model": {"inputs": 64, "layers": [{"units": 24, "activation": "identity"},
+                                                   {"units": 10, "activation": "softmax"}]},
+        "training": {**spec["training"], "learningRate": 1e5, "checkpointEvery": 1}}})
+    with LocalDeployment(wild, tmp_path) as dep, Driver(dep.table, timeout=30) as driver:
+        driver.wait_ready(60, alive=dep.check_alive)
+        store = ModelStore(dep.model_dir)
+        with pytest.raises(TrainingDiverged, match=r"training diverged: loss is (nan|inf) at step"):
+            train(driver, data, wild.training, store, wild.model, show_bar=False)
+        last = store.latest()
+        assert last is not None and all(np.isfinite(w).all() for w in _weights(store))
+        assert last.meta["run_step"] >= 1

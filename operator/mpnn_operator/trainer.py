@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from partition_server import logs
 from partition_server.datasets import load_dataset
-from partition_server.driver import Driver, DriverError, train
+from partition_server.driver import Driver, DriverError, TrainingDiverged, train
 from partition_server.lookup import LookupTable
 from partition_server.manifest import KIND, parse_network_document, parse_training
 from partition_server.store import ModelStore
@@ -124,4 +124,6 @@ def main(args: Any) -> int:
         log.error("training failed", extra={"run": training.run_id, "error": str(exc)})
         reporter.failed(str(exc))
         print(f"mpnn train: error: {exc}", file=sys.stderr)
-        return 1
+        # A diverged run diverges again from the same checkpoint: exit 2 fails the Job at once
+        # (its podFailurePolicy) instead of retrying.
+        return 2 if isinstance(exc, TrainingDiverged) else 1

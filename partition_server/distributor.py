@@ -12,6 +12,7 @@ same partition are merged. Every function here is deterministic.
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from dataclasses import dataclass, field
@@ -126,8 +127,8 @@ def percentages_to_counts(percentages: Sequence[float], total: int) -> list[int]
         DistributionError: a negative percentage, or a sum other than 100.
     """
     for i, p in enumerate(percentages):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or p < 0:
-            raise DistributionError(f"{_FIELD}.percentages[{i}]", p, "must be a non-negative number")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
+            raise DistributionError(f"{_FIELD}.percentages[{i}]", p, "must be a finite non-negative number")
     if abs(sum(percentages) - 100) > 1e-9:
         raise DistributionError(f"{_FIELD}.percentages", list(percentages),
                                 f"sum is {sum(percentages):g}, must be 100")

@@ -11,6 +11,7 @@ and the offending value.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -384,6 +385,8 @@ def _int(value: Any, path: str, minimum: int | None = None) -> int:
 def _float(value: Any, path: str, allow_zero: bool = False, maximum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ManifestError(path, value, "must be a number")
+    if not math.isfinite(value):
+        raise ManifestError(path, value, "must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ManifestError(path, value, "must be positive" if not allow_zero else "must not be negative")
     if maximum is not None and value >= maximum:

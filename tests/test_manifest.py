@@ -465,3 +465,18 @@ def test_network_document_wrong_api_version():
     with pytest.raises(ManifestError) as ei:
         parse_network_document({"apiVersion": "v1", "name": "x"})
     assert ei.value.field == "network.apiVersion"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mutate,field", [
+    (lambda d, v: d["spec"].update(training={"learningRate": v}), "spec.training.learningRate"),
+    (lambda d, v: d["spec"].update(training={"momentum": v}), "spec.training.momentum"),
+    (lambda d, v: d["spec"].update(partitions=2, distribution={"strategy": "percentage", "percentages": [v, 100]}),
+     "spec.distribution.percentages[0]"),
+], ids=["learningRate", "momentum", "percentages"])
+def test_non_finite_numbers_name_the_field(mutate, field, bad):
+    doc = manifest()
+    mutate(doc, bad)
+    with pytest.raises(ManifestError) as err:
+        parse_neural_network(doc)
+    assert err.value.field == field

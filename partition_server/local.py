@@ -248,6 +248,8 @@ def _load_predict_input(args: Any, net: NeuralNetwork) -> np.ndarray | None:
         return None
     if not args.output:
         raise ManifestError("--output", None, "--predict needs --output OUT.npy")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise ManifestError("--output", args.output, "its directory does not exist")
     try:
         x = np.load(args.predict, allow_pickle=False)
     except (OSError, ValueError) as exc:

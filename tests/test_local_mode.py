@@ -212,3 +212,26 @@ def test_signals_stop_the_run_and_its_servers(tmp_path, reaper, sig, code, said)
     assert stdout == ""
     assert stderr.strip().endswith(f"mpnn run: {said}; servers stopped")
     assert_no_servers_left(workdir)
+
+
+def test_output_in_a_missing_directory_is_refused_before_anything_runs(tmp_path):
+    path = manifest(tmp_path / "net.yaml")
+    np.save(tmp_path / "in.npy", np.zeros((4, 64), np.float32))
+    result = mpnn("run", str(path), "--workdir", str(tmp_path / "work"), "--predict", str(tmp_path / "in.npy"),
+                  "--output", str(tmp_path / "missing" / "out.npy"), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("mpnn run: error: --output: its directory does not exist")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["serve", "--port", "99999"], {}, "argument --port: port must be 0-65535, got 99999"),
+    (["serve"], {"MPNN_PORT": "abc"}, "argument --port: not a port number: 'abc'"),
+    (["serve", "--partition", "-1"], {}, "argument --partition: partition index must be >= 0, got -1"),
+], ids=["port-range", "port-env", "partition"])
+def test_bad_serve_settings_are_usage_errors(tmp_path, monkeypatch, args, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = mpnn(*args, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(message)

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Serve one partition over gRPC, and the whole network over the Open Inference "
                                    "Protocol v2 (gRPC on --port, REST on --http-port). Settings come from flags "
                                    "or MPNN_* variables.")
-    s.add_argument("--partition", type=int, default=_env_int("MPNN_PARTITION"),
+    s.add_argument("--partition", type=_index, default=os.environ.get("MPNN_PARTITION") or None,
                    help="partition index (env MPNN_PARTITION; default: the hostname's ordinal suffix)")
     s.add_argument("--lookup", default=os.environ.get("MPNN_LOOKUP", "/etc/mpnn/lookup.json"),
                    help="lookup.json path (env MPNN_LOOKUP; default: %(default)s)")
@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", default=os.environ.get("MPNN_MODEL_DIR", "/var/lib/mpnn/model"),
                    help="the network's directory on the shared volume (env MPNN_MODEL_DIR; default: %(default)s)")
     s.add_argument("--host", default=os.environ.get("MPNN_HOST", "0.0.0.0"), help="bind address (default: %(default)s)")
-    s.add_argument("--port", type=int, default=_env_int("MPNN_PORT", 50051), help="gRPC port (default: %(default)s)")
-    s.add_argument("--http-port", type=int, default=_env_int("MPNN_HTTP_PORT", 8000),
+    s.add_argument("--port", type=_port, default=os.environ.get("MPNN_PORT", "50051"), help="gRPC port (default: %(default)s)")
+    s.add_argument("--http-port", type=_port, default=os.environ.get("MPNN_HTTP_PORT", "8000"),
                    help="Open Inference Protocol v2 REST port; 0 disables REST "
                         "(env MPNN_HTTP_PORT; default: %(default)s)")
     s.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--namespace", action="append", dest="namespaces",
                    help="watch this namespace (repeatable); default: all namespaces")
     o.add_argument("--cluster-domain", default=os.environ.get("MPNN_CLUSTER_DOMAIN", "cluster.local"))
-    o.add_argument("--liveness-port", type=int, default=_env_int("MPNN_LIVENESS_PORT", 8080),
+    o.add_argument("--liveness-port", type=_port, default=os.environ.get("MPNN_LIVENESS_PORT", "8080"),
                    help="serve /healthz on this port (default: %(default)s)")
     o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     o.set_defaults(target="mpnn_operator.main:main")
@@ -94,9 +94,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _env_int(name: str, default: int | None = None) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 (the OS picks) to 65535. String defaults (from MPNN_* variables)
+    pass through it too, so a bad variable is a usage error naming the option, not a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
+    return value
+
+
+def _index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a partition index: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"partition index must be >= 0, got {value}")
+    return value
 
 
 def distribute(args: argparse.Namespace) -> int:
@@ -124,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except FieldError as exc:
         print(f"mpnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (ValueError, OSError) as exc:  # unreadable data, a full disk, a checkpoint that fails its checks
+        print(f"mpnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

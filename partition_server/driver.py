@@ -35,6 +35,8 @@ from .wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.driver")
 
+KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are pruned
+
 
 class DriverError(RuntimeError):
     """A partition failed a call; the message names the partition, its address and the status.
@@ -290,6 +292,7 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
                 meta = {"run_id": training.run_id, "run_step": done, "epoch": done / per_epoch,
                         "loss": loss, "optimizer": asdict(optimizer)}
                 ckpt_step = driver.checkpoint(store, model, meta).step
+                store.prune(keep=KEEP_CHECKPOINTS)
                 if progress:
                     progress({"run": training.run_id, "epoch": done // per_epoch, "step": done,
                               "loss": loss, "checkpoint": ckpt_step})

@@ -197,6 +197,11 @@ def test_storage_rules(nn):
     messages = [r["message"] for r in storage["x-kubernetes-validations"]]
     assert "spec.storage: set exactly one of nfs and existingClaim" in messages
     assert any(r["rule"] == "self == oldSelf" for r in storage["x-kubernetes-validations"])
+    # That rule runs only when spec.storage exists before and after: adding or removing it is
+    # a transition of spec.
+    (whole,) = [r for r in _spec(nn)["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
+    assert whole["rule"] == "has(self.storage) == has(oldSelf.storage)" and whole["fieldPath"] == ".storage"
+    assert whole["message"].startswith("spec.storage is immutable")
 
 
 def test_lists_and_strings_are_bounded_for_the_cel_cost_estimator(nn):

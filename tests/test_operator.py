@@ -197,6 +197,21 @@ def test_storage_cannot_change_in_place(kubectl, namespace, crds):
     r = kubectl.apply(digits(storage={"nfs": {"server": "10.0.0.2", "path": "/exports/mpnn"}}),
                       namespace=namespace, check=False)
     assert r.returncode != 0 and "spec.storage is immutable" in r.stderr, r.stderr
+    # Nor removed: the servers would move onto emptyDirs and the volume would be pruned.
+    r = kubectl("patch", "nn", "digits", "--type=json", "-p", '[{"op": "remove", "path": "/spec/storage"}]',
+                namespace=namespace, check=False)
+    assert r.returncode != 0 and "spec.storage is immutable: it cannot be added or removed" in r.stderr, r.stderr
+    assert nn(kubectl, namespace)["spec"]["storage"]["nfs"] == NFS["nfs"]
+
+
+def test_storage_cannot_be_added(kubectl, namespace, crds):
+    plain = digits()
+    del plain["spec"]["storage"]
+    kubectl.apply(plain, namespace=namespace)
+    r = kubectl("patch", "nn", "digits", "--type=merge", "-p", json.dumps({"spec": {"storage": NFS}}),
+                namespace=namespace, check=False)
+    assert r.returncode != 0 and "spec.storage is immutable: it cannot be added or removed" in r.stderr, r.stderr
+    assert "storage" not in nn(kubectl, namespace)["spec"]
 
 
 def test_delete_removes_every_child(kubectl, namespace, operator, wait_for):

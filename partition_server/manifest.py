@@ -34,6 +34,9 @@ DEFAULT_IMAGE = "ghcr.io/mpnn/mpnn:0.1.0"
 # StatefulSet pods are named <name>-<ordinal> and carry a controller-revision-hash
 # label built from the name, which caps StatefulSet names at 52 characters.
 _NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
+# Network N's Open Inference Service is N-inference, the name network N-inference gives its
+# headless Service: such a name is refused rather than fought over.
+RESERVED_NAME_SUFFIX = "-inference"
 _NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # A DNS-1123 subdomain, as Kubernetes requires of ServiceAccount names.
 _SUBDOMAIN_RE = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -181,6 +184,10 @@ def parse_neural_network(obj: Mapping[str, Any]) -> NeuralNetwork:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ManifestError("metadata.name", name,
                             "must be a DNS-1035 label of at most 52 characters (lowercase letters, digits, '-')")
+    if name.endswith(RESERVED_NAME_SUFFIX):
+        raise ManifestError("metadata.name", name,
+                            f"must not end in '{RESERVED_NAME_SUFFIX}': the inference Service of network "
+                            f"{name[:-len(RESERVED_NAME_SUFFIX)]} has the name of this network's headless Service")
     namespace = meta.get("namespace") or "default"
     if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ManifestError("metadata.namespace", namespace, "must be a DNS-1123 label (lowercase letters, digits, '-')")

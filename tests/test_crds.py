@@ -228,7 +228,11 @@ def test_partition_range_pattern_accepts_what_the_operator_writes(nnp):
 
 
 def test_name_rule_matches_the_manifest(nn):
-    rule = nn["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"][0]["rule"]
-    regex = re.search(r"matches\('(.*)'\)", rule).group(1)
+    rules = nn["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    regex = re.search(r"matches\('(.*)'\)", rules[0]["rule"]).group(1)
     for name in ("digits", "a", "a" * 52, "a" * 53, "1abc", "abc-", "Abc"):
         assert bool(re.fullmatch(regex.strip("^$"), name)) == bool(manifest._NAME_RE.fullmatch(name)), name
+    # Network N's inference Service would be the headless Service of a network N-inference.
+    suffix = re.fullmatch(r"!self\.metadata\.name\.endsWith\('(.*)'\)", rules[1]["rule"]).group(1)
+    assert suffix == manifest.RESERVED_NAME_SUFFIX == "-inference"
+    assert "metadata.name must not end in '-inference'" in rules[1]["message"]

@@ -294,7 +294,15 @@ def test_bad_metadata_name(name):
     assert err.field == "metadata.name" and err.value == name
 
 
-@pytest.mark.parametrize("name", ["a", "net", "my-net-2", "a" * 52])
+def test_a_name_ending_in_inference_is_refused():
+    doc = manifest()
+    doc["metadata"]["name"] = "u-inference"
+    err = error_of(doc)
+    assert err.field == "metadata.name" and err.value == "u-inference"
+    assert "must not end in '-inference'" in err.message and "network u" in err.message
+
+
+@pytest.mark.parametrize("name", ["a", "net", "my-net-2", "a" * 52, "inference", "u-inferences"])
 def test_good_metadata_name(name):
     doc = manifest()
     doc["metadata"]["name"] = name

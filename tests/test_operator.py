@@ -192,6 +192,13 @@ def test_invalid_resources_are_refused_by_the_api_server(kubectl, namespace, crd
     assert kubectl("get", "nn", "digits", namespace=namespace, check=False).returncode != 0
 
 
+def test_a_name_ending_in_inference_is_refused(kubectl, namespace, crds):
+    doc = digits()
+    doc["metadata"]["name"] = "digits-inference"  # would hold the Service name of network digits' inference
+    r = kubectl.apply(doc, namespace=namespace, check=False)
+    assert r.returncode != 0 and "metadata.name must not end in '-inference'" in r.stderr, r.stderr
+
+
 def test_storage_cannot_change_in_place(kubectl, namespace, crds):
     kubectl.apply(digits(), namespace=namespace)
     r = kubectl.apply(digits(storage={"nfs": {"server": "10.0.0.2", "path": "/exports/mpnn"}}),

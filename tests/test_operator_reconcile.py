@@ -8,11 +8,12 @@ import copy
 import json
 from pathlib import Path
 
+import kopf
 import pytest
 import yaml
 
-from mpnn_operator import naming
-from mpnn_operator.reconcile import Reconciler
+from mpnn_operator import handlers, naming
+from mpnn_operator.reconcile import Reconciler, RetryLater
 from partition_server.lookup import LookupTable
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
@@ -35,7 +36,7 @@ class FakeKube:
         return copy.deepcopy(obj) if obj else None
 
     def list(self, api_version, kind, namespace, label_selector):
-        want = dict(term.split("=", 1) for term in label_selector.split(","))
+        want = dict(term.split("=", 1) for term in label_selector.split(",") if term)
         return [copy.deepcopy(o) for (k, ns, _), o in sorted(self.objects.items())
                 if k == kind and (namespace is None or ns == namespace)
                 and all(o["metadata"].get("labels", {}).get(a) == b for a, b in want.items())]
@@ -122,7 +123,7 @@ def events():
 def reconciler(kube, events):
     def adopt(child, owner):
         child["metadata"]["ownerReferences"] = [{"kind": "NeuralNetwork", "name": owner["metadata"]["name"],
-                                                 "uid": owner["metadata"]["uid"]}]
+                                                 "uid": owner["metadata"]["uid"], "controller": True}]
     return Reconciler(kube, "cluster.local", emit=lambda o, t, r, m: events.append((t, r, m)), adopt=adopt)
 
 
@@ -247,6 +248,71 @@ def test_a_deleted_partition_is_restored_from_the_strategy(kube, reconciler):
     reconciler.partition_changed(gone, deleted=True)
     assert kube.get("", "Partition", "digits-2", "ns")["spec"]["ranges"] == gone["spec"]["ranges"]
     assert kube.lookup() == before
+
+
+def _children(kube):
+    return copy.deepcopy({k: v for k, v in kube.objects.items() if k[0] != "NeuralNetwork"})
+
+
+def test_a_foreign_object_with_a_childs_name_is_left_alone(kube, reconciler, events):
+    mine = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"mine": "yes"},
+            "metadata": {"name": "digits-lookup", "namespace": "ns", "labels": {"team": "a"}}}
+    kube.apply(mine)
+    kube.create_network(_digits())
+    before = _children(kube)
+    with pytest.raises(RetryLater):
+        reconciler.reconcile("ns", "digits")
+    assert _children(kube) == before  # nothing applied, the ConfigMap above all
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "NameConflict"
+    assert "ConfigMap digits-lookup has no controlling owner" in degraded["message"]
+    assert events == [("Warning", "NameConflict", degraded["message"])]
+    with pytest.raises(RetryLater):
+        reconciler.reconcile("ns", "digits")
+    assert len(events) == 1  # warned once
+    kube.delete("v1", "ConfigMap", "digits-lookup", "ns")
+    reconciler.reconcile("ns", "digits")
+    assert _condition(kube, "Degraded")["status"] == "False" and kube.lookup().num_partitions == 4
+
+
+def test_a_running_network_keeps_its_children_when_a_name_is_taken_by_another_owner(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    # Someone else's Service takes the inference Service's name (e.g. a network digits-inference
+    # made before names ending in -inference were refused), and a Partition to come is taken too.
+    kube.objects[("Service", "ns", "digits-inference")]["metadata"]["ownerReferences"] = [
+        {"kind": "NeuralNetwork", "name": "digits-inference", "uid": "uid-2", "controller": True}]
+    kube.apply({"apiVersion": naming.API_VERSION, "kind": "Partition",
+                "metadata": {"name": "digits-5", "namespace": "ns"}, "spec": {"network": "digits", "index": 5}})
+    kube.edit("NeuralNetwork", "digits", partitions=6)
+    before = _children(kube)
+    with pytest.raises(RetryLater):
+        reconciler.reconcile("ns", "digits")
+    assert _children(kube) == before
+    message = _condition(kube, "Degraded")["message"]
+    assert "Service digits-inference is controlled by NeuralNetwork digits-inference (uid uid-2)" in message
+    assert "Partition digits-5 has no controlling owner" in message
+    assert _status(kube)["partitions"] == 4
+
+
+def test_a_retry_later_becomes_a_growing_kopf_retry():
+    class Memo:
+        class reconciler:
+            @staticmethod
+            def reconcile(namespace, name):
+                raise RetryLater("a name is taken")
+
+            @staticmethod
+            def partition_changed(partition, deleted=False):
+                raise RetryLater("a name is taken")
+
+    delays = []
+    for retry in range(7):
+        with pytest.raises(kopf.TemporaryError) as info:
+            handlers.reconcile_network(name="digits", namespace="ns", memo=Memo, retry=retry)
+        delays.append(info.value.delay)
+    assert delays == [10, 20, 40, 80, 160, 300, 300]
+    handlers.partition_event(event={"type": "MODIFIED"}, body={"metadata": {}}, memo=Memo)  # not raised: logged
 
 
 def test_removing_storage_prunes_volume_and_claim(kube, reconciler):

@@ -7,11 +7,15 @@ reconciler travels in kopf's ``memo`` as ``memo.reconciler``.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import kopf
 
 from . import naming
+from .reconcile import RetryLater
+
+log = logging.getLogger(__name__)
 
 registry = kopf.OperatorRegistry()
 
@@ -20,8 +24,31 @@ OURS = {naming.MANAGED_BY: naming.FIELD_MANAGER}
 # Catches children changed or deleted behind the operator's back (it watches
 # only NeuralNetworks, Partitions, StatefulSets and Jobs).
 RESYNC_SECONDS = 300
-# Retry delay after a failed reconcile (an API error; the Degraded condition says which).
+# First retry delay after a failed reconcile (the Degraded condition says why); it doubles with
+# every further failure, up to RESYNC_SECONDS.
 RETRY_SECONDS = 10
+
+
+def retry_delay(retry: int) -> float:
+    """Seconds before retry number ``retry`` (0-based) of a failed reconcile: 10, 20, 40, ... 300."""
+    return float(min(RETRY_SECONDS * 2 ** min(retry, 16), RESYNC_SECONDS))
+
+
+def run(call: Callable[[], None], retry: int) -> None:
+    """Run a reconcile for a kopf handler, turning its failures into kopf's retry decisions."""
+    try:
+        call()
+    except RetryLater as exc:
+        raise kopf.TemporaryError(str(exc), delay=retry_delay(retry)) from exc
+
+
+def run_for_event(call: Callable[[], None]) -> None:
+    """Run a reconcile for a watch event, which kopf never retries: what failed is in the
+    NeuralNetwork's status, and the create/update/timer handlers retry it."""
+    try:
+        call()
+    except RetryLater as exc:
+        log.info("reconcile deferred: %s", exc)
 
 
 @kopf.on.login(registry=registry)
@@ -34,13 +61,13 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.resume(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
 @kopf.on.create(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
 @kopf.on.update(**NETWORKS, backoff=RETRY_SECONDS, registry=registry)
-def reconcile_network(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.reconcile(namespace, name)
+def reconcile_network(name: str, namespace: str, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
+    run(lambda: memo.reconciler.reconcile(namespace, name), retry)
 
 
 @kopf.timer(**NETWORKS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, registry=registry)
-def resync_network(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.reconcile(namespace, name)
+def resync_network(name: str, namespace: str, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
+    run(lambda: memo.reconciler.reconcile(namespace, name), retry)
 
 
 @kopf.on.delete(**NETWORKS, registry=registry)
@@ -50,7 +77,7 @@ def delete_network(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PARTITIONS, labels=OURS, registry=registry)
 def partition_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.partition_changed(dict(body), deleted=event.get("type") == "DELETED")
+    run_for_event(lambda: memo.reconciler.partition_changed(dict(body), deleted=event.get("type") == "DELETED"))
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels=OURS, registry=registry)
@@ -59,7 +86,7 @@ def statefulset_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
     if not network:
         return
     if event.get("type") == "DELETED":  # recreate it, unless its network is going away too
-        memo.reconciler.reconcile(body.metadata.namespace, network)
+        run_for_event(lambda: memo.reconciler.reconcile(body.metadata.namespace, network))
     else:
         memo.reconciler.refresh_status(body.metadata.namespace, network)
 

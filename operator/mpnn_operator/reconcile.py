@@ -35,6 +35,33 @@ Emit = Callable[[Mapping[str, Any], str, str, str], None]
 Adopt = Callable[[dict[str, Any], Mapping[str, Any]], None]
 
 
+class RetryLater(Exception):
+    """Raised after the status recorded a problem that may clear without any change to the
+    NeuralNetwork (a name held by an object being garbage-collected, ...): reconcile again soon."""
+
+
+class _Refused(Exception):
+    """Nothing was written: ``finding`` says why."""
+
+    def __init__(self, finding: Finding, retry: bool = False):
+        super().__init__(finding.message)
+        self.finding, self.retry = finding, retry
+
+
+def controlled_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
+    """Whether ``obj`` has a controlling ownerReference to the object with ``uid``."""
+    refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("controller") and ref.get("uid") == uid for ref in refs)
+
+
+def _held_by(obj: Mapping[str, Any]) -> str:
+    """Who controls ``obj``, for a NameConflict message."""
+    ref = next((r for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+    if ref is None:
+        return "has no controlling owner"
+    return f"is controlled by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+
+
 def manifest_view(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a NeuralNetwork object that :func:`parse_neural_network` reads."""
     meta = body.get("metadata") or {}
@@ -88,7 +115,7 @@ class Reconciler:
             if body is None:
                 return
             status = body.get("status") or {}
-            sts = self.kube.get("apps/v1", "StatefulSet", name, namespace)
+            sts = self._statefulset(body)
             new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=None,
                                  generation=status.get("observedGeneration"))
             self._write_status(body, new)
@@ -162,6 +189,11 @@ class Reconciler:
         placement = plan(net, partitions, status.get("distributionHash"))
         try:
             table = self._apply_children(body, net, placement, partitions)
+        except _Refused as refused:  # nothing was written; the running deployment is left as it is
+            self._finish(body, refused.finding, {})
+            if refused.retry:
+                raise RetryLater(refused.finding.message) from None
+            return
         except DynamicApiError as exc:  # recorded, then re-raised for the caller's retry
             self._finish(body, Finding(True, "ApplyFailed", f"applying the children failed: {exc.summary()}"), {})
             raise
@@ -188,8 +220,15 @@ class Reconciler:
 
     def _apply_children(self, owner: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
                         partitions: list[dict[str, Any]]) -> LookupTable | None:
-        """Apply what the placement allows; returns the lookup table in force afterwards."""
+        """Apply what the placement allows; returns the lookup table in force afterwards.
+
+        Raises:
+            _Refused: before any write, when a child's name is held by an object this
+                NeuralNetwork does not control.
+        """
         pv, pvc = builders.persistent_volume(net), builders.volume_claim(net)
+        wanted = builders.partitions(net, placement.assignment) if placement.redistribute else []
+        self._check_names(owner, net, [pvc] if pvc is not None else [], wanted)
         if pv is not None:
             self.kube.apply(pv)
             self.kube.apply(self._owned(pvc, owner))
@@ -198,7 +237,6 @@ class Reconciler:
         self.kube.apply(self._owned(builders.headless_service(net), owner))
         self.kube.apply(self._owned(builders.inference_service(net), owner))
         if placement.redistribute:
-            wanted = builders.partitions(net, placement.assignment)
             for obj in wanted:
                 self.kube.apply(self._owned(obj, owner))
             keep = {o["metadata"]["name"] for o in wanted}
@@ -214,6 +252,33 @@ class Reconciler:
         self.kube.apply(self._owned(builders.statefulset(net), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table
+
+    def _check_names(self, owner: Mapping[str, Any], net: NeuralNetwork, claims: list[dict[str, Any]],
+                     partitions: list[dict[str, Any]]) -> None:
+        """Refuse to apply anything while a namespaced child's name is taken by an object this
+        NeuralNetwork does not control (someone's own ConfigMap ``<name>-lookup``, another
+        network's Service, ...): server-side apply with force would take it over.
+
+        Raises:
+            _Refused: ``NameConflict``, naming each object and who controls it; retried, since
+                an object of a deleted NeuralNetwork of the same name goes with the garbage collector.
+        """
+        ns, uid = net.namespace, owner["metadata"]["uid"]
+        singles = [("v1", "Service", net.name), ("v1", "Service", naming.inference_service_name(net.name)),
+                   ("v1", "ConfigMap", naming.lookup_name(net.name)), ("apps/v1", "StatefulSet", net.name),
+                   *(("v1", "PersistentVolumeClaim", c["metadata"]["name"]) for c in claims)]
+        existing = [(kind, self.kube.get(api, kind, name, ns)) for api, kind, name in singles]
+        if partitions:  # one list rather than a get per Partition
+            names = {p["metadata"]["name"] for p in partitions}
+            existing += [(PARTITION_KIND, p) for p in self.kube.list(naming.API_VERSION, PARTITION_KIND, ns, "")
+                         if p["metadata"]["name"] in names]
+        taken = [f"{kind} {obj['metadata']['name']} {_held_by(obj)}" for kind, obj in existing
+                 if obj is not None and not controlled_by(obj, uid)]
+        if taken:
+            raise _Refused(Finding(True, "NameConflict", (
+                f"objects with the names of this network's children exist and are not controlled by it: "
+                f"{'; '.join(taken)}. Nothing was applied (the running deployment is left unchanged); delete "
+                "or rename them, and the operator retries")), retry=True)
 
     def _prune_storage(self, net: NeuralNetwork) -> None:
         """Without ``spec.storage.nfs`` no claim or volume of ours may remain (storage removed)."""
@@ -282,12 +347,18 @@ class Reconciler:
         previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
         if finding.degraded and (previous is None or previous.get("message") != finding.message):
             self.emit(body, "Warning", finding.reason, finding.message)
-        sts = self.kube.get("apps/v1", "StatefulSet", meta["name"], meta["namespace"])
+        sts = self._statefulset(body)
         desired = extra.get("partitions", status.get("partitions"))
         new = {"observedGeneration": meta["generation"], **extra,
                **network_status(status, statefulset=sts, desired=desired, finding=finding,
                                 generation=meta["generation"])}
         self._write_status(body, new)
+
+    def _statefulset(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The network's StatefulSet, if it is this NeuralNetwork's (not one of the same name)."""
+        meta = body["metadata"]
+        sts = self.kube.get("apps/v1", "StatefulSet", meta["name"], meta["namespace"])
+        return sts if controlled_by(sts, meta["uid"]) else None
 
     def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         status = body.get("status") or {}

@@ -82,14 +82,15 @@ Each rule is justified in docs/install.md ("Permissions").
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
-# The headless and the inference Service: applied only (deleted by garbage collection).
+# The headless and the inference Service: read (never take over one the network does
+# not control), applied (deleted by garbage collection).
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, patch]
-# The model claim: applied, pruned when spec.storage.nfs goes away.
+  verbs: [get, create, patch]
+# The model claim: read (whose is it?), applied, pruned when spec.storage.nfs goes away.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [list, create, patch, delete]
+  verbs: [get, list, create, patch, delete]
 # The partition servers: applied, watched for readiness.
 - apiGroups: [apps]
   resources: [statefulsets]

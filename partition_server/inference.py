@@ -26,13 +26,22 @@ partitions do not agree on the lookup table, a partition cannot be reached, or
 too many requests are in flight; DEADLINE_EXCEEDED / 504 when the pass outlives
 the deadline.
 
+Load: a pass holds a thread of every partition's gRPC pool for its ``Step``, so an entry
+point runs at most ``step_limit // P`` passes at once (``step_limit``: the inference Steps a
+partition runs at once, see ``server.step_slots``; at least 1, at most ``max_inflight``), and
+further requests wait for a slot within their deadline. A partition refuses a Step beyond its
+limit with RESOURCE_EXHAUSTED (possible when other clients also send passes); the entry point
+retries such a pass a few times with a growing pause, then answers UNAVAILABLE / 503.
+
 Spec: https://github.com/kserve/kserve/blob/master/docs/predict-api/v2/required_api.md
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, Callable, Sequence
@@ -64,6 +73,7 @@ _DRIVER_CODES = {grpc.StatusCode.FAILED_PRECONDITION: grpc.StatusCode.UNAVAILABL
                  grpc.StatusCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
                  grpc.StatusCode.ABORTED: grpc.StatusCode.UNAVAILABLE,               # an Exchange failed
                  grpc.StatusCode.CANCELLED: grpc.StatusCode.UNAVAILABLE,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED: grpc.StatusCode.UNAVAILABLE,     # a partition is busy
                  grpc.StatusCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
                  grpc.StatusCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -118,7 +128,16 @@ class ModelInference:
         max_inflight: passes this entry point runs at once; more wait for a slot until their deadline.
             Each pass holds a thread of every partition's gRPC pool, so this keeps those pools
             from filling with passes that wait on each other.
+
+    Attributes:
+        step_limit: inference Steps each partition runs at once (set by the partition server from
+            its pool size), or None; with P partitions, this entry point runs at most
+            ``max(1, min(max_inflight, step_limit // P))`` passes at once, so that P entry points
+            together stay within every partition's limit.
     """
+
+    BUSY_RETRIES = 6       # passes refused by a busy partition are tried again this often
+    BUSY_PAUSE = 0.05      # seconds before the first retry; doubles up to 1 s, with jitter
 
     def __init__(self, name: str, model: ModelSpec, table: Callable[[], LookupTable | None],
                  timeout: float = 60.0, ready_timeout: float = 1.0, max_inflight: int = 4):
@@ -127,7 +146,9 @@ class ModelInference:
         self._table = table
         self.timeout = timeout
         self.ready_timeout = ready_timeout
-        self._slots = threading.BoundedSemaphore(max_inflight)
+        self.max_inflight = max_inflight
+        self.step_limit: int | None = None
+        self._slots = _Slots()
         self._drivers: dict[str, Driver] = {}
         self._lock = threading.Lock()
 
@@ -226,19 +247,34 @@ class ModelInference:
                 the failing partition's message.
         """
         timeout = min(timeout, self.timeout) if timeout else self.timeout
+        deadline = time.monotonic() + timeout
         table = self._table()
         if table is None:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.name!r} is not loaded yet")
-        if not self._slots.acquire(timeout=timeout):
+        if not self._slots.acquire(self.inflight_limit(table), timeout):
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                  f"model {self.name!r}: no free slot for a forward pass within {timeout:g} s")
         try:
-            return self._driver(table).predict(x, timeout=timeout)
-        except DriverError as exc:
-            code = _DRIVER_CODES.get(exc.code, grpc.StatusCode.INTERNAL)
-            raise InferenceError(code, f"model {self.name!r}: forward pass failed: {exc}") from exc
+            busy = 0
+            while True:
+                try:
+                    return self._driver(table).predict(x, timeout=max(0.001, deadline - time.monotonic()))
+                except DriverError as exc:
+                    pause = min(1.0, self.BUSY_PAUSE * 2 ** busy) * random.uniform(0.5, 1.5)
+                    if (exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or busy >= self.BUSY_RETRIES
+                            or time.monotonic() + pause >= deadline):
+                        code = _DRIVER_CODES.get(exc.code, grpc.StatusCode.INTERNAL)
+                        raise InferenceError(code, f"model {self.name!r}: forward pass failed: {exc}") from exc
+                    busy += 1
+                    time.sleep(pause)
         finally:
             self._slots.release()
+
+    def inflight_limit(self, table: LookupTable) -> int:
+        """Passes this entry point runs at once under ``table`` (see :attr:`step_limit`)."""
+        if self.step_limit is None:
+            return self.max_inflight
+        return max(1, min(self.max_inflight, self.step_limit // table.num_partitions))
 
     def _driver(self, table: LookupTable) -> Driver:
         """The driver for ``table``'s version; drivers of versions before the previous one are closed."""
@@ -256,6 +292,30 @@ class ModelInference:
             for driver in self._drivers.values():
                 driver.close()
             self._drivers.clear()
+
+
+class _Slots:
+    """A counting semaphore whose limit is given at each acquire (it follows the lookup table)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = 0
+
+    def acquire(self, limit: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy >= limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            self._busy += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify()
 
 
 class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):

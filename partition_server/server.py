@@ -14,7 +14,19 @@ second port: see ``inference.py`` and ``rest.py``.
 
 Status codes: INVALID_ARGUMENT for a wrong shape or dtype, FAILED_PRECONDITION
 for a lookup-version mismatch, DEADLINE_EXCEEDED when a peer's message does not
-arrive before the call's deadline, UNAVAILABLE while no model is loaded.
+arrive before the call's deadline, UNAVAILABLE while no model is loaded,
+RESOURCE_EXHAUSTED for an inference ``Step`` beyond :func:`step_slots` (retry),
+CANCELLED for a ``Step`` whose caller has already gone.
+
+Threads: every RPC runs on one pool of ``workers`` threads, and a ``Step`` holds its
+thread for the whole pass, waiting for the ``Exchange`` calls of its peers, which need
+threads of the same pool. So inference Steps are bounded below the pool size
+(:func:`step_slots`); one beyond the bound is refused at once instead of waiting, and
+the threads left always serve ``Exchange`` (and Status, health, Checkpoint and the
+inference API's own calls). Training Steps are not counted: an engine runs one at a
+time, and one is reserved for. Entry points size their passes in flight from the same
+bound (``ModelInference.step_limit``), so with equal pools the partitions do not refuse
+each other's passes.
 """
 
 from __future__ import annotations
@@ -64,6 +76,29 @@ class Loaded:
     engine: PartitionEngine
     source: str            # "checkpoint", "import" or "init"
     checkpoint: int        # checkpoint step, -1 without one
+
+
+def step_slots(workers: int) -> int:
+    """Inference ``Step`` calls a partition with ``workers`` pool threads runs at once.
+
+    The pool also holds the inference API's ``ModelInfer`` calls (``workers // 4``), one
+    training Step, and a reserve (``max(2, workers // 8)``) for Exchange, Status and health.
+    """
+    return max(1, workers - max_infer_calls(workers) - 1 - max(2, workers // 8))
+
+
+def default_workers(partitions: int) -> int:
+    """Pool size for ``partitions`` partitions: at least 32, and enough that every entry point
+    plus one outside client can have a forward pass running at once (``step_slots >= P + 1``)."""
+    workers = 32
+    while step_slots(workers) < partitions + 1:
+        workers += 8
+    return workers
+
+
+def max_infer_calls(workers: int) -> int:
+    """``ModelInfer`` calls a partition's gRPC port handles at once (each waits for a whole pass)."""
+    return max(1, workers // 4)
 
 
 class Peers:
@@ -150,6 +185,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self._stop = threading.Event()
         self._grpc: grpc.Server | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
+        self.workers = 32
+        self.step_limit = step_slots(self.workers)
+        self._step_slots = threading.Semaphore(self.step_limit)
         self.port: int | None = None
         self.inference = ModelInference(name, model, self._served_table)
         self._rest: RestServer | None = None
@@ -239,7 +277,23 @@ class PartitionServer(pb_grpc.PartitionServicer):
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
         loaded = self._current(request.lookup_version, context)
         # A cancelled step (the driver saw another partition fail) wakes the engine waiting on its mailbox.
-        context.add_callback(lambda: self.mailbox.discard(request.step_id))
+        if not context.add_callback(lambda: self.mailbox.discard(request.step_id)):
+            self.mailbox.discard(request.step_id)
+            context.abort(grpc.StatusCode.CANCELLED, f"partition {self.index}: step {request.step_id} "
+                                                     f"was cancelled before it started")
+        if request.train:  # one at a time per engine; reserved for in step_slots()
+            return self._step(loaded, request, context)
+        if not self._step_slots.acquire(blocking=False):
+            self.mailbox.discard(request.step_id)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"partition {self.index}: {self.step_limit} forward passes are running, the most "
+                          f"its {self.workers}-thread pool takes while keeping threads for Exchange; retry")
+        try:
+            return self._step(loaded, request, context)
+        finally:
+            self._step_slots.release()
+
+    def _step(self, loaded: Loaded, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
         engine = loaded.engine
         timeout = context.time_remaining() or DEFAULT_TIMEOUT
         try:
@@ -315,7 +369,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, host: str = "0.0.0.0", port: int = 50051, workers: int = 32,
+    def start(self, host: str = "0.0.0.0", port: int = 50051, workers: int | None = None,
               http_port: int | None = None) -> int:
         """Load the model, bind, and serve in background threads. Returns the bound gRPC port.
 
@@ -323,18 +377,27 @@ class PartitionServer(pb_grpc.PartitionServicer):
             host: bind address of both ports.
             port: gRPC port (``mpnn.v1.Partition``, ``grpc.health.v1``, ``inference.GRPCInferenceService``);
                 0 lets the OS pick.
+            workers: threads of the gRPC pool; sets :func:`step_slots` and :func:`max_infer_calls`.
+                None: :func:`default_workers` for the partitions of the lookup table read now (the
+                pool keeps its size when a later table has more).
             http_port: Open Inference Protocol REST port; 0 lets the OS pick (see :attr:`http_port`);
                 None serves no REST.
 
         Raises:
             OSError: a port cannot be bound. And whatever :meth:`load` raises.
         """
+        if workers is None:
+            workers = default_workers(LookupTable.load(self.lookup_path).num_partitions)
+        self.workers = workers
+        self.step_limit = step_slots(workers)
+        self._step_slots = threading.Semaphore(self.step_limit)
+        self.inference.step_limit = self.step_limit
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
         server = grpc.server(self._executor, options=CHANNEL_OPTIONS)
         pb_grpc.add_PartitionServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.inference, max_calls=max(1, workers // 4)), server)
+            InferenceServicer(self.inference, max_calls=max_infer_calls(workers)), server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:

@@ -530,3 +530,53 @@ def test_serve_rejects_a_bad_http_port(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mpnn_operator.cli", "serve", "--http-port", "70000"],
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=tmp_path)
     assert out.returncode == 2 and "--http-port (MPNN_HTTP_PORT)" in out.stderr, out.stderr
+
+
+def test_many_entry_points_and_clients_do_not_starve_the_exchanges(tmp_path, expected_init):
+    """Every pass holds a Step on every partition; with 8 entry points and 32 clients the Exchange
+    calls the passes wait for must still find a thread of each partition's pool (32 workers)."""
+    x, expected = expected_init
+    partitions, clients, per_client = 8, 32, 2
+    servers = Servers(tmp_path, partitions=partitions, start=list(range(partitions)))
+    for server in servers.servers.values():
+        server.inference.timeout = 10.0  # a starved pass fails after this, not after 60 s
+    outcomes: list[tuple[int, dict]] = []
+
+    def client(i: int) -> None:
+        for _ in range(per_client):
+            outcomes.append(infer_json(servers.rest(i % partitions), x))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        servers.stop()
+    assert len(outcomes) == clients * per_client
+    failed = [(status, reply.get("error")) for status, reply in outcomes if status != 200]
+    assert not failed, f"{len(failed)} of {len(outcomes)} failed, e.g. {failed[:3]}"
+    for _, reply in outcomes:
+        got = np.array(reply["outputs"][0]["data"]).reshape(x.shape[0], -1)
+        np.testing.assert_allclose(got, expected, **TOL)
+
+
+def test_a_busy_partition_is_retried_then_unavailable(tmp_path, expected_init):
+    x, expected = expected_init
+    servers = Servers(tmp_path, partitions=2, start=[0, 1])
+    busy = servers.servers[1]
+    try:
+        assert servers.servers[0].inference.inflight_limit(servers.servers[0]._loaded.table) >= 1
+        servers.servers[0].inference.BUSY_RETRIES = 2
+        for _ in range(busy.step_limit):
+            assert busy._step_slots.acquire(blocking=False)
+        status, reply = infer_json(servers.rest(0), x)
+        assert status == 503 and "forward passes are running" in reply["error"], reply
+        for _ in range(busy.step_limit):
+            busy._step_slots.release()
+        status, reply = infer_json(servers.rest(0), x)
+        assert status == 200, reply
+        np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(x.shape[0], -1), expected, **TOL)
+    finally:
+        servers.stop()

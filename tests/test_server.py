@@ -167,6 +167,52 @@ def test_step_whose_peers_never_answer_is_deadline_exceeded_and_the_cluster_reco
         np.testing.assert_allclose(out, ref.forward(x), **TOL)
 
 
+def test_forward_steps_beyond_the_limit_are_refused_at_once_and_training_steps_are_not(cluster4):
+    """Steps hold pool threads that Exchange needs: past step_limit, a forward Step is refused."""
+    server = cluster4.servers[0]
+    assert 1 <= server.step_limit < server.workers
+    for _ in range(server.step_limit):
+        assert server._step_slots.acquire(blocking=False)  # as if step_limit passes were running
+    try:
+        x, y = batch(0)
+        err = rpc_error(cluster4.stub(0).Step, step_request(cluster4.table, x), timeout=30)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{server.step_limit} forward passes are running" in err.details()
+        # Training steps are one at a time per engine and are not counted.
+        _, loss, _ = cluster4.driver().step(x, y, SGD)
+        assert loss is not None
+    finally:
+        for _ in range(server.step_limit):
+            server._step_slots.release()
+    out, _, _ = cluster4.driver().step(x)
+    assert out.shape == (x.shape[0], UNITS[-1])
+
+
+class _CancelledContext:
+    """A servicer context whose call was cancelled before the handler ran."""
+
+    def __init__(self):
+        self.aborted = None
+
+    def add_callback(self, callback):
+        return False
+
+    def time_remaining(self):
+        return 2.0
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise RuntimeError("aborted")
+
+
+def test_a_step_cancelled_before_it_starts_is_cancelled_at_once(cluster4):
+    x, _ = batch(0)
+    context = _CancelledContext()
+    with pytest.raises(RuntimeError, match="aborted"):
+        cluster4.servers[0].Step(step_request(cluster4.table, x), context)
+    assert context.aborted[0] == grpc.StatusCode.CANCELLED, context.aborted
+
+
 # ---------------------------------------------------------------- lookup reloads
 
 

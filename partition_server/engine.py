@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -52,6 +52,8 @@ __all__ = [
     "PartitionEngine",
     "StepResult",
     "Transport",
+    "WEIGHTS_CHANGED",
+    "WeightsChanged",
     "activate",
     "activation_derivative",
     "validate_batch",
@@ -78,6 +80,16 @@ class Transport(Protocol):
 class ExchangeError(RuntimeError):
     """A peer's message does not fit: wrong shape or dtype (e.g. partitions were given
     batches of different sizes), or the transport returned an incomplete set."""
+
+
+WEIGHTS_CHANGED = "weights changed during the pass; retry"
+
+
+class WeightsChanged(RuntimeError):
+    """A forward pass asked for a parameter version this partition cannot provide: it is no
+    longer kept, or it is ahead of this partition and no training step is running that would
+    reach it. The message contains ``WEIGHTS_CHANGED``; a new pass (with a newer version) may
+    succeed."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +288,8 @@ class PartitionEngine:
             where this partition owns neurons, rows concatenated in range order. Copied and
             stored as float32.
         optimizer: optimizer of the local rows.
+        keep_versions: how many parameter versions ``forward`` can choose from (the latest
+            and the ones before it, by optimizer step).
 
     Raises:
         ValueError: layers that disagree with the table, a bad activation, or params of the
@@ -285,11 +299,21 @@ class PartitionEngine:
     snapshot of the parameters); ``train_step`` and ``load_state`` are exclusive and raise
     ``RuntimeError`` if another one is running. Parameters and optimizer buffers are
     replaced, never modified in place, so arrays returned by ``state_tensors`` stay valid.
+
+    Versions: the parameters after ``n`` optimizer updates are version ``n``
+    (``optimizer_step``). Every partition counts every training step, including steps where
+    it owns nothing to update, and a checkpoint restores the counter, so one number names
+    the same update on every partition. A forward pass that overlaps a training step names
+    the version its entry point saw, and every partition computes with that version (the
+    last ``keep_versions`` are kept: old arrays are referenced, not copied), so the pass
+    never mixes rows from before and after an update.
     """
 
     def __init__(self, index: int, inputs: int, layers: Sequence[Any], table: Any,
                  params: Mapping[int, tuple[np.ndarray, np.ndarray]],
-                 optimizer: OptimizerConfig | None = None):
+                 optimizer: OptimizerConfig | None = None, keep_versions: int = 4):
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions: must be >= 1 (got {keep_versions!r})")
         if not isinstance(inputs, (int, np.integer)) or inputs < 1:
             raise ValueError(f"inputs: must be a positive integer (got {inputs!r})")
         if not layers:
@@ -323,8 +347,11 @@ class PartitionEngine:
         self._params = self._check_params(params)
         self._opt_state = {k: {} for k in self._params}
         self._step = 0
+        self._keep = keep_versions
+        self._versions: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = OrderedDict({0: self._params})
         self._train_lock = threading.Lock()
         self._state_lock = threading.RLock()
+        self._state_changed = threading.Condition(self._state_lock)
         self.last_grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_deltas: dict[int, np.ndarray] = {}
         self.last_output_grads: dict[int, np.ndarray] = {}
@@ -357,7 +384,7 @@ class PartitionEngine:
     # ----------------------------------------------------------------- passes
 
     def forward(self, step_id: str, x: np.ndarray, transport: Transport | None,
-                timeout: float = 60.0) -> np.ndarray | None:
+                timeout: float = 60.0, version: int | None = None) -> np.ndarray | None:
         """Inference: the network's outputs for ``x``; keeps no state.
 
         Args:
@@ -365,19 +392,51 @@ class PartitionEngine:
             x: ``[batch, inputs]`` float32.
             transport: reaches the peers; may be None when this partition exchanges nothing.
             timeout: seconds for the whole pass.
+            version: compute with the parameters after this many optimizer steps (all
+                partitions of a pass must be given the same); None: the latest. A version
+                this partition has not reached yet is waited for while a training step runs.
 
         Returns:
             ``[batch, units_last]`` float32 post-activation outputs on owners of last-layer
             neurons, else None.
         Raises:
             ValueError: bad ``x`` (before any traffic).
-            TimeoutError: a peer's message did not arrive in time.
+            WeightsChanged: ``version`` is no longer kept, or is ahead and no training step
+                is running (before any traffic).
+            TimeoutError: a peer's message, or ``version``, did not arrive in time.
             ExchangeError: a peer's message has the wrong shape or dtype.
         """
         batch = validate_batch(self.inputs, self._plans[-1].units, x)
         deadline = time.monotonic() + timeout
-        params = self._params
+        params = self.params_at(version, deadline)
         return self._forward(step_id, x, batch, params, transport, deadline)[2]
+
+    def params_at(self, version: int | None, deadline: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The parameters of ``version`` (None: the latest); see :meth:`forward`.
+
+        Args:
+            deadline: ``time.monotonic()`` value until which a version ahead may be waited for.
+        """
+        with self._state_changed:
+            if version is None or not self.owned_layers:  # owning nothing, no version matters
+                return self._params
+            while True:
+                params = self._versions.get(version)
+                if params is not None:
+                    return params
+                if version <= self._step:
+                    raise WeightsChanged(f"partition {self.index}: {WEIGHTS_CHANGED} (the pass computes with "
+                                         f"optimizer step {version}; this partition is at step {self._step} "
+                                         f"and keeps steps {min(self._versions)}..{self._step})")
+                if not self._train_lock.locked():
+                    raise WeightsChanged(f"partition {self.index}: {WEIGHTS_CHANGED} (the pass computes with "
+                                         f"optimizer step {version}; this partition is at step {self._step} "
+                                         f"and no training step is running)")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"partition {self.index}: optimizer step {version} was not applied "
+                                       f"in time (this partition is at step {self._step})")
+                self._state_changed.wait(min(remaining, 60.0))
 
     def train_step(self, step_id: str, x: np.ndarray, y: np.ndarray, transport: Transport | None,
                    timeout: float = 60.0, apply: bool = True) -> StepResult:
@@ -427,6 +486,8 @@ class PartitionEngine:
             return StepResult(loss, outputs, correct)
         finally:
             self._train_lock.release()
+            with self._state_changed:  # a pass waiting for this step's version stops if it failed
+                self._state_changed.notify_all()
 
     def _forward(self, step_id, x, batch, params, transport, deadline):
         """Returns (full a_k per layer held, local a_k per owned layer, outputs, logits); the
@@ -561,8 +622,12 @@ class PartitionEngine:
                 arr.flags.writeable = False
             new_params[k] = (_frozen(w2), _frozen(b2))
             new_state[k] = state
-        with self._state_lock:
+        with self._state_changed:
             self._params, self._opt_state, self._step = new_params, new_state, t
+            self._versions[t] = new_params
+            while len(self._versions) > self._keep:
+                self._versions.popitem(last=False)
+            self._state_changed.notify_all()
 
     def state_tensors(self) -> dict[int, dict[str, np.ndarray]]:
         """Parameters and optimizer state per owned layer, for the checkpoint store.
@@ -630,8 +695,10 @@ class PartitionEngine:
         if not self._train_lock.acquire(blocking=False):
             raise RuntimeError(f"partition {self.index}: cannot load state while a training step is running")
         try:
-            with self._state_lock:
+            with self._state_changed:
                 self._params, self._opt_state, self._step = params, state, int(optimizer_step)
+                self._versions = OrderedDict({self._step: params})
+                self._state_changed.notify_all()
         finally:
             self._train_lock.release()
 

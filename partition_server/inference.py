@@ -33,6 +33,12 @@ further requests wait for a slot within their deadline. A partition refuses a St
 limit with RESOURCE_EXHAUSTED (possible when other clients also send passes); the entry point
 retries such a pass a few times with a growing pause, then answers UNAVAILABLE / 503.
 
+Weights: a pass may overlap a training step. The entry point sends the version of its own
+parameters (its optimizer step count) with every ``Step``, and every partition computes with
+that version, so no output mixes rows from before and after an update. When a partition
+no longer keeps that version (ABORTED, "weights changed during the pass"), the entry point
+runs the pass again with its current version, up to twice.
+
 Spec: https://github.com/kserve/kserve/blob/master/docs/predict-api/v2/required_api.md
 """
 
@@ -42,6 +48,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, Callable, Sequence
@@ -50,10 +57,13 @@ import grpc
 import numpy as np
 
 from .driver import Driver, DriverError
+from .engine import WEIGHTS_CHANGED
 from .lookup import LookupTable
 from .manifest import ModelSpec
 from .protos import grpc_predict_v2_pb2 as ipb
 from .protos import grpc_predict_v2_pb2_grpc as ipb_grpc
+from .protos import mpnn_pb2 as pb
+from .wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.inference")
 
@@ -123,6 +133,8 @@ class ModelInference:
         name: the network's name, which is the model name.
         model: its shape.
         table: returns the lookup table this server serves now, or None before one is loaded.
+        weights_version: returns the version of this server's parameters (its optimizer step
+            count), sent with every Step of a pass; None sends none (each partition's latest).
         timeout: longest forward pass, seconds, when the request sets no shorter deadline.
         ready_timeout: deadline of each partition's ``Status`` call in :meth:`ready`, seconds.
         max_inflight: passes this entry point runs at once; more wait for a slot until their deadline.
@@ -138,12 +150,16 @@ class ModelInference:
 
     BUSY_RETRIES = 6       # passes refused by a busy partition are tried again this often
     BUSY_PAUSE = 0.05      # seconds before the first retry; doubles up to 1 s, with jitter
+    VERSION_RETRIES = 2    # passes whose weights version a partition dropped are run again this often
+    BATCH = 256            # rows per pass; larger inputs go through in chunks
 
     def __init__(self, name: str, model: ModelSpec, table: Callable[[], LookupTable | None],
+                 weights_version: Callable[[], int | None] = lambda: None,
                  timeout: float = 60.0, ready_timeout: float = 1.0, max_inflight: int = 4):
         self.name = name
         self.model = model
         self._table = table
+        self._weights_version = weights_version
         self.timeout = timeout
         self.ready_timeout = ready_timeout
         self.max_inflight = max_inflight
@@ -255,20 +271,43 @@ class ModelInference:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                  f"model {self.name!r}: no free slot for a forward pass within {timeout:g} s")
         try:
-            busy = 0
+            busy = changed = 0
             while True:
                 try:
-                    return self._driver(table).predict(x, timeout=max(0.001, deadline - time.monotonic()))
+                    return self._pass(self._driver(table), x, deadline)
                 except DriverError as exc:
-                    pause = min(1.0, self.BUSY_PAUSE * 2 ** busy) * random.uniform(0.5, 1.5)
-                    if (exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED or busy >= self.BUSY_RETRIES
-                            or time.monotonic() + pause >= deadline):
+                    if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy < self.BUSY_RETRIES:
+                        pause = min(1.0, self.BUSY_PAUSE * 2 ** busy) * random.uniform(0.5, 1.5)
+                        busy += 1
+                    elif (exc.code == grpc.StatusCode.ABORTED and WEIGHTS_CHANGED in str(exc)
+                          and changed < self.VERSION_RETRIES):
+                        pause = changed * self.BUSY_PAUSE * random.uniform(0.5, 1.5)
+                        changed += 1
+                    else:
+                        pause = None
+                    if pause is None or time.monotonic() + pause >= deadline:
                         code = _DRIVER_CODES.get(exc.code, grpc.StatusCode.INTERNAL)
                         raise InferenceError(code, f"model {self.name!r}: forward pass failed: {exc}") from exc
-                    busy += 1
                     time.sleep(pause)
         finally:
             self._slots.release()
+
+    def _pass(self, driver: Driver, x: np.ndarray, deadline: float) -> np.ndarray:
+        """One forward pass of ``x`` on every partition, in chunks of ``BATCH`` rows, all with the
+        weights version this server has now. Raises DriverError."""
+        version = self._weights_version()
+        outputs = []
+        for start in range(0, len(x), self.BATCH):
+            request = pb.StepRequest(lookup_version=driver.table.version, step_id=uuid.uuid4().hex, train=False,
+                                     inputs=to_tensor(x[start:start + self.BATCH]))
+            if version is not None:
+                request.weights_version = version
+            # Driver.step sends no weights version; _all is its call-every-partition plumbing.
+            replies = driver._all("Step", [request] * driver.table.num_partitions,
+                                  max(0.001, deadline - time.monotonic()))
+            first = next(r for r in replies if r.has_outputs)
+            outputs.append(from_tensor(first.outputs, "outputs", "float32"))
+        return np.concatenate(outputs) if outputs else np.zeros((0, self.model.layer_units[-1]), np.float32)
 
     def inflight_limit(self, table: LookupTable) -> int:
         """Passes this entry point runs at once under ``table`` (see :attr:`step_limit`)."""

@@ -16,7 +16,9 @@ Status codes: INVALID_ARGUMENT for a wrong shape or dtype, FAILED_PRECONDITION
 for a lookup-version mismatch, DEADLINE_EXCEEDED when a peer's message does not
 arrive before the call's deadline, UNAVAILABLE while no model is loaded,
 RESOURCE_EXHAUSTED for an inference ``Step`` beyond :func:`step_slots` (retry),
-CANCELLED for a ``Step`` whose caller has already gone.
+CANCELLED for a ``Step`` whose caller has already gone, ABORTED for a failed exchange
+or an inference ``Step`` whose ``weights_version`` this partition no longer keeps
+("weights changed during the pass; retry", see ``engine.PartitionEngine``).
 
 Threads: every RPC runs on one pool of ``workers`` threads, and a ``Step`` holds its
 thread for the whole pass, waiting for the ``Exchange`` calls of its peers, which need
@@ -189,7 +191,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self.step_limit = step_slots(self.workers)
         self._step_slots = threading.Semaphore(self.step_limit)
         self.port: int | None = None
-        self.inference = ModelInference(name, model, self._served_table)
+        self.inference = ModelInference(name, model, self._served_table, self._weights_version)
         self._rest: RestServer | None = None
         self.http_port: int | None = None
 
@@ -239,6 +241,10 @@ class PartitionServer(pb_grpc.PartitionServicer):
     def _served_table(self) -> LookupTable | None:
         loaded = self._loaded
         return loaded.table if loaded is not None else None
+
+    def _weights_version(self) -> int | None:
+        loaded = self._loaded
+        return loaded.engine.optimizer_step if loaded is not None else None
 
     def _engine(self, table: LookupTable, params: dict, optimizer: OptimizerConfig | None = None) -> PartitionEngine:
         return PartitionEngine(self.index, self.model.inputs, self.model.layers, table, params, optimizer)
@@ -306,7 +312,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
                 result = engine.train_step(request.step_id, x, y, transport, timeout)
                 outputs, loss, correct = result.outputs, result.loss, result.correct
             else:
-                outputs, loss, correct = engine.forward(request.step_id, x, transport, timeout), None, None
+                version = request.weights_version if request.HasField("weights_version") else None
+                outputs, loss, correct = engine.forward(request.step_id, x, transport, timeout, version), None, None
         except ValueError as exc:
             self.mailbox.discard(request.step_id)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

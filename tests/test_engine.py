@@ -8,13 +8,14 @@ outputs, gradients and trained parameters, assembled from all partitions, must e
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from partition_server.engine import (ExchangeError, LocalTransport, OptimizerConfig, PartitionEngine,
-                                     validate_batch)
+                                     WeightsChanged, validate_batch)
 from partition_server.distributor import Distribution, Range, distribute
 from partition_server.lookup import LookupTable
 from partition_server.mailbox import Mailbox, StepAborted
@@ -355,6 +356,60 @@ def test_state_roundtrip_resumes_training_exactly():
     for k in range(len(UNITS)):
         got = assembled(table, resumed, k, lambda e, k=k: e.state_tensors()[k]["weight"])
         np.testing.assert_allclose(got, ref.params[k][0], **TOL)
+
+
+def test_forward_computes_with_the_requested_weights_version():
+    table = ASSIGNMENTS["holes"]  # partitions owning nothing in some layers count every step too
+    optimizer = OptimizerConfig("sgd", learning_rate=0.5, momentum=0.9)
+    ref, engines, transports = build(table, optimizer=optimizer)
+    probe, _ = batch(77)
+    expected = [ref.forward(probe)]
+    for step in range(5):
+        x, y = batch(500 + step)
+        train_all(engines, transports, f"t{step}", x, y)
+        ref.train_step(x, y)
+        expected.append(ref.forward(probe))
+    assert {e.optimizer_step for e in engines} == {5}
+    # The last four versions (2..5) are kept, on every partition.
+    for version in (2, 3, 4, 5):
+        outs = run_all([lambda e=e, t=t, v=version: e.forward(f"v{v}", probe, t, 30.0, v)
+                        for e, t in zip(engines, transports)])
+        got = next(o for o in outs if o is not None)
+        np.testing.assert_allclose(got, expected[version], **TOL)
+        assert not np.allclose(got, expected[version - 1], atol=1e-4)
+    # A dropped version, and one ahead while no training step runs, fail before any traffic.
+    for version in (1, 6):
+        with pytest.raises(WeightsChanged, match="weights changed during the pass; retry"):
+            engines[0].forward("gone", probe, transports[0], 30.0, version)
+    # A checkpoint restores the counter; older versions are gone.
+    tensors, step = engines[1].state_snapshot()
+    engines[1].load_state(tensors, step)
+    assert engines[1].params_at(5, 0.0) is engines[1].params_at(None, 0.0)
+    with pytest.raises(WeightsChanged):
+        engines[1].params_at(4, 0.0)
+
+
+def test_forward_waits_for_a_version_a_running_training_step_applies():
+    table = ASSIGNMENTS["balanced-2"]
+    _, engines, transports = build(table, optimizer=OptimizerConfig("sgd", learning_rate=0.5))
+    x, y = batch(9)
+    got: dict = {}
+    # Partition 1 starts training step 1 and waits for partition 0's messages.
+    trainer1 = threading.Thread(target=lambda: engines[1].train_step("t", x, y, transports[1], 30.0))
+    trainer1.start()
+    for _ in range(1000):
+        if engines[1]._train_lock.locked():
+            break
+        threading.Event().wait(0.01)
+    assert engines[1]._train_lock.locked()
+    # A pass asking partition 1 for step 1 (partition 0 would be there first) waits for it.
+    waiter = threading.Thread(target=lambda: got.update(params=engines[1].params_at(1, time.monotonic() + 30)))
+    waiter.start()
+    engines[0].train_step("t", x, y, transports[0], 30.0)
+    trainer1.join(30)
+    waiter.join(30)
+    assert engines[1].optimizer_step == 1
+    assert got["params"] is engines[1].params_at(None, 0.0)
 
 
 def test_state_tensors_are_snapshots():

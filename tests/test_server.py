@@ -8,6 +8,8 @@ called through real gRPC stubs.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from dataclasses import asdict
 
@@ -211,6 +213,48 @@ def test_a_step_cancelled_before_it_starts_is_cancelled_at_once(cluster4):
     with pytest.raises(RuntimeError, match="aborted"):
         cluster4.servers[0].Step(step_request(cluster4.table, x), context)
     assert context.aborted[0] == grpc.StatusCode.CANCELLED, context.aborted
+
+
+def test_inference_during_training_computes_with_one_weights_version(tmp_path):
+    """A pass overlapping a training step uses the same parameter version on every partition."""
+    optimizer = OptimizerConfig("sgd", learning_rate=0.5, momentum=0.9)
+    with Cluster(tmp_path, 3, Distribution("balanced")) as cluster:
+        driver = cluster.driver()
+        # Partition 2 applies each update late: a wide window where the partitions disagree.
+        engine = cluster.servers[2]._loaded.engine
+        apply = engine._apply
+        engine._apply = lambda grads: (time.sleep(0.03), apply(grads))
+        probe = np.random.default_rng(5).normal(size=(4, INPUTS)).astype(np.float32)
+        history = [cluster.params()]
+        outputs: list[np.ndarray] = []
+        errors: list[Exception] = []
+        done = threading.Event()
+
+        def infer(entry: int) -> None:
+            while not done.is_set():
+                try:
+                    outputs.append(cluster.servers[entry].inference.infer(probe, timeout=30))
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+
+        clients = [threading.Thread(target=infer, args=(i,)) for i in (0, 1)]
+        for t in clients:
+            t.start()
+        try:
+            for step in range(20):
+                x, y = batch(100 + step)
+                driver.step(x, y, optimizer)
+                history.append(cluster.params())
+        finally:
+            done.set()
+            for t in clients:
+                t.join(60)
+        assert not errors, errors
+        assert len(outputs) >= 20
+        expected = [ReferenceNetwork(MODEL.inputs, MODEL.layers, params).forward(probe) for params in history]
+        mixed = [o for o in outputs if min(float(np.abs(o - e).max()) for e in expected) > 1e-4]
+        assert not mixed, f"{len(mixed)} of {len(outputs)} passes match no parameter version"
 
 
 # ---------------------------------------------------------------- lookup reloads

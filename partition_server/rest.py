@@ -22,7 +22,9 @@ response then has the same header and each binary output says its ``binary_data_
 bodies may be compressed (``Content-Encoding: gzip`` or ``deflate``); responses are not.
 
 Errors are ``{"error": "..."}`` with 400, 404, 503 or 504 (see ``inference.py``); 405 for a
-known path with the wrong method, 411 without ``Content-Length``, 413 above 1 GiB.
+known path with the wrong method, 411 without ``Content-Length``, 413 for a body above 1 GiB
+(:data:`MAX_BODY_BYTES`), before or after decompression: a small compressed body cannot
+expand into more memory than an uncompressed one may take.
 
 Built on the standard library's ``ThreadingHTTPServer`` (a thread per connection, HTTP/1.1
 keep-alive): six routes and one JSON codec need no framework, and the partition server image
@@ -34,7 +36,6 @@ https://github.com/triton-inference-server/server/blob/main/docs/protocol/extens
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
@@ -53,6 +54,7 @@ from .inference import DATATYPE, MODEL_VERSION, OUTPUT, WIRE_FP32, InferenceErro
 log = logging.getLogger("mpnn.rest")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_BODY_BYTES = MAX_MESSAGE_BYTES  # a request body, as sent and after decompression
 _MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>ready|infer))?")
 
 
@@ -287,26 +289,29 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if not 0 <= length <= MAX_MESSAGE_BYTES:
+        limit = MAX_BODY_BYTES
+        if not 0 <= length <= limit:
             self.close_connection = True
             self._send_json(413 if length > 0 else 400,
-                            {"error": f"Content-Length must be 0..{MAX_MESSAGE_BYTES}, "
+                            {"error": f"Content-Length must be 0..{limit}, "
                                       f"got {self.headers.get('Content-Length')}"})
             return None
         body = self.rfile.read(length)
         if len(body) < length:
             raise ConnectionError("request body cut short")
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        try:
-            if encoding == "gzip":
-                return gzip.decompress(body)
-            if encoding == "deflate":
-                return zlib.decompress(body)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise invalid(f"the {encoding} request body cannot be decompressed: {exc}") from exc
-        if encoding != "identity":
+        if encoding == "identity" or not body:
+            return body
+        if encoding not in ("gzip", "deflate"):
             raise invalid(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
-        return body
+        try:
+            return _decompress(body, encoding, limit)
+        except _TooLarge:
+            self._send_json(413, {"error": f"the {encoding} request body decompresses to more than "
+                                           f"{limit} bytes"})
+            return None
+        except zlib.error as exc:
+            raise invalid(f"the {encoding} request body cannot be decompressed: {exc}") from exc
 
     def _send(self, status: int, body: bytes = b"", content_type: str | None = None,
               headers: dict[str, str] | None = None) -> None:
@@ -327,6 +332,37 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Answered(Exception):
     """Raised after an error response was sent, to leave the route."""
+
+
+class _TooLarge(Exception):
+    """A compressed body expands beyond the limit."""
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decompressed (gzip, possibly several members; or zlib "deflate"), never
+    producing more than ``limit`` bytes.
+
+    Raises:
+        _TooLarge: the output would exceed ``limit``.
+        zlib.error: not valid compressed data, or cut short.
+    """
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    data = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        chunk = inflater.decompress(data, limit - size + 1)
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+        if not inflater.eof:
+            raise zlib.error("the compressed data is cut short")
+        data = inflater.unused_data
+        # gzip members may follow each other (as gzip.decompress reads them); zeros may pad the end.
+        if encoding != "gzip" or not data.strip(b"\0"):
+            return b"".join(parts)
 
 
 def _parameters(obj: dict, what: str) -> dict:

@@ -580,3 +580,34 @@ def test_a_busy_partition_is_retried_then_unavailable(tmp_path, expected_init):
         np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(x.shape[0], -1), expected, **TOL)
     finally:
         servers.stop()
+
+
+def test_compressed_bodies_may_not_expand_beyond_the_body_limit(tmp_path, expected_init, monkeypatch):
+    """A small gzip/deflate body that inflates past the limit is 413, without inflating it all."""
+    import zlib
+
+    from partition_server import rest
+
+    x, expected = expected_init
+    monkeypatch.setattr(rest, "MAX_BODY_BYTES", 1 << 20, raising=False)
+    servers = Servers(tmp_path, partitions=1, start=[0])
+    try:
+        url = f"{servers.rest(0)}/v2/models/{NAME}/infer"
+        bomb = b'{"inputs": [' + b" " * (8 << 20) + b"]}"  # 8 MiB of JSON; compresses to a few KiB
+        for encoding, packed in (("gzip", gzip.compress(bomb)), ("deflate", zlib.compress(bomb))):
+            assert len(packed) < 64 << 10
+            status, _, raw = request(url, packed, {"Content-Encoding": encoding})
+            assert status == 413 and "decompresses to more than 1048576 bytes" in json.loads(raw)["error"], raw
+        # Within the limit: two gzip members, as gzip.decompress reads them, are one body.
+        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        half = len(body) // 2
+        status, _, raw = request(url, gzip.compress(body[:half]) + gzip.compress(body[half:]),
+                                 {"Content-Encoding": "gzip"})
+        assert status == 200, raw
+        np.testing.assert_allclose(np.array(json.loads(raw)["outputs"][0]["data"]).reshape(x.shape[0], -1),
+                                   expected, **TOL)
+        status, _, raw = request(url, gzip.compress(body)[:-9], {"Content-Encoding": "gzip"})
+        assert status == 400 and "cannot be decompressed" in json.loads(raw)["error"], raw
+    finally:
+        servers.stop()

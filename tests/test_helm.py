@@ -36,7 +36,7 @@ NAMESPACED_RULES = {
     ("mpnn.dev", "partitions/status"): {"patch"},
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
-    ("", "persistentvolumeclaims"): {"get", "list", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
@@ -258,6 +258,13 @@ def test_persistent_volume_policy_confines_the_operator_service_account():
     pv = builders.persistent_volume(load_manifest(EXAMPLES / "digits-nfs.yaml"))
     assert pv["metadata"]["name"].startswith("mpnn.") and "nfs" in pv["spec"]
     assert pv["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "mpnn-operator"
+    # Bound in advance to its own network's claim, as the policy's claimRef rule requires on CREATE.
+    labels = pv["metadata"]["labels"]
+    assert pv["metadata"]["name"] == f"mpnn.{labels['mpnn.dev/namespace']}.{labels['mpnn.dev/network']}"
+    assert pv["spec"]["claimRef"] == {"namespace": labels["mpnn.dev/namespace"],
+                                      "name": f"{labels['mpnn.dev/network']}-model"}
+    (rule,) = [v for v in spec["validations"] if "claimRef" in v["expression"] and "CREATE" in v["expression"]]
+    assert "!has(object.spec.claimRef.uid)" in rule["expression"] and "-model" in rule["expression"]
     kinds = {o["kind"] for o in objects(render({"persistentVolumePolicy": {"enabled": False}}))}
     assert not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 

@@ -283,6 +283,14 @@ def test_admission_policy_confines_the_service_account_to_its_own_nfs_volumes(ku
     assert create(ours).returncode == 0, create(ours).stderr
     r = create(unlabelled)
     assert r.returncode != 0 and "only create NFS PersistentVolumes" in r.stderr, r.stderr
+    # Bound in advance: to its own network's claim only (the labels say which), and without a uid.
+    ours["metadata"]["labels"].update({"mpnn.dev/namespace": "policy-test", "mpnn.dev/network": "digits"})
+    own_claim = {"namespace": "policy-test", "name": "digits-model"}
+    assert create({**ours, "spec": {**ours["spec"], "claimRef": own_claim}}).returncode == 0
+    for claim in ({"namespace": "policy-test", "name": "secrets"}, {"namespace": "other", "name": "digits-model"},
+                  {**own_claim, "uid": "0b9c6a52-1b7e-4c38-a7f2-2d1d2a7a1d11"}):
+        r = create({**ours, "spec": {**ours["spec"], "claimRef": claim}})
+        assert r.returncode != 0 and "bound in advance only to the claim NS/N-model" in r.stderr, (claim, r.stderr)
     # Someone else's volume: the operator may not delete it, though RBAC would allow it.
     foreign = persistent_volume(f"data-{uuid.uuid4().hex[:6]}", nfs={"server": "10.0.0.1", "path": "/data"})
     kubectl.apply(foreign)

@@ -221,6 +221,33 @@ def test_storage_cannot_be_added(kubectl, namespace, crds):
     assert "storage" not in nn(kubectl, namespace)["spec"]
 
 
+def test_a_claim_deleted_by_hand_is_made_again_and_bound(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    kubectl.apply(digits(), namespace=ns)
+    wait_ready(kubectl, ns, 4, wait_for, operator)
+    old = kubectl.json("get", "pvc", "digits-model", namespace=ns)
+    pv = kubectl.json("get", "pv", f"mpnn.{ns}.digits")
+    ref = pv["spec"]["claimRef"]  # bound in advance by name, completed by the PersistentVolume controller
+    assert (ref["namespace"], ref["name"], ref["uid"]) == (ns, "digits-model", old["metadata"]["uid"])
+    kubectl("delete", "pvc", "digits-model", "--wait=false", namespace=ns)
+    # The claim goes once no scheduled pod uses it; the new pods cannot be scheduled onto a deleted claim.
+    kubectl("delete", "pods", "-l", SELECTOR, "--wait=false", namespace=ns)
+
+    def rebound():
+        claim = kubectl.json("get", "pvc", "digits-model", namespace=ns, check=False) if kubectl(
+            "get", "pvc", "digits-model", namespace=ns, check=False).returncode == 0 else None
+        if claim and claim["metadata"]["uid"] != old["metadata"]["uid"] and claim["status"].get("phase") == "Bound":
+            return claim
+        return None
+
+    claim = wait_for(rebound, timeout=120, message="a new claim digits-model, Bound")
+    pv = kubectl.json("get", "pv", f"mpnn.{ns}.digits")
+    assert pv["spec"]["claimRef"]["uid"] == claim["metadata"]["uid"] and pv["status"]["phase"] == "Bound"
+    obj = wait_ready(kubectl, ns, 4, wait_for, operator)
+    assert condition(obj, "Degraded")["status"] == "False"
+    assert any(e["reason"] == "VolumeRecreated" for e in events(kubectl, ns)), operator.tail()
+
+
 def test_delete_removes_every_child(kubectl, namespace, operator, wait_for):
     ns = namespace
     kubectl.apply(digits(), namespace=ns)

@@ -5,6 +5,7 @@ for our purposes: a write only when the applied content differs."""
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -17,15 +18,19 @@ from mpnn_operator.reconcile import Reconciler, RetryLater
 from partition_server.lookup import LookupTable
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
+NOW = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FakeKube:
-    """Objects keyed by (kind, namespace, name); counts writes."""
+    """Objects keyed by (kind, namespace, name); counts writes. As with server-side apply, a
+    ``spec`` field that the last apply did not set but someone else did (a create, a
+    controller) stays when an apply leaves it out."""
 
     def __init__(self):
         self.objects: dict[tuple, dict] = {}
         self.writes: list[tuple[str, str, str]] = []
         self._rv = 0
+        self._applied: dict[tuple, set[str]] = {}  # spec fields set by the last apply
 
     def _bump(self, obj):
         self._rv += 1
@@ -41,12 +46,18 @@ class FakeKube:
                 if k == kind and (namespace is None or ns == namespace)
                 and all(o["metadata"].get("labels", {}).get(a) == b for a, b in want.items())]
 
-    def apply(self, obj):
+    def apply(self, obj, _op="apply"):
         key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
         current = self.objects.get(key)
         new = copy.deepcopy(obj)
+        if _op == "apply":
+            applied, self._applied[key] = self._applied.get(key, set()), set(new.get("spec") or {})
         if current is not None:
             new["metadata"] = {**current["metadata"], **new["metadata"]}
+            others = {k: v for k, v in (current.get("spec") or {}).items()
+                      if k not in applied and k not in (new.get("spec") or {})}
+            if others:
+                new["spec"] = {**others, **(new.get("spec") or {})}
             if "status" in current:
                 new["status"] = current["status"]
             if new == current:
@@ -54,20 +65,23 @@ class FakeKube:
             if new.get("spec") != current.get("spec"):
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         else:
-            new["metadata"]["generation"] = 1
+            new["metadata"].update(generation=1, uid=new["metadata"].get("uid") or f"uid-{self._rv + 1}",
+                                   creationTimestamp=new["metadata"].get("creationTimestamp") or NOW)
         self._bump(new)
         self.objects[key] = new
-        self.writes.append(("apply",) + key[:1] + key[2:])
+        if _op == "apply":
+            self.writes.append(("apply",) + key[:1] + key[2:])
         return copy.deepcopy(new)
 
     def create(self, obj):
         if (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) in self.objects:
             return None
         self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
-        return self.apply(obj)
+        return self.apply(obj, _op="create")
 
     def delete(self, api_version, kind, name, namespace=None, propagation="Background"):
         self.writes.append(("delete", kind, name))
+        self._applied.pop((kind, namespace, name), None)
         return self.objects.pop((kind, namespace, name), None) is not None
 
     def patch_status(self, api_version, kind, name, namespace, status):
@@ -313,6 +327,65 @@ def test_a_retry_later_becomes_a_growing_kopf_retry():
         delays.append(info.value.delay)
     assert delays == [10, 20, 40, 80, 160, 300, 300]
     handlers.partition_event(event={"type": "MODIFIED"}, body={"metadata": {}}, memo=Memo)  # not raised: logged
+
+
+def test_the_volume_is_created_bound_in_advance_to_the_claim_and_then_applied_without_it(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    pv = kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]
+    assert pv["spec"]["claimRef"] == {"namespace": "ns", "name": "digits-model"}
+    assert ("create", "PersistentVolume", "mpnn.ns.digits") in kube.writes
+    # Bound: the PersistentVolume controller completes the claimRef; the operator's applies leave it alone.
+    claim = kube.objects[("PersistentVolumeClaim", "ns", "digits-model")]
+    pv["spec"]["claimRef"].update(uid=claim["metadata"]["uid"], kind="PersistentVolumeClaim")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and pv["spec"]["claimRef"]["uid"] == claim["metadata"]["uid"]
+
+
+def _bind(kube, phase="Bound"):
+    claim = kube.objects[("PersistentVolumeClaim", "ns", "digits-model")]
+    pv = kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]
+    claim["status"] = {"phase": phase}
+    pv["spec"]["claimRef"]["uid"] = claim["metadata"]["uid"]
+    pv["status"] = {"phase": "Bound"}
+    return claim, pv
+
+
+def test_a_claim_deleted_by_hand_gets_its_volume_back(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    old, pv = _bind(kube)
+    kube.delete("v1", "PersistentVolumeClaim", "digits-model", "ns")
+    pv["status"] = {"phase": "Released"}  # still bound to the deleted claim's uid: no new claim can bind it
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes[:3] == [("delete", "PersistentVolume", "mpnn.ns.digits"),
+                               ("create", "PersistentVolume", "mpnn.ns.digits"),
+                               ("apply", "PersistentVolumeClaim", "digits-model")]
+    pv = kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]
+    assert pv["spec"]["claimRef"] == {"namespace": "ns", "name": "digits-model"} and "status" not in pv
+    new = kube.objects[("PersistentVolumeClaim", "ns", "digits-model")]
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert events[-1][:2] == ("Normal", "VolumeRecreated") and old["metadata"]["uid"] in events[-1][2]
+    assert _condition(kube, "Degraded")["status"] == "False"  # a new claim has time to bind
+
+
+def test_a_claim_that_does_not_bind_is_reported(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    claim, pv = _bind(kube, phase="Pending")
+    claim["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    pv["status"] = {"phase": "Available"}
+    reconciler.reconcile("ns", "digits")
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ClaimNotBound"
+    assert degraded["message"].startswith("PersistentVolumeClaim digits-model is Pending, not Bound")
+    assert "PersistentVolume mpnn.ns.digits is Available" in degraded["message"]
+    assert events[-1][:2] == ("Warning", "ClaimNotBound") and _status(kube)["phase"] == "Degraded"
+    _bind(kube)
+    reconciler.reconcile("ns", "digits")
+    assert _condition(kube, "Degraded")["status"] == "False"
 
 
 def test_removing_storage_prunes_volume_and_claim(kube, reconciler):

@@ -110,7 +110,8 @@ def inference_service(net: NeuralNetwork) -> dict[str, Any]:
 def persistent_volume(net: NeuralNetwork) -> dict[str, Any] | None:
     """The ReadWriteMany NFS ``PersistentVolume`` for ``spec.storage.nfs`` (else None).
 
-    Reclaim policy Retain: deleting the volume object never touches the export.
+    Reclaim policy Retain: deleting the volume object never touches the export. Bound in
+    advance to :func:`volume_claim` (``claimRef`` without uid): no other claim can bind it.
     """
     if net.storage is None or net.storage.nfs is None:
         return None
@@ -123,7 +124,14 @@ def persistent_volume(net: NeuralNetwork) -> dict[str, Any] | None:
                      "persistentVolumeReclaimPolicy": "Retain",
                      "storageClassName": "",
                      "volumeMode": "Filesystem",
+                     "claimRef": {"namespace": net.namespace, "name": naming.claim_name(net.name)},
                      "nfs": {"server": net.storage.nfs.server, "path": net.storage.nfs.path}}}
+
+
+def without_claim_ref(pv: dict[str, Any]) -> dict[str, Any]:
+    """:func:`persistent_volume` as the operator applies it once it exists: without ``claimRef``,
+    which the volume got at creation and the PersistentVolume controller completes on binding."""
+    return {**pv, "spec": {k: v for k, v in pv["spec"].items() if k != "claimRef"}}
 
 
 def volume_claim(net: NeuralNetwork) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ registry = kopf.OperatorRegistry()
 NETWORKS = dict(group=naming.GROUP, version=naming.VERSION, plural=naming.NETWORKS)
 OURS = {naming.MANAGED_BY: naming.FIELD_MANAGER}
 # Catches children changed or deleted behind the operator's back (it watches
-# only NeuralNetworks, Partitions, StatefulSets and Jobs).
+# only NeuralNetworks, Partitions, StatefulSets, claims and Jobs).
 RESYNC_SECONDS = 300
 # First retry delay after a failed reconcile (the Degraded condition says why); it doubles with
 # every further failure, up to RESYNC_SECONDS.
@@ -89,6 +89,15 @@ def statefulset_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
         run_for_event(lambda: memo.reconciler.reconcile(body.metadata.namespace, network))
     else:
         memo.reconciler.refresh_status(body.metadata.namespace, network)
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=OURS, registry=registry)
+def claim_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The NFS claim deleted (made again, with its volume), bound, or lost: reconcile, which
+    reports a claim that does not bind."""
+    network = body.metadata.labels.get(naming.NETWORK)
+    if network:
+        run_for_event(lambda: memo.reconciler.reconcile(body.metadata.namespace, network))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS, registry=registry)

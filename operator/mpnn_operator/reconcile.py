@@ -8,9 +8,11 @@ state, and a call with nothing to change writes nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
 from typing import Any, Callable, Mapping
 
@@ -28,6 +30,11 @@ from .training import Training
 log = logging.getLogger(__name__)
 
 NN_KIND, PARTITION_KIND = "NeuralNetwork", "Partition"
+PV_KIND, PVC_KIND = "PersistentVolume", "PersistentVolumeClaim"
+# A new claim gets this long to bind before the NeuralNetwork reports it as Degraded.
+CLAIM_BIND_GRACE_SECONDS = 30
+# How long a reconcile waits for a released PersistentVolume to be deleted before re-creating it.
+VOLUME_DELETE_WAIT_SECONDS = 20
 
 # (object, type "Normal"/"Warning", reason, message)
 Emit = Callable[[Mapping[str, Any], str, str, str], None]
@@ -60,6 +67,15 @@ def _held_by(obj: Mapping[str, Any]) -> str:
     if ref is None:
         return "has no controlling owner"
     return f"is controlled by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+
+
+def _age_seconds(obj: Mapping[str, Any]) -> float:
+    """Seconds since ``metadata.creationTimestamp`` (0 if unknown)."""
+    stamp = (obj.get("metadata") or {}).get("creationTimestamp")
+    if not stamp:
+        return 0.0
+    created = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return (dt.datetime.now(dt.timezone.utc) - created).total_seconds()
 
 
 def manifest_view(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,7 +204,7 @@ class Reconciler:
         partitions = self._partitions(namespace, name)
         placement = plan(net, partitions, status.get("distributionHash"))
         try:
-            table = self._apply_children(body, net, placement, partitions)
+            table, claim_problem = self._apply_children(body, net, placement, partitions)
         except _Refused as refused:  # nothing was written; the running deployment is left as it is
             self._finish(body, refused.finding, {})
             if refused.retry:
@@ -202,6 +218,8 @@ class Reconciler:
             finding = Finding(True, "InconsistentPartitions",
                               f"the Partitions do not own every neuron exactly once ({kept}): "
                               + "; ".join(placement.problems))
+        elif claim_problem:
+            finding = Finding(True, "ClaimNotBound", claim_problem)
         else:
             finding = HEALTHY
         extra: dict[str, Any] = {"selector": naming.selector_string(name)}
@@ -219,8 +237,9 @@ class Reconciler:
         self._finish(body, finding, extra)
 
     def _apply_children(self, owner: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
-                        partitions: list[dict[str, Any]]) -> LookupTable | None:
-        """Apply what the placement allows; returns the lookup table in force afterwards.
+                        partitions: list[dict[str, Any]]) -> tuple[LookupTable | None, str | None]:
+        """Apply what the placement allows; returns the lookup table in force afterwards, and
+        what is wrong with the NFS claim (None if it is bound, or still new).
 
         Raises:
             _Refused: before any write, when a child's name is held by an object this
@@ -228,10 +247,10 @@ class Reconciler:
         """
         pv, pvc = builders.persistent_volume(net), builders.volume_claim(net)
         wanted = builders.partitions(net, placement.assignment) if placement.redistribute else []
-        self._check_names(owner, net, [pvc] if pvc is not None else [], wanted)
+        claim = self._check_names(owner, net, [pvc] if pvc is not None else [], wanted)
+        claim_problem = None
         if pv is not None:
-            self.kube.apply(pv)
-            self.kube.apply(self._owned(pvc, owner))
+            claim_problem = self._apply_storage(owner, pv, pvc, claim)
         else:
             self._prune_storage(net)
         self.kube.apply(self._owned(builders.headless_service(net), owner))
@@ -251,13 +270,14 @@ class Reconciler:
             table = self._lookup_in_force(net.namespace, net.name)
         self.kube.apply(self._owned(builders.statefulset(net), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
-        return table
+        return table, claim_problem
 
     def _check_names(self, owner: Mapping[str, Any], net: NeuralNetwork, claims: list[dict[str, Any]],
-                     partitions: list[dict[str, Any]]) -> None:
+                     partitions: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Refuse to apply anything while a namespaced child's name is taken by an object this
         NeuralNetwork does not control (someone's own ConfigMap ``<name>-lookup``, another
-        network's Service, ...): server-side apply with force would take it over.
+        network's Service, ...): server-side apply with force would take it over. Returns the
+        claim of ``claims`` as it exists now (None if it does not).
 
         Raises:
             _Refused: ``NameConflict``, naming each object and who controls it; retried, since
@@ -266,7 +286,7 @@ class Reconciler:
         ns, uid = net.namespace, owner["metadata"]["uid"]
         singles = [("v1", "Service", net.name), ("v1", "Service", naming.inference_service_name(net.name)),
                    ("v1", "ConfigMap", naming.lookup_name(net.name)), ("apps/v1", "StatefulSet", net.name),
-                   *(("v1", "PersistentVolumeClaim", c["metadata"]["name"]) for c in claims)]
+                   *(("v1", PVC_KIND, c["metadata"]["name"]) for c in claims)]
         existing = [(kind, self.kube.get(api, kind, name, ns)) for api, kind, name in singles]
         if partitions:  # one list rather than a get per Partition
             names = {p["metadata"]["name"] for p in partitions}
@@ -279,6 +299,58 @@ class Reconciler:
                 f"objects with the names of this network's children exist and are not controlled by it: "
                 f"{'; '.join(taken)}. Nothing was applied (the running deployment is left unchanged); delete "
                 "or rename them, and the operator retries")), retry=True)
+        return next((obj for kind, obj in existing if kind == PVC_KIND), None)
+
+    def _apply_storage(self, owner: Mapping[str, Any], pv: dict[str, Any], pvc: dict[str, Any],
+                       claim: Mapping[str, Any] | None) -> str | None:
+        """Apply the NFS volume and its claim; returns what keeps the claim from being bound.
+
+        A claim deleted by hand leaves the volume ``Released`` (reclaim policy Retain), its
+        ``claimRef`` naming the old claim's uid, where no new claim can bind it: such a volume
+        is deleted and made again (the data on the export stays; the deletion completes once
+        the volume is no longer Bound). A new volume is created
+        bound in advance to ``<name>-model`` (``claimRef`` without uid), so no other claim
+        can take it; created rather than applied, so that later applies (which leave the
+        ``claimRef`` out) never own, and so never change, the binding.
+        """
+        name, claim_name = pv["metadata"]["name"], pvc["metadata"]["name"]
+        selector = (f"{naming.children_selector(owner['metadata']['name'])},"
+                    f"{naming.NAMESPACE}={pvc['metadata']['namespace']}")
+        current = next((v for v in self.kube.list("v1", PV_KIND, None, selector) if v["metadata"]["name"] == name),
+                       None)
+        bound_to = ((current or {}).get("spec") or {}).get("claimRef") or {}
+        # Bound (or released) to a claim of our claim's name that no longer exists: the
+        # volume shows Released once the PersistentVolume controller has noticed.
+        if ((bound_to.get("namespace"), bound_to.get("name")) == (pvc["metadata"]["namespace"], claim_name)
+                and bound_to.get("uid") not in (None, ((claim or {}).get("metadata") or {}).get("uid"))):
+            self.kube.delete("v1", PV_KIND, name)
+            if not self._gone("v1", PV_KIND, name, selector):
+                raise RetryLater(f"PersistentVolume {name} (released by a deleted claim) is still being deleted")
+            self.emit(owner, "Normal", "VolumeRecreated", (
+                f"PersistentVolume {name} was released by the deleted claim {claim_name} (uid {bound_to.get('uid')}), "
+                "so no new claim could bind it: made it again, bound in advance to the new claim (the data on "
+                "the NFS export is kept)"))
+            current = None
+        if current is None:
+            self.kube.create(pv)  # None if made meanwhile: applied like any existing volume
+        # Also right after creating it, so that the next apply is a no-op, like every later one.
+        current = self.kube.apply(builders.without_claim_ref(pv))
+        claim = self.kube.apply(self._owned(pvc, owner))
+        phase = (claim.get("status") or {}).get("phase") or "Pending"
+        if phase == "Bound" or _age_seconds(claim) < CLAIM_BIND_GRACE_SECONDS:
+            return None
+        volume = (current.get("status") or {}).get("phase") or "not yet available"
+        return (f"PersistentVolumeClaim {claim_name} is {phase}, not Bound, {int(_age_seconds(claim))} s after "
+                f"its creation; its PersistentVolume {name} is {volume}")
+
+    def _gone(self, api_version: str, kind: str, name: str, selector: str) -> bool:
+        """Wait up to :data:`VOLUME_DELETE_WAIT_SECONDS` for a cluster-scoped object to be gone."""
+        deadline = time.monotonic() + VOLUME_DELETE_WAIT_SECONDS
+        while any(o["metadata"]["name"] == name for o in self.kube.list(api_version, kind, None, selector)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
 
     def _prune_storage(self, net: NeuralNetwork) -> None:
         """Without ``spec.storage.nfs`` no claim or volume of ours may remain (storage removed)."""

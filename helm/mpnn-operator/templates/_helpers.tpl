@@ -87,10 +87,11 @@ Each rule is justified in docs/install.md ("Permissions").
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create, patch]
-# The model claim: read (whose is it?), applied, pruned when spec.storage.nfs goes away.
+# The model claim: read (whose is it?), applied, watched (made again when deleted),
+# pruned when spec.storage.nfs goes away.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, list, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # The partition servers: applied, watched for readiness.
 - apiGroups: [apps]
   resources: [statefulsets]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 import numpy as np
 
@@ -37,20 +37,34 @@ class Mailbox:
     forever, and takers blocked on it wake with ``StepAborted``. Step ids must
     therefore be unique: a retried step needs a new id.
 
+    A message that nobody takes (its step never runs here: the receiver's Step was
+    refused or never sent) expires: every ``put`` and ``take`` first drops the messages
+    whose time to live has passed.
+
     Args:
         remember_discarded: how many discarded step ids to remember.
+        expire_after: default time to live of a message, seconds.
+        clock: monotonic seconds (tests pass a fake one).
     """
 
-    def __init__(self, remember_discarded: int = 1024):
+    def __init__(self, remember_discarded: int = 1024, expire_after: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._cond = threading.Condition()
-        self._slots: dict[tuple[tuple, int], np.ndarray] = {}
+        self._slots: dict[tuple[tuple, int], tuple[np.ndarray, float]] = {}
         self._discarded: OrderedDict[Hashable, None] = OrderedDict()
         self._remember = remember_discarded
+        self._expire_after = expire_after
+        self._clock = clock
+        self._next_expiry = float("inf")
 
-    def put(self, key: tuple, src: int, array: np.ndarray) -> bool:
+    def put(self, key: tuple, src: int, array: np.ndarray, ttl: float | None = None) -> bool:
         """Deliver ``array`` from partition ``src`` under ``key``.
 
         The array is stored as given (not copied); the sender must not modify it.
+
+        Args:
+            ttl: seconds the message waits to be taken before it is dropped (default
+                ``expire_after``); e.g. a little more than the step's deadline.
 
         Returns:
             True if stored, False if dropped because ``key``'s step was discarded.
@@ -58,14 +72,26 @@ class Mailbox:
             ValueError: a message for the same ``(key, src)`` is already waiting.
         """
         with self._cond:
+            now = self._expire()
             if key[0] in self._discarded:
                 return False
             slot = (key, src)
             if slot in self._slots:
                 raise ValueError(f"duplicate message for key {key!r} from partition {src}")
-            self._slots[slot] = array
+            expires = now + (self._expire_after if ttl is None else max(0.0, ttl))
+            self._slots[slot] = (array, expires)
+            self._next_expiry = min(self._next_expiry, expires)
             self._cond.notify_all()
             return True
+
+    def _expire(self) -> float:
+        """Drop the messages whose time to live has passed (caller holds the lock); returns now."""
+        now = self._clock()
+        if now >= self._next_expiry:
+            for slot in [slot for slot, (_, expires) in self._slots.items() if expires <= now]:
+                del self._slots[slot]
+            self._next_expiry = min((expires for _, expires in self._slots.values()), default=float("inf"))
+        return now
 
     def take(self, key: tuple, src: int, timeout: float) -> np.ndarray:
         """Remove and return the message from ``src`` under ``key``, waiting up to ``timeout`` seconds.
@@ -91,12 +117,13 @@ class Mailbox:
         wanted = list(dict.fromkeys(srcs))
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
+            self._expire()
             while True:
                 if key[0] in self._discarded:
                     raise StepAborted(f"step {key[0]!r} was discarded while waiting for key {key!r}")
                 missing = [s for s in wanted if (key, s) not in self._slots]
                 if not missing:
-                    return {s: self._slots.pop((key, s)) for s in wanted}
+                    return {s: self._slots.pop((key, s))[0] for s in wanted}
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(

@@ -336,7 +336,10 @@ class PartitionServer(pb_grpc.PartitionServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"phase must be fwd or bwd, got {request.phase!r}")
         try:
             arr = from_tensor(request.tensor, "tensor", "float32")
-            self.mailbox.put((request.step_id, request.phase, request.layer), request.source, arr)
+            # The sender's step ends by its deadline, and this partition's step of the same pass
+            # by (about) the same one: a message still here well after it is never taken.
+            ttl = 2 * (context.time_remaining() or DEFAULT_TIMEOUT) + 10.0
+            self.mailbox.put((request.step_id, request.phase, request.layer), request.source, arr, ttl)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.ExchangeReply()

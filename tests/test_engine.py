@@ -576,6 +576,25 @@ def test_mailbox_discard_wakes_a_waiting_taker():
     assert not t.is_alive() and len(caught) == 1
 
 
+def test_mailbox_drops_messages_nobody_takes_once_they_expire():
+    now = [0.0]
+    box = Mailbox(expire_after=10.0, clock=lambda: now[0])
+    a = np.zeros(3, np.float32)
+    box.put(("ghost", "fwd", 0), 1, a)                # its step never runs here
+    box.put(("short", "fwd", 0), 1, a, ttl=2.0)
+    now[0] = 5.0
+    box.put(("live", "fwd", 0), 2, a)
+    assert box.pending() == [(("ghost", "fwd", 0), 1), (("live", "fwd", 0), 2)]
+    now[0] = 12.0
+    box.put(("next", "fwd", 0), 2, a)
+    assert box.pending() == [(("live", "fwd", 0), 2), (("next", "fwd", 0), 2)]
+    now[0] = 15.0
+    with pytest.raises(TimeoutError):
+        box.take(("live", "fwd", 0), 2, timeout=0.0)  # expired before the (late) take
+    assert box.take(("next", "fwd", 0), 2, timeout=0.0) is a
+    assert box.pending() == []
+
+
 def test_local_transport_copies_and_rejects_self():
     transports = LocalTransport.group(2)
     arr = np.ones((2, 2), np.float32)

@@ -103,6 +103,26 @@ def test_exchange_rejects_bad_phase_and_duplicates(cluster4):
     assert "duplicate message" in err.details()
 
 
+def test_exchanges_of_a_step_that_never_runs_expire(cluster4):
+    from partition_server.mailbox import Mailbox
+
+    now = [0.0]
+    server = cluster4.servers[1]
+    server.mailbox = Mailbox(clock=lambda: now[0])
+
+    def exchange(step_id: str) -> None:
+        cluster4.stub(1).Exchange(pb.ExchangeRequest(
+            lookup_version=cluster4.table.version, step_id=step_id, phase="fwd", layer=0, source=0,
+            tensor=to_tensor(np.zeros((9, 3), np.float32))), timeout=5)
+
+    for i in range(3):
+        exchange(f"ghost{i}")
+    assert len(server.mailbox.pending()) == 3
+    now[0] = 25.0  # past twice the calls' 5 s deadline, plus 10 s
+    exchange("later")
+    assert [key[0] for key, _ in server.mailbox.pending()] == ["later"]
+
+
 def test_stale_lookup_version_is_failed_precondition(cluster4):
     x, _ = batch(0)
     stale = "sha256:" + "0" * 64

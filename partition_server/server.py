@@ -42,7 +42,7 @@ import threading
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import grpc
 import numpy as np
@@ -104,27 +104,45 @@ def max_infer_calls(workers: int) -> int:
 
 
 class Peers:
-    """One channel per peer address, reused across calls."""
+    """One channel per peer address, reused across calls; :meth:`retain` closes the ones a new
+    lookup table no longer names."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, pb_grpc.PartitionStub] = {}
-        self._channels: list[grpc.Channel] = []
+        self._peers: dict[str, tuple[grpc.Channel, pb_grpc.PartitionStub]] = {}
         self._lock = threading.Lock()
 
     def stub(self, address: str) -> pb_grpc.PartitionStub:
         with self._lock:
-            if address not in self._stubs:
+            if address not in self._peers:
                 channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                self._channels.append(channel)
-                self._stubs[address] = pb_grpc.PartitionStub(channel)
-            return self._stubs[address]
+                self._peers[address] = (channel, pb_grpc.PartitionStub(channel))
+            return self._peers[address][1]
+
+    def addresses(self) -> list[str]:
+        """Addresses with an open channel."""
+        with self._lock:
+            return list(self._peers)
+
+    def retain(self, addresses: Iterable[str]) -> list[str]:
+        """Close the channels to every address not in ``addresses``; returns those addresses.
+
+        A pass still running under the previous table loses its calls to them (its partitions
+        no longer serve that table anyway).
+        """
+        keep = set(addresses)
+        with self._lock:
+            gone = [a for a in self._peers if a not in keep]
+            channels = [self._peers.pop(a)[0] for a in gone]
+        for channel in channels:
+            channel.close()
+        return gone
 
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels:
-                channel.close()
-            self._channels.clear()
-            self._stubs.clear()
+            channels = [channel for channel, _ in self._peers.values()]
+            self._peers.clear()
+        for channel in channels:
+            channel.close()
 
 
 class GrpcTransport:
@@ -231,6 +249,10 @@ class PartitionServer(pb_grpc.PartitionServicer):
                 params = {k: (_rows(full[k][0], ranges[k]), _rows(full[k][1], ranges[k])) for k in owned}
                 loaded = Loaded(table, self._engine(table, params), "init", -1)
             self._loaded = loaded
+            closed = self.peers.retain(table.addresses)
+        if closed:
+            log.info("closed channels to addresses no longer in the lookup",
+                     extra={"partition": self.index, "addresses": closed})
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("loaded", extra={"partition": self.index, "lookup_version": table.version,

@@ -319,6 +319,27 @@ def test_lookup_change_reloads_and_keeps_the_weights(tmp_path):
             np.testing.assert_allclose(cluster.tensor(k, "weight"), ref.params[k][0], **TOL)
 
 
+def test_a_reload_closes_the_channels_to_addresses_that_left_the_lookup(tmp_path):
+    with Cluster(tmp_path, 3, Distribution("balanced")) as cluster:
+        x, y = batch(0)
+        cluster.driver().step(x, y, SGD)
+        server = cluster.servers[0]
+        old = cluster.table.addresses
+        assert sorted(server.peers.addresses()) == sorted(old[1:])
+        gone = server.peers.stub(old[2])
+        # Scaled down to 2 partitions: partition 2's address is no longer in the table.
+        table = build_table(old[:2], Distribution("balanced"))
+        cluster.write_lookup(table)
+        for i in (0, 1):
+            cluster.servers[i].load()
+        assert server.peers.addresses() == [old[1]]
+        with pytest.raises(ValueError, match="closed channel"):
+            gone.Status(pb.StatusRequest(), timeout=1)
+        # The kept channel still works under the new table (no checkpoint: the seeded weights).
+        out, _, _ = cluster.driver(table).step(x)
+        np.testing.assert_allclose(out, reference().forward(x), **TOL)
+
+
 def test_invalid_lookup_file_keeps_the_last_valid_table(tmp_path, caplog):
     with Cluster(tmp_path, 2, Distribution("balanced"), poll_seconds=0.05) as cluster:
         driver = cluster.driver()

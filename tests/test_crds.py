@@ -227,6 +227,18 @@ def test_partition_range_pattern_accepts_what_the_operator_writes(nnp):
     assert not re.fullmatch(pattern.strip("^$"), "0:0-")
 
 
+def test_range_numbers_are_bounded_so_counts_fit_the_status(nn, nnp):
+    """A layer has at most 10^8 units: 9 digits; more could overflow status.neurons (int64)."""
+    ranges = _spec(nnp)["properties"]["ranges"]["items"]["pattern"].strip("^$")
+    ids = _spec(nn)["properties"]["distribution"]["properties"]["ids"]["items"]["items"]["pattern"].strip("^$")
+    assert _spec(nn)["properties"]["model"]["properties"]["layers"]["items"]["properties"]["units"]["maximum"] \
+        == 10 ** 8
+    for pattern in (ranges, ids):
+        assert re.fullmatch(pattern, "255:0-99999999") and re.fullmatch(pattern, "2:999999999")
+        for text in ("2:5-99999999999999999999999999", "2:1000000000", "1234567890:0"):
+            assert not re.fullmatch(pattern, text), (pattern, text)
+
+
 def test_name_rule_matches_the_manifest(nn):
     rules = nn["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
     regex = re.search(r"matches\('(.*)'\)", rules[0]["rule"]).group(1)

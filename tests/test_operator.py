@@ -199,6 +199,13 @@ def test_a_name_ending_in_inference_is_refused(kubectl, namespace, crds):
     assert r.returncode != 0 and "metadata.name must not end in '-inference'" in r.stderr, r.stderr
 
 
+def test_partition_ranges_with_huge_numbers_are_refused(kubectl, namespace, crds):
+    part = {"apiVersion": "mpnn.dev/v1alpha1", "kind": "Partition", "metadata": {"name": "digits-0"},
+            "spec": {"network": "digits", "index": 0, "ranges": ["0:0-31", "2:5-99999999999999999999999999"]}}
+    r = kubectl.apply(part, namespace=namespace, check=False)
+    assert r.returncode != 0 and "spec.ranges[1]" in r.stderr, r.stderr
+
+
 def test_storage_cannot_change_in_place(kubectl, namespace, crds):
     kubectl.apply(digits(), namespace=namespace)
     r = kubectl.apply(digits(storage={"nfs": {"server": "10.0.0.2", "path": "/exports/mpnn"}}),

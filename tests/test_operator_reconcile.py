@@ -12,6 +12,8 @@ from pathlib import Path
 import kopf
 import pytest
 import yaml
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic.exceptions import api_exception
 
 from mpnn_operator import handlers, naming
 from mpnn_operator.reconcile import Reconciler, RetryLater
@@ -251,6 +253,39 @@ def test_scaling_rewrites_partitions_and_prunes_the_extra_ones(kube, reconciler,
     names = [p["metadata"]["name"] for p in kube.list("", "Partition", "ns", naming.children_selector("digits"))]
     assert names == ["digits-0", "digits-1", "digits-2"]
     assert kube.lookup().num_partitions == 3 and _status(kube)["partitions"] == 3
+
+
+def test_partition_status_counts_only_the_networks_neurons(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    # Layer 2 has units 0-9: 2:10-20 are no neurons, 2:5-7 belong to other partitions too.
+    kube.edit("Partition", "digits-3", ranges=["0:96-127", "1:48-63", "2:5-20", "7:0-3"])
+    reconciler.partition_changed(kube.get("", "Partition", "digits-3", "ns"))
+    status = kube.get("", "Partition", "digits-3", "ns")["status"]
+    assert status["neurons"] == 32 + 16 + 5
+    assert status["parameters"] == 32 * 65 + 16 * 129 + 5 * 65
+    degraded = _condition(kube, "Degraded")
+    assert degraded["reason"] == "InconsistentPartitions" and "range 2:5-20 of partition 3 is outside 0-9" in \
+        degraded["message"] and "layer 7 does not exist" in degraded["message"]
+
+
+def test_a_refused_partition_status_does_not_fail_the_reconcile(kube, reconciler):
+    patch_status = kube.patch_status
+
+    def refuse_one(api_version, kind, name, namespace, status):
+        if name == "digits-1":
+            error = ApiException(status=422, reason="Unprocessable Entity")
+            error.body = json.dumps({"kind": "Status", "reason": "Invalid", "message": "status.neurons: Invalid"})
+            raise api_exception(error)
+        return patch_status(api_version, kind, name, namespace, status)
+
+    kube.patch_status = refuse_one
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    parts = {p["metadata"]["name"]: p for p in kube.list("", "Partition", "ns", naming.children_selector("digits"))}
+    assert "status" not in parts["digits-1"]
+    assert [parts[f"digits-{i}"]["status"]["neurons"] for i in (0, 2, 3)] == [51, 50, 50]
+    assert _condition(kube, "Degraded")["status"] == "False" and _status(kube)["partitions"] == 4
 
 
 def test_a_deleted_partition_is_restored_from_the_strategy(kube, reconciler):

@@ -51,10 +51,28 @@ def partition_ranges(assignment: Sequence[Sequence[Range]], partitions: int) -> 
     return [share.ranges for share in shares(assignment, partitions)]
 
 
+def owned_neurons(net: NeuralNetwork, ranges: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The neurons of ``net`` among ``ranges`` (``(layer, start, end)`` half-open triples, as a
+    hand-edited Partition may hold them): cut to the layers, overlaps merged, layer-major."""
+    units = net.model.layer_units
+    cut = sorted((layer, max(start, 0), min(end, units[layer])) for layer, start, end in ranges
+                 if 0 <= layer < len(units))
+    out: list[tuple[int, int, int]] = []
+    for layer, start, end in cut:
+        if start >= end:
+            continue
+        if out and out[-1][0] == layer and start <= out[-1][2]:
+            out[-1] = (layer, out[-1][1], max(end, out[-1][2]))
+        else:
+            out.append((layer, start, end))
+    return out
+
+
 def partition_parameters(net: NeuralNetwork, ranges: Sequence[tuple[int, int, int]]) -> int:
     """Weights plus biases of the given neurons: ``fan_in + 1`` per neuron.
 
-    ``ranges`` holds ``(layer, start, end)`` half-open triples.
+    ``ranges`` holds ``(layer, start, end)`` half-open triples within the network's layers
+    (see :func:`owned_neurons`).
     """
     fan_in = [net.model.inputs] + net.model.layer_units[:-1]
     return sum((end - start) * (fan_in[layer] + 1) for layer, start, end in ranges)

@@ -373,7 +373,12 @@ class Reconciler:
 
     def _partition_statuses(self, namespace: str, name: str, net: NeuralNetwork | None,
                             partitions: list[dict[str, Any]]) -> None:
-        """Write each Partition's ``status`` (pod, ready, neurons, parameters) where it changed."""
+        """Write each Partition's ``status`` (pod, ready, neurons, parameters) where it changed.
+
+        ``neurons`` and ``parameters`` count only neurons of the network (none without a valid
+        spec). A refused write is logged and the others go on: one Partition's status, however
+        odd its hand-edited ranges, never fails the reconcile of its network.
+        """
         pods = self.kube.list("v1", "Pod", namespace, naming.selector_string(name))
         ready = {p["metadata"]["name"]: any(c.get("type") == "Ready" and c.get("status") == "True"
                                             for c in (p.get("status") or {}).get("conditions") or [])
@@ -383,15 +388,19 @@ class Reconciler:
             if index is None:
                 continue
             pod = naming.pod_name(name, index)
-            triples, _ = parse_ranges(part)
-            status = {"pod": pod, "ready": ready.get(pod, False),
-                      "neurons": sum(end - start for _, start, end in triples)}
-            if net is not None and all(layer < len(net.model.layers) for layer, _, _ in triples):
-                status["parameters"] = builders.partition_parameters(net, triples)
+            status: dict[str, Any] = {"pod": pod, "ready": ready.get(pod, False)}
+            if net is not None:
+                owned = builders.owned_neurons(net, parse_ranges(part)[0])
+                status.update(neurons=sum(end - start for _, start, end in owned),
+                              parameters=builders.partition_parameters(net, owned))
             current = part.get("status") or {}
             if any(current.get(k) != v for k, v in status.items()):
-                self.kube.patch_status(naming.API_VERSION, PARTITION_KIND, part["metadata"]["name"],
-                                       namespace, status)
+                try:
+                    self.kube.patch_status(naming.API_VERSION, PARTITION_KIND, part["metadata"]["name"],
+                                           namespace, status)
+                except DynamicApiError as exc:
+                    log.warning("the status of Partition %s/%s was refused: %s", namespace,
+                                part["metadata"]["name"], exc.summary())
 
     def _announce(self, body: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
                   table: LookupTable | None) -> None:

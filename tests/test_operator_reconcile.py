@@ -17,7 +17,7 @@ from kubernetes.dynamic.exceptions import api_exception
 
 from mpnn_operator import handlers, naming
 from mpnn_operator.reconcile import Reconciler, RetryLater
-from partition_server.lookup import LookupTable
+from partition_server.lookup import CONFIGMAP_LIMIT, LookupTable
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 NOW = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -342,6 +342,55 @@ def test_a_running_network_keeps_its_children_when_a_name_is_taken_by_another_ow
     assert "Service digits-inference is controlled by NeuralNetwork digits-inference (uid uid-2)" in message
     assert "Partition digits-5 has no controlling owner" in message
     assert _status(kube)["partitions"] == 4
+
+
+def test_a_lookup_over_the_configmap_limit_writes_nothing(kube, reconciler, events):
+    doc = _digits(storage=False)
+    del doc["spec"]["training"]
+    doc["spec"]["model"]["layers"] = [{"units": 1000}] * 256
+    kube.create_network(doc)
+    reconciler.reconcile("ns", "digits")
+    before = _children(kube)
+    kept = kube.lookup().version
+    kube.writes.clear()
+    kube.edit("NeuralNetwork", "digits", partitions=110)  # 256 x 110 ranges: over 1 MiB
+    reconciler.reconcile("ns", "digits")
+    assert _children(kube) == before
+    assert [w for w in kube.writes if w[1] != "NeuralNetwork"] == []
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "LookupTooLarge"
+    size = int(degraded["message"].split(" would hold ")[1].split(" bytes")[0])
+    assert size > CONFIGMAP_LIMIT and f"over the ConfigMap limit of {CONFIGMAP_LIMIT} bytes" in degraded["message"]
+    assert f"lookup table {kept} stays in force" in degraded["message"]
+    assert _status(kube)["partitions"] == 4 and events[-1][:2] == ("Warning", "LookupTooLarge")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")  # nothing new: nothing written, not even the status
+    assert kube.writes == []
+
+
+def _api_error(status, reason=""):
+    error = ApiException(status=status, reason="refused")
+    error.body = json.dumps({"kind": "Status", "reason": reason, "message": f"{reason} {status}"})
+    return api_exception(error)
+
+
+@pytest.mark.parametrize("status, reason, retried", [
+    (422, "Invalid", False), (403, "Forbidden", False), (409, "AlreadyExists", False), (400, "BadRequest", False),
+    (409, "Conflict", True), (429, "TooManyRequests", True), (500, "InternalError", True), (503, "", True),
+])
+def test_only_api_errors_that_may_pass_are_retried(status, reason, retried):
+    class Memo:
+        class reconciler:
+            @staticmethod
+            def reconcile(namespace, name):
+                raise _api_error(status, reason)
+
+    for retry, delay in ((0, 10), (3, 80)):
+        with pytest.raises(kopf.TemporaryError if retried else kopf.PermanentError) as info:
+            handlers.resync_network(name="digits", namespace="ns", memo=Memo, retry=retry)
+        assert f"HTTP {status}" in str(info.value)
+        if retried:
+            assert info.value.delay == delay
 
 
 def test_a_retry_later_becomes_a_growing_kopf_retry():

@@ -7,10 +7,12 @@ reconciler travels in kopf's ``memo`` as ``memo.reconciler``.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
 import kopf
+from kubernetes.dynamic.exceptions import DynamicApiError
 
 from . import naming
 from .reconcile import RetryLater
@@ -34,12 +36,40 @@ def retry_delay(retry: int) -> float:
     return float(min(RETRY_SECONDS * 2 ** min(retry, 16), RESYNC_SECONDS))
 
 
+def transient(exc: DynamicApiError) -> bool:
+    """Whether a refused API call may succeed when repeated unchanged: a server error, a timeout,
+    throttling, or a write that lost a race (409 Conflict). Other 4xx (422 Invalid, 403
+    Forbidden, 409 AlreadyExists, 400, 404) repeat until something else changes."""
+    status = exc.status or 0
+    if status >= 500 or status in (0, 408, 429):
+        return True
+    if status == 409:
+        try:
+            return json.loads(exc.body or "{}").get("reason") != "AlreadyExists"
+        except (TypeError, ValueError, AttributeError):
+            return True
+    return False
+
+
 def run(call: Callable[[], None], retry: int) -> None:
-    """Run a reconcile for a kopf handler, turning its failures into kopf's retry decisions."""
+    """Run a reconcile for a kopf handler, turning its failures into kopf's retry decisions.
+
+    The reconciler has recorded what failed in the NeuralNetwork's status. What may clear by
+    itself is retried after :func:`retry_delay` (10 s, doubling up to 5 minutes). An API error
+    that would repeat as it is (see :func:`transient`) is not retried: a change of the
+    NeuralNetwork runs the handler again, and the 5-minute resync timer retries anyway, so a
+    fix elsewhere (RBAC, an admission policy, a quota) is picked up.
+    """
     try:
         call()
     except RetryLater as exc:
         raise kopf.TemporaryError(str(exc), delay=retry_delay(retry)) from exc
+    except DynamicApiError as exc:
+        message = f"HTTP {exc.status}: {exc.summary()}"
+        if transient(exc):
+            raise kopf.TemporaryError(message, delay=retry_delay(retry)) from exc
+        raise kopf.PermanentError(f"{message} (not retried until the NeuralNetwork changes or the resync in "
+                                  f"{RESYNC_SECONDS} s)") from exc
 
 
 def run_for_event(call: Callable[[], None]) -> None:
@@ -49,6 +79,8 @@ def run_for_event(call: Callable[[], None]) -> None:
         call()
     except RetryLater as exc:
         log.info("reconcile deferred: %s", exc)
+    except DynamicApiError as exc:
+        log.warning("reconcile failed (HTTP %s): %s", exc.status, exc.summary())
 
 
 @kopf.on.login(registry=registry)

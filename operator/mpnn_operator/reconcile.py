@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from kubernetes.dynamic.exceptions import DynamicApiError
 
-from partition_server.lookup import LookupTable, LookupTableError
+from partition_server.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
 from partition_server.manifest import ManifestError, NeuralNetwork, parse_neural_network
 
 from . import builders, naming
@@ -241,12 +241,21 @@ class Reconciler:
         """Apply what the placement allows; returns the lookup table in force afterwards, and
         what is wrong with the NFS claim (None if it is bound, or still new).
 
+        Everything is built and checked before the first write. The lookup ConfigMap is
+        written before the Partitions: if it is refused no Partition has changed, and the
+        events of the Partitions written next find them agreeing with the table in force.
+
         Raises:
-            _Refused: before any write, when a child's name is held by an object this
-                NeuralNetwork does not control.
+            _Refused: before any write: the lookup ConfigMap would exceed the API server's
+                limit, or a child's name is held by an object this NeuralNetwork does not control.
         """
         pv, pvc = builders.persistent_volume(net), builders.volume_claim(net)
         wanted = builders.partitions(net, placement.assignment) if placement.redistribute else []
+        configmap = None
+        if placement.assignment is not None:
+            table = builders.lookup_table(net, placement.assignment, self.cluster_domain)
+            configmap = builders.lookup_configmap(net, table)
+            self._check_size(net, configmap)
         claim = self._check_names(owner, net, [pvc] if pvc is not None else [], wanted)
         claim_problem = None
         if pv is not None:
@@ -255,6 +264,10 @@ class Reconciler:
             self._prune_storage(net)
         self.kube.apply(self._owned(builders.headless_service(net), owner))
         self.kube.apply(self._owned(builders.inference_service(net), owner))
+        if configmap is not None:
+            self.kube.apply(self._owned(configmap, owner))
+        else:
+            table = self._lookup_in_force(net.namespace, net.name)
         if placement.redistribute:
             for obj in wanted:
                 self.kube.apply(self._owned(obj, owner))
@@ -263,14 +276,29 @@ class Reconciler:
                 if stale["metadata"]["name"] not in keep:
                     self.kube.delete(naming.API_VERSION, PARTITION_KIND, stale["metadata"]["name"], net.namespace)
             partitions = self._partitions(net.namespace, net.name)
-        if placement.assignment is not None:
-            table = builders.lookup_table(net, placement.assignment, self.cluster_domain)
-            self.kube.apply(self._owned(builders.lookup_configmap(net, table), owner))
-        else:
-            table = self._lookup_in_force(net.namespace, net.name)
         self.kube.apply(self._owned(builders.statefulset(net), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table, claim_problem
+
+    def _check_size(self, net: NeuralNetwork, configmap: Mapping[str, Any]) -> None:
+        """Refuse a lookup ConfigMap the API server would refuse (over 1 MiB of data).
+
+        Raises:
+            _Refused: ``LookupTooLarge``, with the sizes and the limit; not retried, since only
+                a change of the NeuralNetwork can change the table.
+        """
+        sizes = {key: len(value.encode()) for key, value in configmap["data"].items()}
+        total = sum(sizes.values())
+        if total <= CONFIGMAP_LIMIT:
+            return
+        kept = self._lookup_in_force(net.namespace, net.name)
+        raise _Refused(Finding(True, "LookupTooLarge", (
+            f"the lookup ConfigMap {configmap['metadata']['name']} would hold {total} bytes "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(sizes.items()))}), over the ConfigMap limit of "
+            f"{CONFIGMAP_LIMIT} bytes: {net.partitions} partitions of {len(net.model.layers)} layers under strategy "
+            f"{net.distribution.strategy} make too many ranges (balanced cuts every layer into one range per "
+            "partition; count, percentage and layers make far fewer). Nothing was applied: "
+            + (f"lookup table {kept.version} stays in force" if kept else "no lookup table is published"))))
 
     def _check_names(self, owner: Mapping[str, Any], net: NeuralNetwork, claims: list[dict[str, Any]],
                      partitions: list[dict[str, Any]]) -> dict[str, Any] | None:

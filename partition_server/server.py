@@ -51,7 +51,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import logs
 from .channels import CHANNEL_OPTIONS
 from .engine import ExchangeError, OptimizerConfig, PartitionEngine
-from .errors import FieldError
 from .inference import InferenceServicer, ModelInference
 from .lookup import LookupTable
 from .mailbox import Mailbox
@@ -490,8 +489,6 @@ def partition_from_hostname(hostname: str | None = None) -> int:
 
 def main(args: Any) -> int:
     """``mpnn serve``: run one partition server until SIGTERM or SIGINT."""
-    if not 0 <= args.http_port <= 65535:
-        raise FieldError("--http-port (MPNN_HTTP_PORT)", args.http_port, "must be a port, or 0 for no REST")
     logs.configure(args.log_level)
     index = args.partition if args.partition is not None else partition_from_hostname()
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))

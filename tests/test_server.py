@@ -418,10 +418,11 @@ def test_uncommitted_checkpoint_is_ignored_and_weights_move_to_a_new_assignment(
         for k in range(len(UNITS)):
             np.testing.assert_allclose(cluster.tensor(k, "weight"), at_n.params[k][0], **TOL)
             np.testing.assert_allclose(cluster.tensor(k, "bias"), at_n.params[k][1], **TOL)
-        # The next checkpoint reuses the dead writer's number; its leftover shards stay out of it.
+        # The next checkpoint takes a fresh number; the dead writer's leftovers stay out of it.
         again = driver.checkpoint(store, MODEL, {"optimizer": asdict(SGD)})
-        assert again.step == n + 1 and store.latest().step == n + 1
+        assert again.step == n + 2 and store.latest().step == n + 2
         assert sorted(s.file for s in again.shards) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+        assert len(list(store.step_dir(n + 1).iterdir())) == 4  # untouched, never committed
         for k in range(len(UNITS)):
             np.testing.assert_allclose(again.read_layer(k, "weight"), at_n.params[k][0], **TOL)
 

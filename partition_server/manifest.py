@@ -30,6 +30,8 @@ DATASET_FORMATS = ("digits", "mnist-idx", "npz")
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_TRAINER_SERVICE_ACCOUNT = "mpnn-trainer"
+# The partition servers' image when neither spec.server.image nor the operator's
+# --server-image (the Helm chart sets it to its own image) says otherwise.
 DEFAULT_IMAGE = "ghcr.io/mpnn/mpnn:0.1.0"
 # StatefulSet pods are named <name>-<ordinal> and carry a controller-revision-hash
 # label built from the name, which caps StatefulSet names at 52 characters.
@@ -119,9 +121,10 @@ class TrainingSpec:
 @dataclass(frozen=True)
 class ServerSpec:
     """``spec.server``: the partition servers' container image, gRPC port, Open Inference
-    Protocol REST port and resources."""
+    Protocol REST port and resources. ``image`` None: the operator's (or ``mpnn render``'s)
+    ``--server-image``."""
 
-    image: str = DEFAULT_IMAGE
+    image: str | None = None
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT
     resources: Mapping[str, Any] = field(default_factory=dict)
@@ -349,8 +352,8 @@ def _parse_server(s: Any) -> ServerSpec:
         return ServerSpec()
     _expect_map(s, "spec.server")
     _no_unknown(s, "spec.server", {"image", "port", "httpPort", "resources"})
-    image = s.get("image", DEFAULT_IMAGE)
-    if not isinstance(image, str) or not image:
+    image = s.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
         raise ManifestError("spec.server.image", image, "must be a container image reference")
     port = _port(s.get("port", DEFAULT_PORT), "spec.server.port")
     http_port = _port(s.get("httpPort", DEFAULT_HTTP_PORT), "spec.server.httpPort")

@@ -188,7 +188,10 @@ def test_deployment_hardening_and_probe():
     (c,) = pod["containers"]
     assert c["image"] == "ghcr.io/mpnn/mpnn:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["mpnn"]
-    assert c["args"] == ["operator", "--cluster-domain=cluster.local", "--liveness-port=8080", "--log-level=info"]
+    assert c["args"] == ["operator", "--cluster-domain=cluster.local", "--server-image=ghcr.io/mpnn/mpnn:0.1.0",
+                         "--liveness-port=8080", "--log-level=info"]
+    from partition_server.manifest import DEFAULT_IMAGE
+    assert c["image"] == DEFAULT_IMAGE  # the chart's default image is the package's default server image
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
@@ -222,7 +225,9 @@ def test_values_reach_the_deployment():
     (c,) = pod["containers"]
     assert dep["metadata"]["name"] == "prod-mpnn-operator"
     assert c["image"] == "registry.example.com/mpnn:dev" and c["imagePullPolicy"] == "Always"
-    assert c["args"] == ["operator", "--cluster-domain=corp.internal", "--liveness-port=9090", "--log-level=debug"]
+    # The partition servers run the operator's image (docs/install.md builds and pushes one image).
+    assert c["args"] == ["operator", "--cluster-domain=corp.internal", "--server-image=registry.example.com/mpnn:dev",
+                         "--liveness-port=9090", "--log-level=debug"]
     assert c["ports"][0]["containerPort"] == 9090
     assert c["resources"] == values["resources"]
     # Helm merges maps into the defaults (a key set to null removes a default).

@@ -68,7 +68,9 @@ def test_minimal_manifest_defaults():
     assert [l.activation for l in net.model.layers] == ["relu", "tanh", "softmax"]
     assert net.distribution == Distribution()
     assert net.storage is None and net.training is None
-    assert net.server.port == DEFAULT_PORT and net.server.image == DEFAULT_IMAGE
+    assert net.server.port == DEFAULT_PORT
+    assert net.server.image is None  # the operator's --server-image (default DEFAULT_IMAGE) applies
+    assert DEFAULT_IMAGE == "ghcr.io/mpnn/mpnn:0.1.0"
     assert net.server.http_port == 8000
 
 

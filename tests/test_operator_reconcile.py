@@ -135,12 +135,14 @@ def events():
     return []
 
 
+def _adopt(child, owner):
+    child["metadata"]["ownerReferences"] = [{"kind": "NeuralNetwork", "name": owner["metadata"]["name"],
+                                             "uid": owner["metadata"]["uid"], "controller": True}]
+
+
 @pytest.fixture
 def reconciler(kube, events):
-    def adopt(child, owner):
-        child["metadata"]["ownerReferences"] = [{"kind": "NeuralNetwork", "name": owner["metadata"]["name"],
-                                                 "uid": owner["metadata"]["uid"], "controller": True}]
-    return Reconciler(kube, "cluster.local", emit=lambda o, t, r, m: events.append((t, r, m)), adopt=adopt)
+    return Reconciler(kube, "cluster.local", emit=lambda o, t, r, m: events.append((t, r, m)), adopt=_adopt)
 
 
 def _digits(storage=True):
@@ -181,6 +183,19 @@ def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconc
     kube.writes.clear()
     reconciler.reconcile("ns", "digits")
     assert kube.writes == []
+
+
+def test_servers_and_jobs_run_the_operators_image_unless_the_spec_names_one(kube, events):
+    _trainer_account(kube)
+    reconciler = Reconciler(kube, "cluster.local", emit=lambda *a: None, adopt=_adopt,
+                            server_image="registry.example.com/mpnn:0.1.0")
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    image = lambda kind, name: kube.objects[(kind, "ns", name)]["spec"]["template"]["spec"]["containers"][0]["image"]  # noqa: E731
+    assert image("StatefulSet", "digits") == image("Job", "digits-train-digits-1") == "registry.example.com/mpnn:0.1.0"
+    kube.edit("NeuralNetwork", "digits", server={"image": "example.org/mpnn:dev"})
+    reconciler.reconcile("ns", "digits")
+    assert image("StatefulSet", "digits") == "example.org/mpnn:dev"
 
 
 def test_invalid_spec_leaves_children_untouched(kube, reconciler, events):

@@ -13,7 +13,7 @@ from mpnn_operator import builders, cli, naming
 from mpnn_operator.render import render
 from partition_server.distributor import check_coverage, distribute, parse_neuron_ids, Range
 from partition_server.lookup import LookupTable
-from partition_server.manifest import LayerSpec, ModelSpec, load_manifest, parse_training
+from partition_server.manifest import DEFAULT_IMAGE, LayerSpec, ModelSpec, load_manifest, parse_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.yaml"
@@ -277,6 +277,33 @@ def test_training_job_runs_the_driver_against_the_servers(tmp_path):
     assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                                  "values": [cli.EXIT_USAGE]}} in rules
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
+def _images(objs):
+    return {o["kind"]: o["spec"]["template"]["spec"]["containers"][0]["image"] for o in objs
+            if o["kind"] in ("StatefulSet", "Job")}
+
+
+def test_server_image_is_the_spec_s_else_the_operator_s(tmp_path):
+    path = _trained(tmp_path)
+    assert _images(render(str(path))) == {"StatefulSet": DEFAULT_IMAGE, "Job": DEFAULT_IMAGE}
+    assert _images(render(str(path), server_image="registry.example.com/mpnn:dev")) == \
+        {"StatefulSet": "registry.example.com/mpnn:dev", "Job": "registry.example.com/mpnn:dev"}
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["server"] = {"image": "example.org/custom:1"}
+    path.write_text(yaml.safe_dump(doc))
+    assert _images(render(str(path), server_image="registry.example.com/mpnn:dev")) == \
+        {"StatefulSet": "example.org/custom:1", "Job": "example.org/custom:1"}
+
+
+def test_server_image_flags(monkeypatch, capsys):
+    assert cli._parser().parse_args(["operator"]).server_image == DEFAULT_IMAGE
+    monkeypatch.setenv("MPNN_SERVER_IMAGE", "registry.example.com/mpnn:0.1.0")
+    assert cli._parser().parse_args(["operator"]).server_image == "registry.example.com/mpnn:0.1.0"
+    assert cli._parser().parse_args(["operator", "--server-image", "a/b:c"]).server_image == "a/b:c"
+    assert cli.main(["render", str(DIGITS), "--server-image", "a/b:c"]) == 0
+    (sts,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d["kind"] == "StatefulSet"]
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == "a/b:c"
 
 
 def test_training_job_mounts_an_existing_claim(tmp_path):

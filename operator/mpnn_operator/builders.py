@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 from partition_server.distributor import Assignment, Range, shares
 from partition_server.lookup import LookupTable, service_addresses
-from partition_server.manifest import NeuralNetwork, TrainingSpec, network_document, training_document
+from partition_server.manifest import (DEFAULT_IMAGE, NeuralNetwork, TrainingSpec, network_document,
+                                       training_document)
 
 from . import naming
 
@@ -175,7 +176,13 @@ def model_volume(net: NeuralNetwork) -> dict[str, Any]:
     return {"name": "model", "persistentVolumeClaim": {"claimName": claim}}
 
 
-def statefulset(net: NeuralNetwork) -> dict[str, Any]:
+def server_image(net: NeuralNetwork, default: str = DEFAULT_IMAGE) -> str:
+    """The image of the servers and the training Job: ``spec.server.image``, else ``default``
+    (the operator's ``--server-image``)."""
+    return net.server.image or default
+
+
+def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     """The partition servers: ``replicas = spec.partitions``, started in parallel.
 
     The lookup ConfigMap is mounted as a directory (never ``subPath``) so the
@@ -183,14 +190,15 @@ def statefulset(net: NeuralNetwork) -> dict[str, Any]:
     restart. ``network.json``'s hash is a template annotation, so a model change
     rolls the pods. Readiness is the gRPC health service of the server itself: the
     Open Inference Protocol's ``/v2/health/ready`` needs every peer, so probing it
-    would keep all pods unready until all are up (and out of the Services).
+    would keep all pods unready until all are up (and out of the Services). The image is
+    :func:`server_image`.
     """
     port = net.server.port
     config_hash = hashlib.sha256(network_json(net).encode()).hexdigest()[:16]
     pod_labels = naming.labels(net.name, naming.SERVER)
     container = {
         "name": "server",
-        "image": net.server.image,
+        "image": server_image(net, default_image),
         "command": ["mpnn", "serve"],
         "env": [
             {"name": "MPNN_PARTITION",
@@ -237,7 +245,7 @@ def training_json(training: TrainingSpec) -> str:
     return json.dumps(training_document(training), sort_keys=True, separators=(",", ":"))
 
 
-def training_job(net: NeuralNetwork) -> dict[str, Any] | None:
+def training_job(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict[str, Any] | None:
     """The ``Job`` running ``mpnn train`` for ``spec.training.runId`` (None without training or storage).
 
     Its pod mounts what the servers mount (lookup ConfigMap, model volume) and runs
@@ -254,7 +262,7 @@ def training_job(net: NeuralNetwork) -> dict[str, Any] | None:
     meta["labels"][naming.RUN] = training.run_id
     container = {
         "name": "trainer",
-        "image": net.server.image,
+        "image": server_image(net, default_image),
         "command": ["mpnn", "train"],
         "args": ["--training", training_json(training), "--report", "--namespace", net.namespace],
         "env": _config_env(net),
@@ -315,14 +323,15 @@ def _container_security_context() -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def children(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local") -> list[dict[str, Any]]:
+def children(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local",
+             default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
     """Every object the operator creates for ``net`` under ``assignment``, in apply order; the
     training Job, last, is created once per run rather than applied."""
     storage = [o for o in (persistent_volume(net), volume_claim(net)) if o is not None]
-    job = training_job(net)
+    job = training_job(net, default_image)
     return [*storage, headless_service(net), inference_service(net),
             lookup_configmap(net, lookup_table(net, assignment, cluster_domain)),
-            *partitions(net, assignment), statefulset(net), *([job] if job else [])]
+            *partitions(net, assignment), statefulset(net, default_image), *([job] if job else [])]
 
 
 def _meta(net: NeuralNetwork, name: str, component: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import os
 import sys
 from importlib import import_module
 
+from partition_server.manifest import DEFAULT_IMAGE
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -80,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--namespace", action="append", dest="namespaces",
                    help="watch this namespace (repeatable); default: all namespaces")
     o.add_argument("--cluster-domain", default=os.environ.get("MPNN_CLUSTER_DOMAIN", "cluster.local"))
+    o.add_argument("--server-image", default=os.environ.get("MPNN_SERVER_IMAGE") or DEFAULT_IMAGE,
+                   help="image of partition servers and training Jobs whose NeuralNetwork sets no "
+                        "spec.server.image (env MPNN_SERVER_IMAGE; default: %(default)s)")
     o.add_argument("--liveness-port", type=_port, default=os.environ.get("MPNN_LIVENESS_PORT", "8080"),
                    help="serve /healthz on this port (default: %(default)s)")
     o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
@@ -90,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("manifest")
     n.add_argument("--cluster-domain", default="cluster.local")
     n.add_argument("--namespace", help="namespace of the objects (default: the manifest's, else default)")
+    n.add_argument("--server-image", default=DEFAULT_IMAGE,
+                   help="image of the servers and the training Job unless spec.server.image is set, as the "
+                        "operator's --server-image (default: %(default)s)")
     n.set_defaults(target="mpnn_operator.render:main")
     return p
 

@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         raise FieldError("--log-level", args.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
     kopf.configure(debug=level == "debug", log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(level.upper())
-    reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt)
+    reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt, server_image=args.server_image)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     kopf.run(registry=handlers.registry, settings=settings(), standalone=True,
              clusterwide=not args.namespaces, namespaces=args.namespaces or (),

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from kubernetes.dynamic.exceptions import DynamicApiError
 
 from partition_server.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
-from partition_server.manifest import ManifestError, NeuralNetwork, parse_neural_network
+from partition_server.manifest import DEFAULT_IMAGE, ManifestError, NeuralNetwork, parse_neural_network
 
 from . import builders, naming
 from .conditions import HEALTHY, Finding, network_status
@@ -94,14 +94,18 @@ class Reconciler:
         cluster_domain: DNS suffix of the partition addresses in lookup.json.
         emit: posts a Kubernetes Event on an object.
         adopt: makes a NeuralNetwork the owner of a child (``kopf.append_owner_reference``).
+        server_image: the image of partition servers and training Jobs whose NeuralNetwork
+            sets no ``spec.server.image`` (``mpnn operator --server-image``).
     """
 
-    def __init__(self, kube: Kube, cluster_domain: str, emit: Emit, adopt: Adopt):
+    def __init__(self, kube: Kube, cluster_domain: str, emit: Emit, adopt: Adopt,
+                 server_image: str = DEFAULT_IMAGE):
         self.kube = kube
         self.cluster_domain = cluster_domain
         self.emit = emit
         self.adopt = adopt
-        self.training = Training(kube, emit, adopt)
+        self.server_image = server_image
+        self.training = Training(kube, emit, adopt, server_image)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -276,7 +280,7 @@ class Reconciler:
                 if stale["metadata"]["name"] not in keep:
                     self.kube.delete(naming.API_VERSION, PARTITION_KIND, stale["metadata"]["name"], net.namespace)
             partitions = self._partitions(net.namespace, net.name)
-        self.kube.apply(self._owned(builders.statefulset(net), owner))
+        self.kube.apply(self._owned(builders.statefulset(net, self.server_image), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table, claim_problem
 

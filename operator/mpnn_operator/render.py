@@ -17,15 +17,17 @@ from typing import Any
 import yaml
 
 from partition_server.distributor import distribute
-from partition_server.manifest import ManifestError, load_manifest
+from partition_server.manifest import DEFAULT_IMAGE, ManifestError, load_manifest
 
 from . import builders
 
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
-def render(manifest: str, cluster_domain: str = "cluster.local", namespace: str | None = None) -> list[dict[str, Any]]:
-    """The children of the NeuralNetwork in ``manifest``, in apply order.
+def render(manifest: str, cluster_domain: str = "cluster.local", namespace: str | None = None,
+           server_image: str | None = None) -> list[dict[str, Any]]:
+    """The children of the NeuralNetwork in ``manifest``, in apply order; ``server_image`` stands
+    for the operator's ``--server-image`` (default: :data:`DEFAULT_IMAGE`).
 
     Raises:
         ManifestError: the manifest is unreadable or invalid (names the field).
@@ -36,7 +38,7 @@ def render(manifest: str, cluster_domain: str = "cluster.local", namespace: str 
             raise ManifestError("--namespace", namespace, "must be a DNS-1123 label (lowercase letters, digits, '-')")
         net = dataclasses.replace(net, namespace=namespace)
     assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
-    return builders.children(net, assignment, cluster_domain)
+    return builders.children(net, assignment, cluster_domain, server_image or DEFAULT_IMAGE)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -57,5 +59,5 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    sys.stdout.write(to_yaml(render(args.manifest, args.cluster_domain, args.namespace)))
+    sys.stdout.write(to_yaml(render(args.manifest, args.cluster_domain, args.namespace, args.server_image)))
     return 0

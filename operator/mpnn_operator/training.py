@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from partition_server.manifest import NeuralNetwork
+from partition_server.manifest import DEFAULT_IMAGE, NeuralNetwork
 
 from . import builders, naming
 from .conditions import get_condition, now
@@ -44,10 +44,11 @@ class Training:
         kube: API access.
         emit: posts an Event, ``(object, type, reason, message)``.
         adopt: makes the NeuralNetwork the controlling owner of a child, in place.
+        server_image: the Job's image unless ``spec.server.image`` is set.
     """
 
-    def __init__(self, kube: Kube, emit, adopt):
-        self.kube, self.emit, self.adopt = kube, emit, adopt
+    def __init__(self, kube: Kube, emit, adopt, server_image: str = DEFAULT_IMAGE):
+        self.kube, self.emit, self.adopt, self.server_image = kube, emit, adopt, server_image
 
     def sync(self, body: Mapping[str, Any], net: NeuralNetwork) -> None:
         """Bring the training Job of ``net`` in line with ``spec.training``, and ``status.training``
@@ -81,7 +82,7 @@ class Training:
             if current.get("run") != run:  # written before the Job exists, so no report of the trainer is lost
                 current = self._set(body, current, run, {"phase": PENDING,
                                                          "message": f"starting Job {wanted}; waiting for the trainer"})
-            obj = builders.training_job(net)
+            obj = builders.training_job(net, self.server_image)
             self.adopt(obj, body)
             job = self.kube.create(obj)
             if job is None:

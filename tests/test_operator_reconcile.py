@@ -567,11 +567,18 @@ def test_one_job_per_run(kube, reconciler, events):
     reconciler.reconcile("ns", "digits")
     reconciler.refresh_training("ns", "digits")
     assert kube.writes == []
-    # Its Job gone (finished and cleaned up, or deleted by hand): the run is not started again.
+    # Its Job deleted before the run finished: the run is Stopped, and not started again.
     kube.delete("batch/v1", "Job", job["metadata"]["name"], "ns")
     kube.writes.clear()
     reconciler.reconcile("ns", "digits")
-    assert kube.writes == [] and _jobs(kube) == []
+    assert _jobs(kube) == [] and [w for w in kube.writes if w[0] != "status"] == []
+    training = _training(kube)
+    assert training["phase"] == "Stopped" and training["job"] == "digits-train-digits-1"
+    assert training["message"].startswith("Job digits-train-digits-1 was deleted before the run finished")
+    assert events[-1][:2] == ("Normal", "TrainingStopped")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and [e[1] for e in events].count("TrainingStopped") == 1
 
     # A new runId: a new run, from a clean status.training.
     kube.objects[("NeuralNetwork", "ns", "digits")]["status"]["training"].update(epoch=3, accuracy=0.9)
@@ -697,6 +704,30 @@ def test_a_failed_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconc
     kube.writes.clear()
     reconciler.refresh_training("ns", "digits")
     assert kube.writes == [] and _training(kube)["message"] == "partition 2 unavailable"
+
+
+def test_a_complete_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kube.patch_status("", "NeuralNetwork", "digits", "ns", {"training": {"phase": "Running", "epoch": 4}})
+    job = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    job["status"] = {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True", "lastTransitionTime": "2025-01-01T02:00:00Z"}]}
+    reconciler.refresh_training("ns", "digits")
+    training = _training(kube)
+    assert (training["phase"], training["epoch"], training["completionTime"]) == \
+        ("Succeeded", 4, "2025-01-01T02:00:00Z")
+    assert training["message"] == "Job digits-train-digits-1 completed; the trainer did not report its result"
+    # The trainer's own report (with its accuracy) stands; a finished Job deleted later changes nothing.
+    kube.patch_status("", "NeuralNetwork", "digits", "ns",
+                      {"training": {"phase": "Succeeded", "message": "held-out accuracy 0.9600"}})
+    kube.writes.clear()
+    reconciler.refresh_training("ns", "digits")
+    kube.delete("batch/v1", "Job", "digits-train-digits-1", "ns")
+    reconciler.reconcile("ns", "digits")
+    assert [w for w in kube.writes if w[0] != "delete"] == []
+    assert _training(kube)["message"] == "held-out accuracy 0.9600"
 
 
 def test_removing_training_stops_the_job(kube, reconciler):

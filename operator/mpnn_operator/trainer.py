@@ -48,8 +48,9 @@ class TrainingReporter:
     Fields: ``run``, ``phase`` (Running, Succeeded, Failed), ``epoch``, ``step``,
     ``loss``, ``accuracy`` (held-out split, in [0, 1]), ``checkpoint`` (last
     committed checkpoint number), ``startTime``, ``completionTime``, ``message``.
-    The operator writes the rest of ``status.training`` (``job``; phases Pending and
-    Blocked; see :mod:`mpnn_operator.training`).
+    The operator writes the rest of ``status.training`` (``job``; phases Pending, Blocked
+    and Stopped, and the outcome of a Job the trainer could not report; see
+    :mod:`mpnn_operator.training`).
 
     Args:
         patch_status: ``(status: dict) -> None``, e.g. a merge patch of the status subresource.

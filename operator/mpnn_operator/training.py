@@ -3,8 +3,9 @@
 ``status.training`` has two writers, each merge-patching only the keys it sets:
 the trainer (``mpnn train`` through :class:`~mpnn_operator.trainer.TrainingReporter`:
 phases Running, Succeeded, Failed, and the progress fields) and this module
-(``job``, phases Pending and Blocked, and Failed when the Job failed without the
-trainer saying so, e.g. its pod was killed for memory).
+(``job``, phases Pending and Blocked; Failed or Succeeded when the Job finished without
+the trainer saying so, e.g. its pod was killed for memory; Stopped when the Job was
+deleted before the run finished).
 
 A run starts at most once. ``status.training.job`` records its Job, so an
 unchanged runId never gets a second Job: not after its Job finished or was
@@ -23,7 +24,10 @@ from .conditions import get_condition, now
 from .kube import Kube
 
 JOB_API, JOB_KIND = "batch/v1", "Job"
-PENDING, BLOCKED, FAILED = "Pending", "Blocked", "Failed"
+PENDING, BLOCKED, RUNNING, SUCCEEDED, FAILED, STOPPED = ("Pending", "Blocked", "Running", "Succeeded", "Failed",
+                                                         "Stopped")
+# Phases of a run that has not finished: its Job gone, the run is Stopped.
+UNFINISHED = (PENDING, BLOCKED, RUNNING)
 # Every key of status.training but ``run``: cleared when a new run begins.
 RUN_FIELDS = ("job", "phase", "epoch", "step", "loss", "accuracy", "checkpoint", "startTime", "completionTime",
               "message")
@@ -78,7 +82,13 @@ class Training:
         job = jobs[0] if jobs else None
         if job is None:
             if current.get("run") == run and current.get("job") == wanted:
-                return  # started before, and its Job deleted since: never a second Job for a run
+                # Started before, and its Job deleted since: never a second Job for a run.
+                if current.get("phase") in UNFINISHED:
+                    message = (f"Job {wanted} was deleted before the run finished; a run is never started twice: "
+                               "set a new spec.training.runId to train again")
+                    self._set(body, current, run, {"phase": STOPPED, "message": message, "completionTime": now()})
+                    self.emit(body, "Normal", "TrainingStopped", f"run {run}: {message}")
+                return
             if current.get("run") != run:  # written before the Job exists, so no report of the trainer is lost
                 current = self._set(body, current, run, {"phase": PENDING,
                                                          "message": f"starting Job {wanted}; waiting for the trainer"})
@@ -96,8 +106,15 @@ class Training:
 
     def _observe(self, body: Mapping[str, Any], net: NeuralNetwork, current: dict[str, Any],
                  job: Mapping[str, Any]) -> None:
-        """Mirror a failed Job the trainer could not report; say why its pod cannot start."""
+        """Mirror a finished Job the trainer could not report; say why its pod cannot start."""
         run, name = net.training.run_id, job["metadata"]["name"]
+        complete = _true(job, "Complete")
+        if complete is not None:
+            if current.get("phase") != SUCCEEDED:
+                self._set(body, current, run, {
+                    "phase": SUCCEEDED, "message": f"Job {name} completed; the trainer did not report its result",
+                    "completionTime": complete.get("lastTransitionTime") or now()})
+            return
         failed = _true(job, "Failed")
         if failed is not None:
             if current.get("phase") != FAILED:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -130,8 +131,9 @@ def percentages_to_counts(percentages: Sequence[float], total: int) -> list[int]
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
             raise DistributionError(f"{_FIELD}.percentages[{i}]", p, "must be a finite non-negative number")
     if abs(sum(percentages) - 100) > 1e-9:
-        raise DistributionError(f"{_FIELD}.percentages", list(percentages),
-                                f"sum is {sum(percentages):g}, must be 100")
+        # Summed as the decimals written, so 99.9999999 reads as such (":g" would print 100).
+        exact = sum((Decimal(str(p)) for p in percentages), Decimal(0))
+        raise DistributionError(f"{_FIELD}.percentages", list(percentages), f"sum is {exact}, must be 100")
     # Fractions of the decimal text keep ties exact: 33.3% of 10 must not lose to float noise.
     quotas = [Fraction(str(p)) * total / 100 for p in percentages]
     counts = [int(q) for q in quotas]

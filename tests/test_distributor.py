@@ -191,6 +191,12 @@ class TestPercentage:
         with pytest.raises(DistributionError) as ei:
             distribute([10], 2, Distribution("percentage", percentages=(60, 50)))
         assert ei.value.field == "spec.distribution.percentages"
+        assert "sum is 110, must be 100" in str(ei.value)
+
+    def test_a_sum_just_off_is_printed_as_it_is(self):
+        with pytest.raises(DistributionError) as ei:
+            percentages_to_counts([30, 30, 20, 19.9999999], 10)
+        assert "sum is 99.9999999, must be 100" in str(ei.value)
 
     def test_negative(self):
         with pytest.raises(DistributionError) as ei:

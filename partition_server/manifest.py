@@ -361,6 +361,11 @@ def _parse_server(s: Any) -> ServerSpec:
         raise ManifestError("spec.server.httpPort", http_port, "must differ from spec.server.port")
     resources = s.get("resources") or {}
     _expect_map(resources, "spec.server.resources")
+    if "claims" in resources:  # the CRD has no such field: the API server refuses or drops it
+        raise ManifestError("spec.server.resources.claims", resources["claims"],
+                            "is not supported: a container's resource claims must name claims of the pod "
+                            "(spec.resourceClaims), which the partition servers' pods do not declare")
+    _no_unknown(resources, "spec.server.resources", {"limits", "requests"})
     return ServerSpec(image, port, http_port, dict(resources))
 
 

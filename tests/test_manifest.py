@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from partition_server.distributor import Distribution
 from partition_server.manifest import (
@@ -420,9 +421,19 @@ def test_momentum_zero_allowed():
     ({"port": 8000}, "spec.server.httpPort"),  # the default REST port
     ({"image": ""}, "spec.server.image"),
     ({"resources": ["cpu"]}, "spec.server.resources"),
+    ({"resources": {"limit": {"cpu": 1}}}, "spec.server.resources.limit"),
 ])
 def test_bad_server(server, field):
     assert error_of(manifest(server=server)).field == field
+
+
+def test_resource_claims_are_refused_as_the_crd_does():
+    err = error_of(manifest(server={"resources": {"limits": {"cpu": "1"}, "claims": [{"name": "gpu"}]}}))
+    assert err.field == "spec.server.resources.claims" and "is not supported" in err.message
+    crd = yaml.safe_load((Path(__file__).resolve().parents[1] / "crds" / "neuralnetworks.mpnn.dev.yaml").read_text())
+    server = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["server"]
+    resources = server["properties"]["resources"]
+    assert set(resources["properties"]) == {"limits", "requests"} and "claims" in resources["description"]
 
 
 # --------------------------------------------------------------------------- with_partitions

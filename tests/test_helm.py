@@ -51,7 +51,7 @@ CLUSTER_RULES = {
 NAMESPACE_WATCH_RULES = {("", "namespaces"): {"list", "watch"}}
 # The training Jobs' identity (ClusterRole mpnn-trainer, bound per namespace by the user):
 # TrainingReporter's merge patch of status.training, nothing else.
-TRAINER_RULES = {("mpnn.dev", "neuralnetworks"): {"get"}, ("mpnn.dev", "neuralnetworks/status"): {"patch"}}
+TRAINER_RULES = {("mpnn.dev", "neuralnetworks/status"): {"patch"}}
 TRAINER_ROLE = "mpnn-trainer"
 
 

@@ -205,7 +205,8 @@ def test_job_pod_runs_the_driver_and_the_trainer_reports_as_its_service_account(
                    check=False)
     assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
     assert nn(kubectl, ns)["spec"]["partitions"] == 4
-    for verb, resource, where in (("patch", "neuralnetworks.mpnn.dev", ns), ("delete", "neuralnetworks.mpnn.dev", ns),
+    for verb, resource, where in (("get", "neuralnetworks.mpnn.dev", ns),  # reporting needs no read
+                                  ("patch", "neuralnetworks.mpnn.dev", ns), ("delete", "neuralnetworks.mpnn.dev", ns),
                                   ("patch", "partitions.mpnn.dev/status", ns), ("create", "pods", ns),
                                   ("patch", "neuralnetworks.mpnn.dev/status", "default")):
         assert as_trainer("auth", "can-i", verb, resource, namespace=where, check=False).stdout.strip() == "no", \

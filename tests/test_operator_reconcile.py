@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import kopf
@@ -20,7 +21,10 @@ from mpnn_operator.reconcile import Reconciler, RetryLater
 from partition_server.lookup import CONFIGMAP_LIMIT, LookupTable
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
-NOW = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FakeKube:
@@ -68,7 +72,7 @@ class FakeKube:
                 new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         else:
             new["metadata"].update(generation=1, uid=new["metadata"].get("uid") or f"uid-{self._rv + 1}",
-                                   creationTimestamp=new["metadata"].get("creationTimestamp") or NOW)
+                                   creationTimestamp=new["metadata"].get("creationTimestamp") or _now())
         self._bump(new)
         self.objects[key] = new
         if _op == "apply":
@@ -482,6 +486,10 @@ def test_a_claim_that_does_not_bind_is_reported(kube, reconciler, events):
     assert degraded["message"].startswith("PersistentVolumeClaim digits-model is Pending, not Bound")
     assert "PersistentVolume mpnn.ns.digits is Available" in degraded["message"]
     assert events[-1][:2] == ("Warning", "ClaimNotBound") and _status(kube)["phase"] == "Degraded"
+    kube.writes.clear()
+    time.sleep(1.1)  # a second older: still the same verdict, so no new event and no write
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and [e[1] for e in events].count("ClaimNotBound") == 1
     _bind(kube)
     reconciler.reconcile("ns", "digits")
     assert _condition(kube, "Degraded")["status"] == "False"

@@ -340,10 +340,10 @@ class Reconciler:
         A claim deleted by hand leaves the volume ``Released`` (reclaim policy Retain), its
         ``claimRef`` naming the old claim's uid, where no new claim can bind it: such a volume
         is deleted and made again (the data on the export stays; the deletion completes once
-        the volume is no longer Bound). A new volume is created
-        bound in advance to ``<name>-model`` (``claimRef`` without uid), so no other claim
-        can take it; created rather than applied, so that later applies (which leave the
-        ``claimRef`` out) never own, and so never change, the binding.
+        the volume is no longer Bound). A new volume is created bound in advance to
+        ``<name>-model`` (``claimRef`` without uid), so no other claim can take it; created
+        rather than applied, so that later applies (which leave the ``claimRef`` out) never
+        own, and so never change, the binding.
         """
         name, claim_name = pv["metadata"]["name"], pvc["metadata"]["name"]
         selector = (f"{naming.children_selector(owner['metadata']['name'])},"
@@ -372,8 +372,9 @@ class Reconciler:
         if phase == "Bound" or _age_seconds(claim) < CLAIM_BIND_GRACE_SECONDS:
             return None
         volume = (current.get("status") or {}).get("phase") or "not yet available"
-        return (f"PersistentVolumeClaim {claim_name} is {phase}, not Bound, {int(_age_seconds(claim))} s after "
-                f"its creation; its PersistentVolume {name} is {volume}")
+        return (f"PersistentVolumeClaim {claim_name} is {phase}, not Bound, {CLAIM_BIND_GRACE_SECONDS} s or more "
+                f"after its creation ({claim['metadata'].get('creationTimestamp')}); its PersistentVolume {name} is "
+                f"{volume}")
 
     def _gone(self, api_version: str, kind: str, name: str, selector: str) -> bool:
         """Wait up to :data:`VOLUME_DELETE_WAIT_SECONDS` for a cluster-scoped object to be gone."""

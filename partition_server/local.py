@@ -19,7 +19,6 @@ its gRPC port and on a REST port of its own; ``--serve`` prints them.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -40,6 +39,7 @@ from .distributor import distribute
 from .driver import Driver, DriverError, train
 from .lookup import LookupTable, loopback_addresses
 from .manifest import ManifestError, NeuralNetwork, load_manifest, network_document
+from .server import PARENT_PID_ENV
 from .store import ModelStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -76,14 +76,6 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class LocalDeployment:
@@ -136,10 +128,10 @@ class LocalDeployment:
         # N servers on one machine: BLAS thread pools sized for the whole machine each would
         # oversubscribe the cores (measured: 6x slower steps with 4 servers on 2 cores).
         threads = str(max(1, (os.cpu_count() or 1) // self.net.partitions))
-        env = {**{var: threads for var in BLAS_THREAD_VARS}, **os.environ}
+        env = {**{var: threads for var in BLAS_THREAD_VARS}, **os.environ, PARENT_PID_ENV: str(os.getpid())}
         with open(self.log_path(i), "ab") as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, preexec_fn=_die_with_parent)
+                                    env=env)
 
     def describe_exit(self, i: int, code: int) -> str:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"

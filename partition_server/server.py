@@ -33,11 +33,14 @@ each other's passes.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import re
 import signal
 import socket
+import sys
 import threading
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -487,9 +490,29 @@ def partition_from_hostname(hostname: str | None = None) -> int:
     return int(m.group(1))
 
 
+PARENT_PID_ENV = "MPNN_PARENT_PID"
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Ask Linux for SIGTERM when the parent process dies (``PR_SET_PDEATHSIG``), so a local
+    server never outlives ``mpnn run``, even one killed with SIGKILL. Done here, after exec,
+    rather than in a ``preexec_fn``, which would make the parent fork() with gRPC threads running.
+
+    Raises:
+        SystemExit: the parent already died before the request took effect.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"partition server: parent process {parent_pid} is gone")
+
+
 def main(args: Any) -> int:
-    """``mpnn serve``: run one partition server until SIGTERM or SIGINT."""
+    """``mpnn serve``: run one partition server until SIGTERM or SIGINT (or, started by
+    ``mpnn run``, until its parent dies)."""
     logs.configure(args.log_level)
+    if os.environ.get(PARENT_PID_ENV):
+        exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))
     server = PartitionServer(index, name, model, args.lookup, args.model_dir)

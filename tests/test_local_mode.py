@@ -235,3 +235,10 @@ def test_bad_serve_settings_are_usage_errors(tmp_path, monkeypatch, args, env, m
     result = mpnn(*args, cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().endswith(message)
+
+
+def test_servers_exit_when_mpnn_run_is_killed_outright(tmp_path, reaper):
+    proc, workdir = _start_long_run(tmp_path, reaper)
+    proc.kill()  # SIGKILL: no handler of mpnn run gets to stop anything
+    proc.wait(timeout=30)
+    assert_no_servers_left(workdir)

@@ -276,20 +276,17 @@ def _cmdline(pid: int) -> str | None:
     return out.split(None, 1)[1] if " " in out else out
 
 
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """``preexec_fn``: SIGKILL this child when its parent dies (Linux only).
+def tied_to_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it gets SIGKILL when this process dies (Linux ``PR_SET_PDEATHSIG``,
+    through util-linux ``setpriv``); ``cmd`` unchanged where that is not available.
 
-    SIGKILL rather than SIGTERM: a throwaway cluster has nothing to save, and
-    a gracefully stopping kube-apiserver can linger on open requests.
+    ``setpriv`` rather than a ``preexec_fn``: a preexec_fn makes subprocess fork() instead of
+    vfork(), and in a process with gRPC threads the fork handlers can abort the child.
+    SIGKILL rather than SIGTERM: a throwaway cluster has nothing to save, and a gracefully
+    stopping kube-apiserver can linger on open requests.
     """
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else list(cmd)
 
 
 class Cluster:
@@ -505,11 +502,11 @@ class Cluster:
         if comp == "kwok":
             env["HOME"] = str(self.state_dir / "kwok-home")  # ignore ~/.kwok/kwok.yaml
         with open(self.log_path(comp), "ab") as logf, open(os.devnull, "rb") as devnull:
+            cmd = [str(self.bin_dir / comp), *args]
             proc = subprocess.Popen(
-                [str(self.bin_dir / comp), *args],
+                tied_to_parent(cmd) if tie_to_parent else cmd,
                 stdin=devnull, stdout=logf, stderr=subprocess.STDOUT,
                 cwd=self.state_dir, env=env, start_new_session=True,
-                preexec_fn=die_with_parent if tie_to_parent else None,
             )
         self._procs[comp] = proc
         self.pid_path(comp).write_text(f"{proc.pid}\n")

@@ -7,7 +7,7 @@ import os
 import subprocess
 from typing import Any, Iterable
 
-from .cluster import die_with_parent
+from .cluster import tied_to_parent
 
 
 class KubectlError(AssertionError):
@@ -43,8 +43,8 @@ class Kubectl:
         cmd += [str(a) for a in args]
         env = dict(os.environ, KUBECONFIG=self.kubeconfig)
         # Tied to this process: a killed test run leaves no kubectl behind.
-        result = subprocess.run(cmd, input=input, capture_output=True, text=True,
-                                timeout=timeout, env=env, preexec_fn=die_with_parent)
+        result = subprocess.run(tied_to_parent(cmd), input=input, capture_output=True, text=True,
+                                timeout=timeout, env=env)
         if check and result.returncode != 0:
             raise KubectlError(result)
         return result

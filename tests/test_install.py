@@ -16,7 +16,6 @@ running with exactly the permissions they grant.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +27,8 @@ import yaml
 from tests.kube.kubectl import Kubectl
 from tests.test_helm import CHART, EXAMPLES, INSTALL_YAML, example_documents, objects, render
 from tests.kube.operator import (
-    Operator, assert_partitions_match, condition, digits, lookup, partitions, resource_versions, running_operator,
-    token_kubeconfig, wait_ready,
+    Operator, apply_crds, assert_partitions_match, condition, digits, lookup, partitions, resource_versions,
+    running_operator, token_kubeconfig, wait_ready,
 )
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (a dev dependency) is not installed")
@@ -60,13 +59,7 @@ def delete_networks(kubectl, namespace: str, wait_for) -> None:
 @pytest.fixture(scope="session")
 def install_crds(kubectl) -> None:
     """The chart's CRDs (byte-identical to crds/, see test_helm.py), established and discoverable."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/neuralnetworks.mpnn.dev", "crd/partitions.mpnn.dev",
-            "--timeout=60s")
-    deadline = time.monotonic() + 30
-    while kubectl("get", "nn", "-A", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "NeuralNetwork resource not discoverable"
-        time.sleep(0.5)
+    apply_crds(kubectl, CHART / "crds")
 
 
 @pytest.fixture(scope="session")

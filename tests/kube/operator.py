@@ -111,9 +111,9 @@ def running_operator(kubeconfig: str | Path, log_path: Path, namespaces: list[st
         print(f"--- operator log ({log_path}) ---\n{op.tail(200)}")
 
 
-@pytest.fixture(scope="session")
-def crds(kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+def apply_crds(kubectl, directory: Path) -> None:
+    """Apply the CRDs in ``directory`` and wait until they are established and discoverable."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(directory))
     kubectl("wait", "--for=condition=Established", "crd/neuralnetworks.mpnn.dev", "crd/partitions.mpnn.dev",
             "--timeout=60s")
     # Discovery of a new group can lag a moment behind Established.
@@ -121,6 +121,11 @@ def crds(kubectl) -> None:
     while kubectl("get", "nn", "-A", check=False).returncode != 0:
         assert time.monotonic() < deadline, "NeuralNetwork resource not discoverable"
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl) -> None:
+    apply_crds(kubectl, ROOT / "crds")
 
 
 @pytest.fixture

@@ -148,7 +148,8 @@ class Driver:
     # ------------------------------------------------------------ steps
 
     def step(self, x: np.ndarray, y: np.ndarray | None = None, optimizer: OptimizerConfig | None = None,
-             timeout: float | None = None) -> tuple[np.ndarray, float | None, int | None]:
+             timeout: float | None = None,
+             weights_version: int | None = None) -> tuple[np.ndarray, float | None, int | None]:
         """One pass on every partition: training when ``y`` is given, else inference.
 
         Args:
@@ -156,6 +157,8 @@ class Driver:
             y: ``[batch]`` class indices (int64), or None.
             optimizer: sent with training steps.
             timeout: deadline of the calls, seconds (default: the driver's).
+            weights_version: inference only: every partition computes with the parameters of
+                this optimizer step (see ``engine.PartitionEngine.forward``), or fails ABORTED.
 
         Returns:
             ``(outputs [batch, units_last] float32, loss or None, correct or None)``.
@@ -165,6 +168,8 @@ class Driver:
         """
         request = pb.StepRequest(lookup_version=self.table.version, step_id=uuid.uuid4().hex,
                                  train=y is not None, inputs=to_tensor(np.asarray(x, dtype=np.float32)))
+        if weights_version is not None:
+            request.weights_version = weights_version
         if y is not None:
             request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
             if optimizer is not None:

@@ -48,7 +48,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, Callable, Sequence
@@ -62,8 +61,6 @@ from .lookup import LookupTable
 from .manifest import ModelSpec
 from .protos import grpc_predict_v2_pb2 as ipb
 from .protos import grpc_predict_v2_pb2_grpc as ipb_grpc
-from .protos import mpnn_pb2 as pb
-from .wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.inference")
 
@@ -296,17 +293,9 @@ class ModelInference:
         """One forward pass of ``x`` on every partition, in chunks of ``BATCH`` rows, all with the
         weights version this server has now. Raises DriverError."""
         version = self._weights_version()
-        outputs = []
-        for start in range(0, len(x), self.BATCH):
-            request = pb.StepRequest(lookup_version=driver.table.version, step_id=uuid.uuid4().hex, train=False,
-                                     inputs=to_tensor(x[start:start + self.BATCH]))
-            if version is not None:
-                request.weights_version = version
-            # Driver.step sends no weights version; _all is its call-every-partition plumbing.
-            replies = driver._all("Step", [request] * driver.table.num_partitions,
-                                  max(0.001, deadline - time.monotonic()))
-            first = next(r for r in replies if r.has_outputs)
-            outputs.append(from_tensor(first.outputs, "outputs", "float32"))
+        outputs = [driver.step(x[start:start + self.BATCH], timeout=max(0.001, deadline - time.monotonic()),
+                               weights_version=version)[0]
+                   for start in range(0, len(x), self.BATCH)]
         return np.concatenate(outputs) if outputs else np.zeros((0, self.model.layer_units[-1]), np.float32)
 
     def inflight_limit(self, table: LookupTable) -> int:

@@ -10,8 +10,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY partition_server/ partition_server/
 COPY operator/ operator/
-# The project and its runtime dependencies only (no dev extras), in a venv copied below.
-RUN python -m venv /opt/mpnn && /opt/mpnn/bin/pip install . && /opt/mpnn/bin/mpnn --help >/dev/null
+# The project with both planes (the operator extra), no dev extras, in a venv copied below.
+RUN python -m venv /opt/mpnn && /opt/mpnn/bin/pip install ".[operator]" && /opt/mpnn/bin/mpnn --help >/dev/null
 
 FROM ${PYTHON_IMAGE}
 # uid/gid 65532: what the operator's pods run as (runAsUser), numeric so the kubelet can check runAsNonRoot.

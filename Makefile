@@ -28,15 +28,15 @@ test-fast: install
 bench: install
 	$(PYTHON) bench/engine.py
 
-# Regenerate the gRPC stubs after editing partition_server/protos/*.proto.
+# Regenerate the gRPC stubs after editing partition_server/api/protos/*.proto.
 protos: install
-	$(PYTHON) -m grpc_tools.protoc -Ipartition_server/protos --python_out=partition_server/protos \
-	  --grpc_python_out=partition_server/protos partition_server/protos/*.proto
-	sed -i -E 's/^import (\w+_pb2)/from . import \1/' partition_server/protos/*_pb2_grpc.py
+	$(PYTHON) -m grpc_tools.protoc -Ipartition_server/api/protos --python_out=partition_server/api/protos \
+	  --grpc_python_out=partition_server/api/protos partition_server/api/protos/*.proto
+	sed -i -E 's/^import (\w+_pb2)/from . import \1/' partition_server/api/protos/*_pb2_grpc.py
 	# tritonclient.grpc puts its own inference.* messages into protobuf's default pool; ours get a
 	# private pool so both can be imported in one process (the wire format does not change).
 	sed -i 's/_descriptor_pool\.Default()\.AddSerializedFile/_descriptor_pool.DescriptorPool().AddSerializedFile/' \
-	  partition_server/protos/grpc_predict_v2_pb2.py
+	  partition_server/api/protos/grpc_predict_v2_pb2.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

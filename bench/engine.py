@@ -41,14 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from partition_server.distributor import Distribution, distribute  # noqa: E402
-from partition_server.driver import Driver  # noqa: E402
-from partition_server.engine import LocalTransport, OptimizerConfig, PartitionEngine  # noqa: E402
-from partition_server.local import LocalDeployment, free_ports, write_atomically  # noqa: E402
-from partition_server.lookup import LookupTable, loopback_addresses  # noqa: E402
-from partition_server.manifest import LayerSpec, ModelSpec, parse_neural_network  # noqa: E402
-from partition_server.reference import ReferenceNetwork, init_params, slice_params  # noqa: E402
-from partition_server.server import PartitionServer  # noqa: E402
+from partition_server.api.distributor import Distribution, distribute  # noqa: E402
+from partition_server.client.driver import Driver  # noqa: E402
+from partition_server.engine.passes import LocalTransport, OptimizerConfig, PartitionEngine  # noqa: E402
+from partition_server.client.local import LocalDeployment, free_ports, write_atomically  # noqa: E402
+from partition_server.api.lookup import LookupTable, loopback_addresses  # noqa: E402
+from partition_server.api.manifest import LayerSpec, ModelSpec, parse_neural_network  # noqa: E402
+from partition_server.testing.reference import ReferenceNetwork, init_params, slice_params  # noqa: E402
+from partition_server.serving.server import PartitionServer  # noqa: E402
 
 PARTITIONS = 4
 CLASSES = 10

@@ -19,10 +19,10 @@ k8s-binaries:
 	K8S_CACHE='$(K8S_CACHE)' nice -n 10 bash hack/k8s/build.sh >/dev/null
 
 cluster: k8s-binaries
-	$(PYTHON) -m tests.kube.cluster up --state-dir '$(CLUSTER_DIR)' --bin-dir '$(K8S_BIN)' --nodes $(CLUSTER_NODES)
+	$(PYTHON) -m tests.support.kube.cluster up --state-dir '$(CLUSTER_DIR)' --bin-dir '$(K8S_BIN)' --nodes $(CLUSTER_NODES)
 
 cluster-down:
-	$(PYTHON) -m tests.kube.cluster down --state-dir '$(CLUSTER_DIR)'
+	$(PYTHON) -m tests.support.kube.cluster down --state-dir '$(CLUSTER_DIR)'
 
 cluster-status:
-	$(PYTHON) -m tests.kube.cluster status --state-dir '$(CLUSTER_DIR)'
+	$(PYTHON) -m tests.support.kube.cluster status --state-dir '$(CLUSTER_DIR)'

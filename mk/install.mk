@@ -23,4 +23,4 @@ manifests-check: install
 	$(PYTHON) hack/gen_install.py --check
 
 test-install: install
-	$(PYTHON) -m pytest tests/test_helm.py tests/test_install.py $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/cluster/test_helm.py tests/cluster/test_install.py $(PYTEST_ARGS)

@@ -5,12 +5,12 @@ Kubernetes fixtures (any test using one is marked ``k8s`` automatically):
 ``kubeconfig`` (session)
     Path (str) of an admin kubeconfig. Starts etcd, kube-apiserver,
     kube-controller-manager, kube-scheduler and kwok (2 fake nodes) from
-    ``tests/kube/cluster.py`` on first use and stops them at session end,
+    ``tests/support/kube/cluster.py`` on first use and stops them at session end,
     or reuses the cluster named by ``$KUBECONFIG_MPNN`` (a kubeconfig path;
     e.g. ``KUBECONFIG_MPNN=$PWD/.cache/cluster/kubeconfig`` after
     ``make cluster``).
 ``kubectl`` (session)
-    ``tests.kube.kubectl.Kubectl`` bound to the pinned kubectl and that
+    ``tests.support.kube.kubectl.Kubectl`` bound to the pinned kubectl and that
     kubeconfig: ``kubectl("get", "pods", namespace=ns)`` returns a
     CompletedProcess (raises ``KubectlError`` on failure unless
     ``check=False``); ``kubectl.json(...)``; ``kubectl.apply(manifest)``.
@@ -24,7 +24,7 @@ Kubernetes fixtures (any test using one is marked ``k8s`` automatically):
 ``wait_for``
     ``wait_for(predicate, timeout=60, interval=0.5, message=None)``: polls
     until the predicate returns something truthy and returns it (also
-    importable from ``tests.kube.cluster``).
+    importable from ``tests.support.kube.cluster``).
 
 Binaries come from ``$K8S_BIN`` or ``$K8S_CACHE/current`` (default
 ``.cache/k8s/current``). When ``go`` is available, ``hack/k8s/build.sh``
@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.kube import cluster as kube_cluster  # noqa: E402  (stdlib only; cheap)
-from tests.kube.kubectl import Kubectl  # noqa: E402
+from tests.support.kube import cluster as kube_cluster  # noqa: E402  (stdlib only; cheap)
+from tests.support.kube.kubectl import Kubectl  # noqa: E402
 
 K8S_FIXTURES = frozenset({"kubeconfig", "kubectl", "kubectl_bin", "k8s_bin_dir", "namespace"})
 BUILD_SCRIPT = ROOT / "hack" / "k8s" / "build.sh"
@@ -66,7 +66,7 @@ _binaries: tuple[Path, str | None] | None = None
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "k8s: needs the local Kubernetes control plane (tests/kube); skipped when its "
+        "k8s: needs the local Kubernetes control plane (tests/support/kube); skipped when its "
         "binaries are unavailable (failed instead when CI=true)",
     )
 

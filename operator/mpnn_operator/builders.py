@@ -19,9 +19,9 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-from partition_server.distributor import Assignment, Range, shares
-from partition_server.lookup import LookupTable, service_addresses
-from partition_server.manifest import (DEFAULT_IMAGE, NeuralNetwork, TrainingSpec, network_document,
+from partition_server.api.distributor import Assignment, Range, shares
+from partition_server.api.lookup import LookupTable, service_addresses
+from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, TrainingSpec, network_document,
                                        training_document)
 
 from . import naming

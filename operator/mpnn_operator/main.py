@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import kopf
 
-from partition_server.errors import FieldError
+from partition_server.api.errors import FieldError
 
 from . import handlers, naming
 from .kube import Kube

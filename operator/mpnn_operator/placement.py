@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from partition_server.distributor import (Assignment, DistributionError, Range, check_coverage, distribute,
+from partition_server.api.distributor import (Assignment, DistributionError, Range, check_coverage, distribute,
                                           normalize, parse_neuron_ids)
-from partition_server.manifest import NeuralNetwork
+from partition_server.api.manifest import NeuralNetwork
 
 STRATEGY, MANUAL = "strategy", "manual"
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 
 from kubernetes.dynamic.exceptions import DynamicApiError
 
-from partition_server.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
-from partition_server.manifest import DEFAULT_IMAGE, ManifestError, NeuralNetwork, parse_neural_network
+from partition_server.api.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
+from partition_server.api.manifest import DEFAULT_IMAGE, ManifestError, NeuralNetwork, parse_neural_network
 
 from . import builders, naming
 from .conditions import HEALTHY, Finding, network_status

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from partition_server.distributor import distribute
-from partition_server.manifest import DEFAULT_IMAGE, ManifestError, load_manifest
+from partition_server.api.distributor import distribute
+from partition_server.api.manifest import DEFAULT_IMAGE, ManifestError, load_manifest
 
 from . import builders
 

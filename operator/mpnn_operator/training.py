@@ -1,7 +1,7 @@
 """Training runs: one Job per ``spec.training.runId``, started once; other runs' Jobs stopped.
 
 ``status.training`` has two writers, each merge-patching only the keys it sets:
-the trainer (``mpnn train`` through :class:`~mpnn_operator.trainer.TrainingReporter`:
+the trainer (``mpnn train`` through :class:`~partition_server.client.trainer.TrainingReporter`:
 phases Running, Succeeded, Failed, and the progress fields) and this module
 (``job``, phases Pending and Blocked; Failed or Succeeded when the Job finished without
 the trainer saying so, e.g. its pod was killed for memory; Stopped when the Job was
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from partition_server.manifest import DEFAULT_IMAGE, NeuralNetwork
+from partition_server.api.manifest import DEFAULT_IMAGE, NeuralNetwork
 
 from . import builders, naming
 from .conditions import get_condition, now

@@ -1,0 +1,300 @@
+"""Neuron distributor: which partition owns which neuron.
+
+Implements the strategies of ``DESIGN.md`` ("Distributor strategies"), the four
+of "Multi Part Deployment of Neural Network" (arXiv 2506.01387, section 3:
+by count, by percentage, by neuron ids, by layers) plus ``balanced``, which
+keeps every partition busy on every layer.
+
+An assignment is returned per layer as half-open :class:`Range` objects sorted
+by ``start`` that cover ``[0, units)`` exactly once; adjacent ranges of the
+same partition are merged. Every function here is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal
+from fractions import Fraction
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from partition_server.api.errors import FieldError
+
+STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
+
+
+class DistributionError(FieldError):
+    """A distribution that cannot be applied; ``field`` names the manifest path."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Neurons ``[start, end)`` of one layer, owned by ``partition``."""
+
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """``spec.distribution`` of a NeuralNetwork. Only the list of the chosen strategy is read."""
+
+    strategy: str = "balanced"
+    counts: tuple[int, ...] | None = None
+    percentages: tuple[float, ...] | None = None
+    ids: tuple[tuple[str, ...], ...] | None = None
+    layers: tuple[tuple[int, ...], ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": self.strategy}
+        for name in ("counts", "percentages", "ids", "layers"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = [list(v) if isinstance(v, tuple) else v for v in value]
+        return out
+
+
+Assignment = list[list[Range]]
+
+_FIELD = "spec.distribution"
+_ID_RE = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?\Z")
+
+
+def distribute(layer_units: Sequence[int], partitions: int, dist: Distribution) -> Assignment:
+    """Assign every neuron to one of ``partitions`` partitions.
+
+    Args:
+        layer_units: neurons per layer, e.g. ``[128, 64, 10]``.
+        partitions: number of partitions P, ``1 <= P <= sum(layer_units)``.
+        dist: the strategy and its list.
+
+    Returns:
+        Per layer, the owned ranges sorted by start, covering ``[0, units)`` once.
+
+    Raises:
+        DistributionError: naming the field (``spec.partitions``,
+            ``spec.distribution.counts`` ...) and the offending value, for a list
+            whose length differs from P, a sum that is off, a neuron owned twice
+            or never, an unknown strategy or layer.
+    """
+    total = sum(layer_units)
+    if partitions < 1 or partitions > total:
+        raise DistributionError("spec.partitions", partitions,
+                                f"must be between 1 and the number of neurons ({total})")
+    if dist.strategy == "balanced":
+        return _balanced(layer_units, partitions)
+    if dist.strategy == "count":
+        counts = _require_list(dist.counts, "counts", partitions)
+        for i, c in enumerate(counts):
+            if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+                raise DistributionError(f"{_FIELD}.counts[{i}]", c, "must be a non-negative integer")
+        if sum(counts) != total:
+            raise DistributionError(f"{_FIELD}.counts", list(counts),
+                                    f"sum is {sum(counts)}, must equal the number of neurons ({total})")
+        return _by_counts(layer_units, counts)
+    if dist.strategy == "percentage":
+        pcts = _require_list(dist.percentages, "percentages", partitions)
+        return _by_counts(layer_units, percentages_to_counts(pcts, total))
+    if dist.strategy == "ids":
+        return _by_ids(layer_units, _require_list(dist.ids, "ids", partitions))
+    if dist.strategy == "layers":
+        return _by_layers(layer_units, _require_list(dist.layers, "layers", partitions))
+    raise DistributionError(f"{_FIELD}.strategy", dist.strategy, f"must be one of {', '.join(STRATEGIES)}")
+
+
+def _require_list(value: Sequence | None, name: str, partitions: int) -> Sequence:
+    if value is None:
+        raise DistributionError(f"{_FIELD}.{name}", None, f"is required by strategy '{_strategy_of(name)}'")
+    if len(value) != partitions:
+        raise DistributionError(f"{_FIELD}.{name}", list(value),
+                                f"has {len(value)} entries, must have one per partition ({partitions})")
+    return value
+
+
+def _strategy_of(list_name: str) -> str:
+    return {"counts": "count", "percentages": "percentage"}.get(list_name, list_name)
+
+
+def percentages_to_counts(percentages: Sequence[float], total: int) -> list[int]:
+    """Largest-remainder apportionment of ``total`` neurons; ties go to the lower index.
+
+    Raises:
+        DistributionError: a negative percentage, or a sum other than 100.
+    """
+    for i, p in enumerate(percentages):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
+            raise DistributionError(f"{_FIELD}.percentages[{i}]", p, "must be a finite non-negative number")
+    if abs(sum(percentages) - 100) > 1e-9:
+        # Summed as the decimals written, so 99.9999999 reads as such (":g" would print 100).
+        exact = sum((Decimal(str(p)) for p in percentages), Decimal(0))
+        raise DistributionError(f"{_FIELD}.percentages", list(percentages), f"sum is {exact}, must be 100")
+    # Fractions of the decimal text keep ties exact: 33.3% of 10 must not lose to float noise.
+    quotas = [Fraction(str(p)) * total / 100 for p in percentages]
+    counts = [int(q) for q in quotas]
+    left = total - sum(counts)
+    order = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in order[:left]:
+        counts[i] += 1
+    return counts
+
+
+def _balanced(layer_units: Sequence[int], partitions: int) -> Assignment:
+    out: Assignment = []
+    for units in layer_units:
+        base, extra = divmod(units, partitions)
+        ranges, start = [], 0
+        for p in range(partitions):
+            size = base + (1 if p < extra else 0)
+            if size:
+                ranges.append(Range(p, start, start + size))
+            start += size
+        out.append(ranges)
+    return out
+
+
+def _by_counts(layer_units: Sequence[int], counts: Sequence[int]) -> Assignment:
+    """Partition i takes the next counts[i] neurons in global (layer-major) order."""
+    out: Assignment = [[] for _ in layer_units]
+    layer, offset = 0, 0
+    for p, count in enumerate(counts):
+        while count > 0:
+            take = min(count, layer_units[layer] - offset)
+            _append_merged(out[layer], Range(p, offset, offset + take))
+            count -= take
+            offset += take
+            if offset == layer_units[layer]:
+                layer, offset = layer + 1, 0
+    return out
+
+
+def parse_neuron_ids(text: str, field: str) -> tuple[int, int, int]:
+    """Parse ``"L:U"`` or ``"L:A-B"`` (inclusive) into ``(layer, start, end)`` half-open."""
+    if isinstance(text, int):
+        raise DistributionError(field, text, "must be a quoted string like '1:30' (YAML reads an unquoted 1:30 as a number)")
+    m = _ID_RE.match(str(text))
+    if not m:
+        raise DistributionError(field, text, "must look like 'L:U' or 'L:A-B'")
+    layer, a = int(m.group(1)), int(m.group(2))
+    b = int(m.group(3)) if m.group(3) is not None else a
+    if b < a:
+        raise DistributionError(field, text, "range end is before its start")
+    return layer, a, b + 1
+
+
+def _by_ids(layer_units: Sequence[int], ids: Sequence[Sequence[str]]) -> Assignment:
+    claims: list[list[tuple[int, int, int, str]]] = [[] for _ in layer_units]
+    for p, entries in enumerate(ids):
+        for j, text in enumerate(entries):
+            field = f"{_FIELD}.ids[{p}][{j}]"
+            layer, start, end = parse_neuron_ids(text, field)
+            if layer >= len(layer_units):
+                raise DistributionError(field, text, f"layer {layer} does not exist (the network has {len(layer_units)})")
+            if end > layer_units[layer]:
+                raise DistributionError(field, text, f"layer {layer} has units 0-{layer_units[layer] - 1}")
+            claims[layer].append((start, end, p, field))
+    out: Assignment = []
+    for layer, units in enumerate(layer_units):
+        ranges: list[Range] = []
+        cursor, last_field, gaps = 0, "", []
+        for start, end, p, field in sorted(claims[layer]):
+            if start < cursor:
+                raise DistributionError(field, f"{layer}:{start}-{end - 1}",
+                                        f"neurons {_fmt(layer, start, min(end, cursor))} are already owned ({last_field})")
+            if start > cursor:
+                gaps.append(_fmt(layer, cursor, start))
+            _append_merged(ranges, Range(p, start, end))
+            cursor, last_field = end, field
+        if cursor < units:
+            gaps.append(_fmt(layer, cursor, units))
+        if gaps:
+            raise DistributionError(f"{_FIELD}.ids", ", ".join(gaps), "neurons are owned by no partition")
+        out.append(ranges)
+    return out
+
+
+def _by_layers(layer_units: Sequence[int], layers: Sequence[Sequence[int]]) -> Assignment:
+    owner: dict[int, int] = {}
+    for p, entries in enumerate(layers):
+        for j, layer in enumerate(entries):
+            field = f"{_FIELD}.layers[{p}][{j}]"
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layer_units):
+                raise DistributionError(field, layer, f"must be a layer index 0..{len(layer_units) - 1}")
+            if layer in owner:
+                raise DistributionError(field, layer, f"layer {layer} is already owned by partition {owner[layer]}")
+            owner[layer] = p
+    missing = [k for k in range(len(layer_units)) if k not in owner]
+    if missing:
+        raise DistributionError(f"{_FIELD}.layers", missing, "layers are owned by no partition")
+    return [[Range(owner[k], 0, units)] for k, units in enumerate(layer_units)]
+
+
+def _append_merged(ranges: list[Range], new: Range) -> None:
+    if ranges and ranges[-1].partition == new.partition and ranges[-1].end == new.start:
+        ranges[-1] = Range(new.partition, ranges[-1].start, new.end)
+    else:
+        ranges.append(new)
+
+
+def _fmt(layer: int, start: int, end: int) -> str:
+    return f"{layer}:{start}" if end - start == 1 else f"{layer}:{start}-{end - 1}"
+
+
+def check_coverage(layer_units: Sequence[int], owners: Sequence[Sequence[Range]]) -> list[str]:
+    """Problems with per-layer ranges: neurons owned twice or never, as ``L:A-B`` text.
+
+    Used to validate lookup tables and hand-edited Partition ranges. An empty list
+    means every neuron of every layer has exactly one owner.
+    """
+    problems: list[str] = []
+    if len(owners) != len(layer_units):
+        return [f"{len(owners)} layers of ranges for a network of {len(layer_units)} layers"]
+    for layer, (units, ranges) in enumerate(zip(layer_units, owners)):
+        cursor = 0
+        for r in sorted(ranges, key=lambda r: (r.start, r.end)):
+            if r.start < 0 or r.end > units or r.start >= r.end:
+                problems.append(f"range {layer}:{r.start}-{r.end - 1} of partition {r.partition} is outside 0-{units - 1}")
+                continue
+            if r.start < cursor:
+                problems.append(f"neurons {_fmt(layer, r.start, min(r.end, cursor))} owned twice")
+            elif r.start > cursor:
+                problems.append(f"neurons {_fmt(layer, cursor, r.start)} owned by no partition")
+            cursor = max(cursor, r.end)
+        if cursor < units:
+            problems.append(f"neurons {_fmt(layer, cursor, units)} owned by no partition")
+    return problems
+
+
+def normalize(owners: Sequence[Sequence[Range]]) -> Assignment:
+    """Sort each layer's ranges and merge adjacent ranges of the same partition."""
+    out: Assignment = []
+    for ranges in owners:
+        merged: list[Range] = []
+        for r in sorted(ranges, key=lambda r: (r.start, r.end)):
+            _append_merged(merged, r)
+        out.append(merged)
+    return out
+
+
+@dataclass
+class PartitionShare:
+    """Summary of what one partition owns, for status and printing."""
+
+    index: int
+    neurons: int = 0
+    ranges: list[str] = field(default_factory=list)
+
+
+def shares(owners: Sequence[Sequence[Range]], partitions: int) -> list[PartitionShare]:
+    """Per-partition neuron counts and ``L:A-B`` range texts."""
+    out = [PartitionShare(i) for i in range(partitions)]
+    for layer, ranges in enumerate(owners):
+        for r in ranges:
+            out[r.partition].neurons += r.size
+            out[r.partition].ranges.append(_fmt(layer, r.start, r.end))
+    return out

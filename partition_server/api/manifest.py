@@ -1,0 +1,443 @@
+"""The ``NeuralNetwork`` manifest: parsing and validation in one place.
+
+A manifest is the YAML a user would ``kubectl apply`` (``apiVersion:
+mpnn.dev/v1alpha1``, ``kind: NeuralNetwork``). Local mode, ``mpnn distribute``,
+``mpnn render`` and the operator all read it through :func:`parse_neural_network`,
+so one set of rules decides what is valid (``DESIGN.md``, "Kubernetes objects").
+
+Every error is a :class:`ManifestError` naming the field path (``spec.model.layers[2].activation``)
+and the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from partition_server.api.errors import FieldError
+from partition_server.api.distributor import Distribution, DistributionError, STRATEGIES, distribute
+
+API_VERSION = "mpnn.dev/v1alpha1"
+KIND = "NeuralNetwork"
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity", "softmax")
+OPTIMIZERS = ("sgd", "adam")
+DATASET_FORMATS = ("digits", "mnist-idx", "npz")
+DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_TRAINER_SERVICE_ACCOUNT = "mpnn-trainer"
+# The partition servers' image when neither spec.server.image nor the operator's
+# --server-image (the Helm chart sets it to its own image) says otherwise.
+DEFAULT_IMAGE = "ghcr.io/mpnn/mpnn:0.1.0"
+# StatefulSet pods are named <name>-<ordinal> and carry a controller-revision-hash
+# label built from the name, which caps StatefulSet names at 52 characters.
+_NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
+# Network N's Open Inference Service is N-inference, the name network N-inference gives its
+# headless Service: such a name is refused rather than fought over.
+RESERVED_NAME_SUFFIX = "-inference"
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# A DNS-1123 subdomain, as Kubernetes requires of ServiceAccount names.
+_SUBDOMAIN_RE = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+class ManifestError(FieldError):
+    """Invalid manifest input. ``field`` is the path (``spec.partitions``), ``value`` what was given."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dense layer: ``units`` neurons and their activation."""
+
+    units: int
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``spec.model``: ``inputs`` features feed layer 0; ``weights`` is an optional
+    safetensors file in PyTorch ``nn.Linear`` layout to import."""
+
+    inputs: int
+    layers: tuple[LayerSpec, ...]
+    weights: str | None = None
+    seed: int = 0
+
+    @property
+    def layer_units(self) -> list[int]:
+        return [layer.units for layer in self.layers]
+
+    @property
+    def total_neurons(self) -> int:
+        return sum(self.layer_units)
+
+    def shape_dict(self) -> dict[str, Any]:
+        """``{"inputs": 64, "layers": [{"units": 128, "activation": "relu"}, ...]}``."""
+        return {"inputs": self.inputs,
+                "layers": [{"units": l.units, "activation": l.activation} for l in self.layers]}
+
+
+@dataclass(frozen=True)
+class NFSStorage:
+    server: str
+    path: str
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """``spec.storage``: exactly one of an NFS export or an existing ReadWriteMany claim."""
+
+    nfs: NFSStorage | None = None
+    existing_claim: str | None = None
+    size: str = "1Gi"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    format: str = "digits"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """``spec.training``. ``learning_rate`` is per step; ``checkpoint_every`` counts steps (0: per epoch only).
+    ``service_account_name`` is the identity of the training Job's pod in a cluster (unused locally)."""
+
+    dataset: DatasetSpec = DatasetSpec()
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    checkpoint_every: int = 0
+    run_id: str = "run-1"
+    seed: int = 0
+    service_account_name: str = DEFAULT_TRAINER_SERVICE_ACCOUNT
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """``spec.server``: the partition servers' container image, gRPC port, Open Inference
+    Protocol REST port and resources. ``image`` None: the operator's (or ``mpnn render``'s)
+    ``--server-image``."""
+
+    image: str | None = None
+    port: int = DEFAULT_PORT
+    http_port: int = DEFAULT_HTTP_PORT
+    resources: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NeuralNetwork:
+    """A parsed, validated NeuralNetwork manifest."""
+
+    name: str
+    namespace: str
+    model: ModelSpec
+    partitions: int
+    distribution: Distribution = Distribution()
+    storage: StorageSpec | None = None
+    training: TrainingSpec | None = None
+    server: ServerSpec = ServerSpec()
+
+    def with_partitions(self, partitions: int) -> "NeuralNetwork":
+        """The same network on another partition count, validated again (``--partitions N``).
+
+        Raises:
+            ManifestError: the distribution's lists no longer fit.
+        """
+        out = replace(self, partitions=partitions)
+        _check_distribution(out)
+        return out
+
+
+def load_manifest(path: str | Path) -> NeuralNetwork:
+    """Read the NeuralNetwork document from a YAML file (other documents are skipped).
+
+    Raises:
+        ManifestError: unreadable file, no NeuralNetwork document, or invalid content.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError("manifest", str(path), f"cannot be read: {exc}") from exc
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == KIND:
+            return parse_neural_network(doc)
+    raise ManifestError("kind", [d.get("kind") for d in docs if isinstance(d, dict)],
+                        f"no document of kind {KIND} in {path}")
+
+
+def parse_neural_network(obj: Mapping[str, Any]) -> NeuralNetwork:
+    """Validate a NeuralNetwork object (as a dict, e.g. from YAML or the API server).
+
+    Raises:
+        ManifestError: the first problem found, naming its field path and value.
+    """
+    _expect_map(obj, "")
+    if obj.get("apiVersion") != API_VERSION:
+        raise ManifestError("apiVersion", obj.get("apiVersion"), f"must be {API_VERSION}")
+    if obj.get("kind") != KIND:
+        raise ManifestError("kind", obj.get("kind"), f"must be {KIND}")
+    meta = _expect_map(obj.get("metadata"), "metadata")
+    name = meta.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ManifestError("metadata.name", name,
+                            "must be a DNS-1035 label of at most 52 characters (lowercase letters, digits, '-')")
+    if name.endswith(RESERVED_NAME_SUFFIX):
+        raise ManifestError("metadata.name", name,
+                            f"must not end in '{RESERVED_NAME_SUFFIX}': the inference Service of network "
+                            f"{name[:-len(RESERVED_NAME_SUFFIX)]} has the name of this network's headless Service")
+    namespace = meta.get("namespace") or "default"
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise ManifestError("metadata.namespace", namespace, "must be a DNS-1123 label (lowercase letters, digits, '-')")
+    spec = _expect_map(obj.get("spec"), "spec")
+    _no_unknown(spec, "spec", {"model", "partitions", "distribution", "storage", "training", "server"})
+    model = _parse_model(_expect_map(spec.get("model"), "spec.model"))
+    partitions = _int(spec.get("partitions"), "spec.partitions", minimum=1)
+    net = NeuralNetwork(
+        name=name,
+        namespace=str(namespace),
+        model=model,
+        partitions=partitions,
+        distribution=_parse_distribution(spec.get("distribution")),
+        storage=_parse_storage(spec.get("storage")),
+        training=parse_training(spec.get("training")),
+        server=_parse_server(spec.get("server")),
+    )
+    _check_distribution(net)
+    return net
+
+
+def _check_distribution(net: NeuralNetwork) -> None:
+    try:
+        distribute(net.model.layer_units, net.partitions, net.distribution)
+    except DistributionError as exc:
+        raise ManifestError(exc.field, exc.value, exc.message) from exc
+
+
+def _parse_model(m: Mapping[str, Any]) -> ModelSpec:
+    _no_unknown(m, "spec.model", {"inputs", "layers", "weights", "seed"})
+    inputs = _int(m.get("inputs"), "spec.model.inputs", minimum=1)
+    raw_layers = m.get("layers")
+    if not isinstance(raw_layers, list) or not raw_layers:
+        raise ManifestError("spec.model.layers", raw_layers, "must be a non-empty list of layers")
+    layers = []
+    for k, raw in enumerate(raw_layers):
+        path = f"spec.model.layers[{k}]"
+        _expect_map(raw, path)
+        _no_unknown(raw, path, {"units", "activation"})
+        units = _int(raw.get("units"), f"{path}.units", minimum=1)
+        act = raw.get("activation", "relu")
+        if act not in ACTIVATIONS:
+            raise ManifestError(f"{path}.activation", act, f"must be one of {', '.join(ACTIVATIONS)}")
+        if act == "softmax" and k != len(raw_layers) - 1:
+            raise ManifestError(f"{path}.activation", act, "softmax is allowed on the last layer only")
+        layers.append(LayerSpec(units, act))
+    weights = m.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not weights):
+        raise ManifestError("spec.model.weights", weights, "must be a path to a safetensors file")
+    return ModelSpec(inputs, tuple(layers), weights, _int(m.get("seed", 0), "spec.model.seed", minimum=0))
+
+
+def _parse_distribution(d: Any) -> Distribution:
+    if d is None:
+        return Distribution()
+    _expect_map(d, "spec.distribution")
+    _no_unknown(d, "spec.distribution", {"strategy", "counts", "percentages", "ids", "layers"})
+    strategy = d.get("strategy", "balanced")
+    if strategy not in STRATEGIES:
+        raise ManifestError("spec.distribution.strategy", strategy, f"must be one of {', '.join(STRATEGIES)}")
+
+    def lst(name: str) -> list | None:
+        value = d.get(name)
+        if value is not None and not isinstance(value, list):
+            raise ManifestError(f"spec.distribution.{name}", value, "must be a list")
+        return value
+
+    def nested(name: str) -> tuple | None:
+        value = lst(name)
+        if value is None:
+            return None
+        for i, v in enumerate(value):
+            if not isinstance(v, list):
+                raise ManifestError(f"spec.distribution.{name}[{i}]", v, "must be a list")
+        return tuple(tuple(v) for v in value)
+
+    counts, pcts = lst("counts"), lst("percentages")
+    return Distribution(
+        strategy=strategy,
+        counts=tuple(counts) if counts is not None else None,
+        percentages=tuple(pcts) if pcts is not None else None,
+        ids=nested("ids"),
+        layers=nested("layers"),
+    )
+
+
+def _parse_storage(s: Any) -> StorageSpec | None:
+    if s is None:
+        return None
+    _expect_map(s, "spec.storage")
+    _no_unknown(s, "spec.storage", {"nfs", "existingClaim", "size"})
+    nfs, claim = s.get("nfs"), s.get("existingClaim")
+    if (nfs is None) == (claim is None):
+        raise ManifestError("spec.storage", dict(s), "set exactly one of nfs and existingClaim")
+    size = s.get("size", "1Gi")
+    if not isinstance(size, str) or not re.fullmatch(r"\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?", size):
+        raise ManifestError("spec.storage.size", size, "must be a Kubernetes quantity such as 10Gi")
+    if nfs is not None:
+        _expect_map(nfs, "spec.storage.nfs")
+        _no_unknown(nfs, "spec.storage.nfs", {"server", "path"})
+        server, path = nfs.get("server"), nfs.get("path")
+        if not isinstance(server, str) or not server:
+            raise ManifestError("spec.storage.nfs.server", server, "must be a host name or address")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ManifestError("spec.storage.nfs.path", path, "must be an absolute export path")
+        return StorageSpec(nfs=NFSStorage(server, path), size=size)
+    if not isinstance(claim, str) or not claim:
+        raise ManifestError("spec.storage.existingClaim", claim, "must be a PersistentVolumeClaim name")
+    return StorageSpec(existing_claim=claim, size=size)
+
+
+def parse_training(t: Any) -> TrainingSpec | None:
+    """``spec.training`` (camelCase keys, as in the manifest) into a :class:`TrainingSpec`; None stays None.
+
+    Raises:
+        ManifestError: naming the ``spec.training`` field at fault.
+    """
+    if t is None:
+        return None
+    _expect_map(t, "spec.training")
+    _no_unknown(t, "spec.training", {"dataset", "epochs", "batchSize", "learningRate", "optimizer",
+                                     "momentum", "checkpointEvery", "runId", "seed", "serviceAccountName"})
+    ds = t.get("dataset") or {}
+    _expect_map(ds, "spec.training.dataset")
+    _no_unknown(ds, "spec.training.dataset", {"format", "path"})
+    fmt = ds.get("format", "digits")
+    if fmt not in DATASET_FORMATS:
+        raise ManifestError("spec.training.dataset.format", fmt, f"must be one of {', '.join(DATASET_FORMATS)}")
+    path = ds.get("path")
+    if fmt != "digits" and not path:
+        raise ManifestError("spec.training.dataset.path", path, f"is required for format {fmt}")
+    optimizer = t.get("optimizer", "sgd")
+    if optimizer not in OPTIMIZERS:
+        raise ManifestError("spec.training.optimizer", optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+    run_id = t.get("runId", "run-1")
+    if not isinstance(run_id, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?", run_id):
+        raise ManifestError("spec.training.runId", run_id,
+                            "must be lowercase letters, digits and '-', at most 40 characters")
+    account = t.get("serviceAccountName", DEFAULT_TRAINER_SERVICE_ACCOUNT)
+    if not isinstance(account, str) or not _SUBDOMAIN_RE.fullmatch(account):
+        raise ManifestError("spec.training.serviceAccountName", account,
+                            "must be a ServiceAccount name (lowercase letters, digits, '-' and '.')")
+    return TrainingSpec(
+        dataset=DatasetSpec(fmt, path),
+        epochs=_int(t.get("epochs", 10), "spec.training.epochs", minimum=1),
+        batch_size=_int(t.get("batchSize", 32), "spec.training.batchSize", minimum=1),
+        learning_rate=_float(t.get("learningRate", 0.05), "spec.training.learningRate"),
+        optimizer=optimizer,
+        momentum=_float(t.get("momentum", 0.9), "spec.training.momentum", allow_zero=True, maximum=1.0),
+        checkpoint_every=_int(t.get("checkpointEvery", 0), "spec.training.checkpointEvery", minimum=0),
+        run_id=run_id,
+        seed=_int(t.get("seed", 0), "spec.training.seed", minimum=0),
+        service_account_name=account,
+    )
+
+
+def _parse_server(s: Any) -> ServerSpec:
+    if s is None:
+        return ServerSpec()
+    _expect_map(s, "spec.server")
+    _no_unknown(s, "spec.server", {"image", "port", "httpPort", "resources"})
+    image = s.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise ManifestError("spec.server.image", image, "must be a container image reference")
+    port = _port(s.get("port", DEFAULT_PORT), "spec.server.port")
+    http_port = _port(s.get("httpPort", DEFAULT_HTTP_PORT), "spec.server.httpPort")
+    if http_port == port:
+        raise ManifestError("spec.server.httpPort", http_port, "must differ from spec.server.port")
+    resources = s.get("resources") or {}
+    _expect_map(resources, "spec.server.resources")
+    if "claims" in resources:  # the CRD has no such field: the API server refuses or drops it
+        raise ManifestError("spec.server.resources.claims", resources["claims"],
+                            "is not supported: a container's resource claims must name claims of the pod "
+                            "(spec.resourceClaims), which the partition servers' pods do not declare")
+    _no_unknown(resources, "spec.server.resources", {"limits", "requests"})
+    return ServerSpec(image, port, http_port, dict(resources))
+
+
+def _port(value: Any, path: str) -> int:
+    port = _int(value, path, minimum=1)
+    if port > 65535:
+        raise ManifestError(path, port, "must be at most 65535")
+    return port
+
+
+def _expect_map(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ManifestError(path or "manifest", value, "must be a mapping")
+    return value
+
+
+def _no_unknown(m: Mapping[str, Any], path: str, known: set[str]) -> None:
+    unknown = sorted(set(m) - known)
+    if unknown:
+        raise ManifestError(f"{path}.{unknown[0]}", m[unknown[0]],
+                            f"unknown field; known fields are {', '.join(sorted(known))}")
+
+
+def _int(value: Any, path: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(path, value, "must be an integer")
+    if minimum is not None and value < minimum:
+        raise ManifestError(path, value, f"must be at least {minimum}")
+    return value
+
+
+def _float(value: Any, path: str, allow_zero: bool = False, maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(path, value, "must be a number")
+    if not math.isfinite(value):
+        raise ManifestError(path, value, "must be a finite number")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ManifestError(path, value, "must be positive" if not allow_zero else "must not be negative")
+    if maximum is not None and value >= maximum:
+        raise ManifestError(path, value, f"must be below {maximum:g}")
+    return float(value)
+
+
+def network_document(net: NeuralNetwork) -> dict[str, Any]:
+    """``network.json``: what a partition server needs to know of the model besides the lookup.
+
+    Published beside ``lookup.json`` (same ConfigMap in a cluster, same directory
+    locally). ``weights``, when relative, is resolved against the shared volume.
+    """
+    return {"apiVersion": "mpnn.dev/network/v1", "name": net.name, **net.model.shape_dict(),
+            "seed": net.model.seed, "weights": net.model.weights}
+
+
+def training_document(training: TrainingSpec) -> dict[str, Any]:
+    """``spec.training`` back in manifest form (camelCase), as :func:`parse_training` reads it."""
+    return {"dataset": {k: v for k, v in asdict(training.dataset).items() if v is not None},
+            "epochs": training.epochs, "batchSize": training.batch_size, "learningRate": training.learning_rate,
+            "optimizer": training.optimizer, "momentum": training.momentum,
+            "checkpointEvery": training.checkpoint_every, "runId": training.run_id, "seed": training.seed,
+            "serviceAccountName": training.service_account_name}
+
+
+def parse_network_document(obj: Mapping[str, Any]) -> tuple[str, ModelSpec]:
+    """Read ``network.json`` back into ``(name, ModelSpec)``.
+
+    Raises:
+        ManifestError: a missing or invalid field.
+    """
+    _expect_map(obj, "network")
+    if obj.get("apiVersion") != "mpnn.dev/network/v1":
+        raise ManifestError("network.apiVersion", obj.get("apiVersion"), "must be mpnn.dev/network/v1")
+    model = {k: obj.get(k) for k in ("inputs", "layers", "seed") if obj.get(k) is not None}
+    if obj.get("weights"):
+        model["weights"] = obj["weights"]
+    return str(obj.get("name")), _parse_model(model)

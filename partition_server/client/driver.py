@@ -1,0 +1,306 @@
+"""The training and inference driver: a client of every partition server.
+
+The driver sends each batch to all partitions at once (one ``Step`` call each);
+the partitions do the all-gather and reduce-scatter among themselves. It also
+coordinates checkpoints: every partition writes its shard, then the driver
+commits the manifest, last. ``mpnn run`` uses it against local servers and a
+training Job uses it against a cluster's servers, with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import time
+import uuid
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from partition_server.api.channels import CHANNEL_OPTIONS
+from partition_server.data.datasets import Dataset
+from partition_server.engine.passes import OptimizerConfig
+from partition_server.api.lookup import LookupTable
+from partition_server.api.manifest import ModelSpec, TrainingSpec
+from partition_server.api.protos import mpnn_pb2 as pb
+from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
+from partition_server.storage.store import Checkpoint, ModelStore
+from partition_server.api.wire import from_tensor, to_tensor
+
+log = logging.getLogger("mpnn.driver")
+
+KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are pruned
+
+
+class DriverError(RuntimeError):
+    """A partition failed a call; the message names the partition, its address and the status.
+
+    ``code`` is that call's ``grpc.StatusCode`` (None when no call failed, e.g. a wait timed out).
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class TrainingDiverged(DriverError):
+    """The loss became NaN or infinite; nothing of it was checkpointed."""
+
+
+@dataclass
+class Evaluation:
+    """Held-out metrics: ``accuracy`` in [0, 1], mean cross-entropy ``loss`` (nats)."""
+
+    accuracy: float
+    loss: float
+    samples: int
+
+
+class Driver:
+    """Talks to the P partition servers named by a lookup table.
+
+    Args:
+        table: the lookup table the servers serve (its version is sent with every call).
+        timeout: deadline of each call, seconds.
+    """
+
+    def __init__(self, table: LookupTable, timeout: float = 60.0):
+        self.table = table
+        self.timeout = timeout
+        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
+        self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, table.num_partitions))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> "Driver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _all(self, method: str, requests: Iterable, timeout: float | None = None) -> list:
+        """Call ``method`` on every partition concurrently; replies in partition order.
+
+        The first failure other than a deadline cancels the other calls (their partitions stop
+        waiting for messages that will not come) and is raised as DriverError.
+        """
+        calls = [getattr(stub, method).future(req, timeout=timeout or self.timeout)
+                 for stub, req in zip(self._stubs, requests)]
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i, call in enumerate(calls):
+            call.add_done_callback(lambda _, i=i: finished.put(i))
+        errors = []
+        for _ in calls:
+            i = finished.get()
+            exc = calls[i].exception()
+            if exc is not None:
+                errors.append((i, exc))
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+        if errors:
+            for call in calls:
+                call.cancel()
+            # The root cause is usually the one that is not a knock-on deadline.
+            errors.sort(key=lambda e: e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED)
+            i, exc = errors[0]
+            raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "
+                              f"{exc.code().name}: {exc.details()}", exc.code()) from exc
+        return [call.result() for call in calls]
+
+    def wait_ready(self, timeout: float = 60.0, alive: Callable[[], None] | None = None) -> None:
+        """Block until every partition's health service answers SERVING.
+
+        Args:
+            alive: called between polls; raise from it to stop waiting (a crashed process).
+        Raises:
+            DriverError: not all SERVING within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        pending = set(range(self.table.num_partitions))
+        while pending:
+            if alive:
+                alive()
+            for i in sorted(pending):
+                try:
+                    reply = health_pb2_grpc.HealthStub(self._channels[i]).Check(
+                        health_pb2.HealthCheckRequest(service="mpnn.v1.Partition"), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        pending.discard(i)
+                except grpc.RpcError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise DriverError(f"partitions {sorted(pending)} not serving after {timeout:.0f} s")
+            if pending:
+                time.sleep(0.1)
+
+    # ------------------------------------------------------------ steps
+
+    def step(self, x: np.ndarray, y: np.ndarray | None = None, optimizer: OptimizerConfig | None = None,
+             timeout: float | None = None,
+             weights_version: int | None = None) -> tuple[np.ndarray, float | None, int | None]:
+        """One pass on every partition: training when ``y`` is given, else inference.
+
+        Args:
+            x: ``[batch, inputs]``; cast to float32.
+            y: ``[batch]`` class indices (int64), or None.
+            optimizer: sent with training steps.
+            timeout: deadline of the calls, seconds (default: the driver's).
+            weights_version: inference only: every partition computes with the parameters of
+                this optimizer step (see ``engine.PartitionEngine.forward``), or fails ABORTED.
+
+        Returns:
+            ``(outputs [batch, units_last] float32, loss or None, correct or None)``.
+
+        Raises:
+            DriverError: a partition refused or failed the step.
+        """
+        request = pb.StepRequest(lookup_version=self.table.version, step_id=uuid.uuid4().hex,
+                                 train=y is not None, inputs=to_tensor(np.asarray(x, dtype=np.float32)))
+        if weights_version is not None:
+            request.weights_version = weights_version
+        if y is not None:
+            request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
+            if optimizer is not None:
+                request.optimizer.CopyFrom(optimizer_message(optimizer))
+        replies = self._all("Step", [request] * self.table.num_partitions, timeout)
+        first = next(r for r in replies if r.has_outputs)
+        outputs = from_tensor(first.outputs, "outputs", "float32")
+        if y is None:
+            return outputs, None, None
+        return outputs, first.loss, first.correct
+
+    def predict(self, x: np.ndarray, batch_size: int = 256, timeout: float | None = None) -> np.ndarray:
+        """Outputs ``[n, units_last]`` float32 for ``x`` ``[n, inputs]``, in chunks of ``batch_size``.
+
+        ``timeout`` bounds each chunk's calls (default: the driver's). Raises DriverError.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        parts = [self.step(x[i:i + batch_size], timeout=timeout)[0] for i in range(0, len(x), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.table.layer_units[-1]), np.float32)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Evaluation:
+        probs = self.predict(x, batch_size)
+        picked = probs[np.arange(len(y)), y]
+        loss = float(-np.mean(np.log(np.clip(picked, 1e-12, None)))) if len(y) else float("nan")
+        accuracy = float(np.mean(probs.argmax(axis=1) == y)) if len(y) else float("nan")
+        return Evaluation(accuracy, loss, len(y))
+
+    def status(self, timeout: float | None = None) -> list[pb.StatusReply]:
+        """Every partition's ``Status``, in partition order. Raises DriverError."""
+        return self._all("Status", [pb.StatusRequest()] * self.table.num_partitions, timeout)
+
+    def reload(self) -> list[pb.StatusReply]:
+        """Make every partition reload its rows from the latest committed checkpoint."""
+        return self._all("Reload", [pb.ReloadRequest()] * self.table.num_partitions)
+
+    def traffic(self) -> tuple[int, int]:
+        """``(messages, bytes)`` the partitions sent each other so far."""
+        replies = self.status()
+        return sum(r.messages_sent for r in replies), sum(r.bytes_sent for r in replies)
+
+    def checkpoint(self, store: ModelStore, model: ModelSpec, meta: dict) -> Checkpoint:
+        """Every partition writes its shard; then the manifest is committed, last.
+
+        A failure before the commit leaves the previous checkpoint as the latest.
+        """
+        sequence = store.next_step()
+        request = pb.CheckpointRequest(lookup_version=self.table.version, sequence=sequence)
+        replies = self._all("Checkpoint", [request] * self.table.num_partitions)
+        shards = [json.loads(r.shard_json) for r in replies]
+        meta = {**meta, "lookup_version": self.table.version,
+                "optimizer_step": max(r.optimizer_step for r in replies)}
+        return store.commit(sequence, shards, model.shape_dict(), meta)
+
+
+def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
+    return pb.OptimizerConfig(**asdict(cfg))
+
+
+@dataclass
+class TrainResult:
+    """What a training run did. ``seconds`` is wall time of the training loop."""
+
+    steps: int
+    epochs: int
+    last_loss: float
+    seconds: float
+    resumed_from: int | None
+    checkpoint: int | None
+
+
+def optimizer_of(training: TrainingSpec) -> OptimizerConfig:
+    if training.optimizer == "adam":
+        return OptimizerConfig("adam", training.learning_rate)
+    return OptimizerConfig("sgd", training.learning_rate, momentum=training.momentum)
+
+
+def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelStore, model: ModelSpec,
+          progress: Callable[[dict], None] | None = None, show_bar: bool = True) -> TrainResult:
+    """Train on ``data`` per ``training``, checkpointing into ``store``; resume if possible.
+
+    A checkpoint of the same ``runId`` resumes the run at its step (the servers
+    are told to reload it first, so every partition starts from the same committed
+    state). Another run's checkpoint is the starting model of a new run. Batches
+    are a permutation per epoch drawn from ``[training.seed, epoch]``, so a resumed
+    run sees the same batches an uninterrupted one would.
+
+    Args:
+        progress: called after each checkpoint with ``{"run", "epoch", "step", "loss", "checkpoint"}``.
+    """
+    from tqdm import tqdm
+
+    optimizer = optimizer_of(training)
+    n = len(data.x_train)
+    per_epoch = math.ceil(n / training.batch_size)
+    total = per_epoch * training.epochs
+    # Every attempt starts from committed state, even without a checkpoint: an earlier attempt
+    # that died before its first one may have left the servers partly (and unevenly) trained.
+    driver.reload()
+    latest = store.latest()
+    start = 0
+    if latest is not None and latest.meta.get("run_id") == training.run_id:
+        start = min(int(latest.meta.get("run_step", 0)), total)
+    resumed = start if start else None
+    ckpt_step: int | None = latest.step if latest else None
+    loss = float("nan")
+    began = time.monotonic()
+    bar = tqdm(total=total, initial=start, unit="step", disable=not show_bar, dynamic_ncols=True,
+               desc=f"training {training.run_id}")
+    order: np.ndarray | None = None
+    try:
+        for step in range(start, total):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0 or order is None:
+                order = np.random.default_rng([training.seed, epoch]).permutation(n)
+            idx = order[i * training.batch_size:(i + 1) * training.batch_size]
+            _, loss, _ = driver.step(data.x_train[idx], data.y_train[idx], optimizer)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training diverged: loss is {loss} at step {step + 1} (epoch {epoch + 1}); "
+                                       f"the last committed checkpoint ({ckpt_step}) is intact — "
+                                       "lower spec.training.learningRate")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+            done = step + 1
+            if (training.checkpoint_every and done % training.checkpoint_every == 0) or done % per_epoch == 0:
+                meta = {"run_id": training.run_id, "run_step": done, "epoch": done / per_epoch,
+                        "loss": loss, "optimizer": asdict(optimizer)}
+                ckpt_step = driver.checkpoint(store, model, meta).step
+                store.prune(keep=KEEP_CHECKPOINTS)
+                if progress:
+                    progress({"run": training.run_id, "epoch": done // per_epoch, "step": done,
+                              "loss": loss, "checkpoint": ckpt_step})
+    finally:
+        bar.close()
+    return TrainResult(total - start, training.epochs, float(loss), time.monotonic() - began, resumed, ckpt_step)

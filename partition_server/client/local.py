@@ -1,0 +1,316 @@
+"""Local mode: the data plane of a manifest as processes on one machine (``mpnn run``).
+
+Same distributor, lookup, engine and store as in a cluster: N ``mpnn serve``
+processes on loopback, a directory standing in for the NFS volume, and the
+lookup table written to a file instead of a ConfigMap. Every server process
+stops when ``mpnn run`` ends, however it ends (normal exit, Ctrl-C, a crashed
+server, or the parent being killed: the children get SIGKILL via
+``PR_SET_PDEATHSIG``).
+
+Workdir layout (the volume)::
+
+    <workdir>/lookup.json, network.json     # what the ConfigMap holds in a cluster
+    <workdir>/<name>/checkpoints/...        # the network's model directory
+    <workdir>/logs/partition-<i>.log        # each server's JSON log lines
+
+Every server also answers the Open Inference Protocol v2 for the whole network on
+its gRPC port and on a REST port of its own; ``--serve`` prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from partition_server.data.datasets import load_dataset
+from partition_server.api.distributor import distribute
+from partition_server.client.driver import Driver, DriverError, train
+from partition_server.api.lookup import LookupTable, loopback_addresses
+from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
+from partition_server.serving.server import PARENT_PID_ENV
+from partition_server.storage.store import ModelStore
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class ServerCrashed(RuntimeError):
+    """A partition server process exited while it was needed; the message names it."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop the servers and clean up as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago (the OS picks them)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class LocalDeployment:
+    """N partition server processes for one network, on loopback.
+
+    Args:
+        net: the validated manifest.
+        workdir: the directory standing in for the shared volume.
+        host: loopback address to bind.
+
+    Use as a context manager: entering starts the servers and waits until all are
+    SERVING; leaving stops every one of them.
+    """
+
+    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1"):
+        self.net = net
+        self.workdir = Path(workdir)
+        self.host = host
+        self.model_dir = self.workdir / net.name
+        self.procs: list[subprocess.Popen] = []
+        ports = free_ports(2 * net.partitions, host)
+        self.http_ports = ports[net.partitions:]
+        assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
+        self.table = LookupTable.build(net.name, net.model.layer_units, assignment,
+                                       loopback_addresses(ports[:net.partitions], host))
+
+    def log_path(self, i: int) -> Path:
+        return self.workdir / "logs" / f"partition-{i}.log"
+
+    def __enter__(self) -> "LocalDeployment":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.model_dir.mkdir(exist_ok=True)
+        write_atomically(self.workdir / "lookup.json", self.table.to_json())
+        write_atomically(self.workdir / "network.json", json.dumps(network_document(self.net), indent=2))
+        try:
+            for i in range(self.net.partitions):
+                self.procs.append(self._spawn(i))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        port = self.table.addresses[i].rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "partition_server.cli", "serve", "--partition", str(i),
+               "--lookup", str(self.workdir / "lookup.json"), "--network", str(self.workdir / "network.json"),
+               "--model-dir", str(self.model_dir), "--host", self.host, "--port", port,
+               "--http-port", str(self.http_ports[i])]
+        # N servers on one machine: BLAS thread pools sized for the whole machine each would
+        # oversubscribe the cores (measured: 6x slower steps with 4 servers on 2 cores).
+        threads = str(max(1, (os.cpu_count() or 1) // self.net.partitions))
+        env = {**{var: threads for var in BLAS_THREAD_VARS}, **os.environ, PARENT_PID_ENV: str(os.getpid())}
+        with open(self.log_path(i), "ab") as log:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=env)
+
+    def describe_exit(self, i: int, code: int) -> str:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+        tail = self.log_path(i).read_text(errors="replace").strip().splitlines()[-5:]
+        return (f"partition server {i} ({self.net.name}-{i}, pid {self.procs[i].pid}, {self.table.addresses[i]}) "
+                f"exited with {how}; last log lines:\n  " + "\n  ".join(tail))
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServerCrashed` if a server has exited."""
+        crash = self.find_crash(wait=0.0)
+        if crash:
+            raise ServerCrashed(crash)
+
+    def find_crash(self, wait: float = 2.0) -> str | None:
+        """Describe the first server that has exited, polling up to ``wait`` seconds; None if all run.
+
+        A failed call usually reaches the driver as a peer's error (``sending ... to partition 1
+        failed``); the dead process is what the user needs named.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is not None:
+                    return self.describe_exit(i, code)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every server, then SIGKILL whatever is left after ``grace`` seconds."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _resolve_weights(net: NeuralNetwork, manifest_path: Path) -> NeuralNetwork:
+    """Relative ``spec.model.weights`` are relative to the manifest's directory in local mode."""
+    weights = net.model.weights
+    if weights and not Path(weights).is_absolute():
+        weights = str((manifest_path.parent / weights).resolve())
+        return replace(net, model=replace(net.model, weights=weights))
+    return net
+
+
+def main(args: Any) -> int:
+    """``mpnn run``. Returns an exit code: 0 ok, 1 failure or crashed server, 2 invalid input,
+    130 Ctrl-C, 143 SIGTERM."""
+    manifest_path = Path(args.manifest)
+    net = _resolve_weights(load_manifest(manifest_path), manifest_path)
+    if args.partitions is not None:
+        net = net.with_partitions(args.partitions)
+    if args.epochs is not None and net.training:
+        if args.epochs < 1:
+            raise ManifestError("--epochs", args.epochs, "must be at least 1")
+        net = replace(net, training=replace(net.training, epochs=args.epochs))
+    predict_input = _load_predict_input(args, net)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args, net, predict_input)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: Any, net: NeuralNetwork, predict_input: np.ndarray | None) -> int:
+    stack = ExitStack()
+    with stack:
+        if args.workdir:
+            workdir = Path(args.workdir).resolve()
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mpnn-")))
+        deployment = LocalDeployment(net, workdir)
+        try:
+            stack.enter_context(deployment)
+            driver = stack.enter_context(Driver(deployment.table))
+            driver.wait_ready(timeout=120, alive=deployment.check_alive)
+            return _work(args, net, deployment, driver, predict_input, workdir)
+        except KeyboardInterrupt:
+            print("mpnn run: interrupted; servers stopped", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Terminated:
+            print("mpnn run: terminated; servers stopped", file=sys.stderr)
+            return EXIT_TERMINATED
+        except ServerCrashed as exc:
+            print(f"mpnn run: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except DriverError as exc:
+            print(f"mpnn run: error: {deployment.find_crash() or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+
+
+def _load_predict_input(args: Any, net: NeuralNetwork) -> np.ndarray | None:
+    if not args.predict:
+        if args.output:
+            raise ManifestError("--output", args.output, "needs --predict INPUT.npy")
+        return None
+    if not args.output:
+        raise ManifestError("--output", None, "--predict needs --output OUT.npy")
+    if not Path(args.output).resolve().parent.is_dir():
+        raise ManifestError("--output", args.output, "its directory does not exist")
+    try:
+        x = np.load(args.predict, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ManifestError("--predict", args.predict, f"cannot be read as a .npy array: {exc}") from exc
+    if x.ndim != 2 or x.shape[1] != net.model.inputs:
+        raise ManifestError("--predict", list(x.shape), f"must be shaped [batch, {net.model.inputs}]")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ManifestError("--predict", str(x.dtype), "must hold numbers")
+    return x.astype(np.float32)
+
+
+def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Driver,
+          predict_input: np.ndarray | None, workdir: Path) -> int:
+    if predict_input is not None:
+        outputs = driver.predict(predict_input)
+        np.save(args.output, outputs)
+        print(f"wrote {args.output}: outputs {list(outputs.shape)} float32", file=sys.stderr)
+        return _serve_forever(args, deployment) if args.serve else EXIT_OK
+    summary: dict[str, Any] = {"partitions": net.partitions, "strategy": net.distribution.strategy,
+                               "lookupVersion": deployment.table.version, "workdir": str(workdir)}
+    if net.training is not None:
+        path = args.data or net.training.dataset.path
+        if path and not args.data and not Path(path).is_absolute():
+            path = str(workdir / path)
+        data = load_dataset(net.training.dataset.format, path)
+        store = ModelStore(deployment.model_dir)
+        result = train(driver, data, net.training, store, net.model, show_bar=not args.json)
+        evaluation = driver.evaluate(data.x_test, data.y_test)
+        messages, nbytes = driver.traffic()
+        summary.update(accuracy=round(evaluation.accuracy, 6), loss=round(evaluation.loss, 6),
+                       epochs=net.training.epochs, train_seconds=round(result.seconds, 3),
+                       steps=result.steps, messages=messages, bytes_sent=nbytes,
+                       checkpoint=result.checkpoint, dataset=data.name,
+                       train_samples=len(data.x_train), test_samples=len(data.x_test))
+    else:
+        messages, nbytes = driver.traffic()
+        summary.update(messages=messages, bytes_sent=nbytes)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return _serve_forever(args, deployment) if args.serve else EXIT_OK
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if "accuracy" in summary:
+        print(f"test accuracy {summary['accuracy']:.4f}  loss {summary['loss']:.4f}  "
+              f"({summary['test_samples']} held-out {summary['dataset']} samples)")
+        print(f"trained {summary['epochs']} epochs, {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+              f"on {summary['partitions']} partitions ({summary['strategy']}); "
+              f"{summary['messages']} messages, {summary['bytes_sent'] / 1e6:.1f} MB between partitions")
+    else:
+        print(f"{summary['partitions']} partitions ({summary['strategy']}) served; no spec.training, nothing trained")
+
+
+def _serve_forever(args: Any, deployment: LocalDeployment) -> int:
+    """Print the endpoints, then wait for Ctrl-C or a crashed server.
+
+    The first lines name partition 0's Open Inference Protocol endpoints, ``REST  http://HOST:PORT``
+    and ``gRPC  HOST:PORT``; every partition is an entry point, and the indented lines list them all.
+    """
+    table, name = deployment.table, deployment.net.name
+    print(f"model {name!r} (Open Inference Protocol v2, KServe / Triton clients):")
+    print(f"REST  http://{deployment.host}:{deployment.http_ports[0]}")
+    print(f"gRPC  {table.addresses[0]}")
+    print("partition servers (any is an entry point; gRPC also serves mpnn.v1.Partition):")
+    for i, address in enumerate(table.addresses):
+        print(f"  {i}  REST http://{deployment.host}:{deployment.http_ports[i]}  gRPC {address}")
+    print("Ctrl-C stops them.", flush=True)
+    while True:
+        deployment.check_alive()
+        time.sleep(1.0)

@@ -1,0 +1,2 @@
+"""Datasets: scikit-learn's digits, MNIST in IDX files (parsed here) and npz.
+"""

@@ -1,0 +1,750 @@
+"""The reconciler against an in-memory API (fast; the real API server runs the same
+scenarios in tests/cluster/test_operator.py). The fake applies like server-side apply does
+for our purposes: a write only when the applied content differs."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import kopf
+import pytest
+import yaml
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic.exceptions import api_exception
+
+from mpnn_operator import handlers, naming
+from mpnn_operator.reconcile import Reconciler, RetryLater
+from partition_server.api.lookup import CONFIGMAP_LIMIT, LookupTable
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.yaml"
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeKube:
+    """Objects keyed by (kind, namespace, name); counts writes. As with server-side apply, a
+    ``spec`` field that the last apply did not set but someone else did (a create, a
+    controller) stays when an apply leaves it out."""
+
+    def __init__(self):
+        self.objects: dict[tuple, dict] = {}
+        self.writes: list[tuple[str, str, str]] = []
+        self._rv = 0
+        self._applied: dict[tuple, set[str]] = {}  # spec fields set by the last apply
+
+    def _bump(self, obj):
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+
+    def get(self, api_version, kind, name, namespace=None):
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    def list(self, api_version, kind, namespace, label_selector):
+        want = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        return [copy.deepcopy(o) for (k, ns, _), o in sorted(self.objects.items())
+                if k == kind and (namespace is None or ns == namespace)
+                and all(o["metadata"].get("labels", {}).get(a) == b for a, b in want.items())]
+
+    def apply(self, obj, _op="apply"):
+        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        current = self.objects.get(key)
+        new = copy.deepcopy(obj)
+        if _op == "apply":
+            applied, self._applied[key] = self._applied.get(key, set()), set(new.get("spec") or {})
+        if current is not None:
+            new["metadata"] = {**current["metadata"], **new["metadata"]}
+            others = {k: v for k, v in (current.get("spec") or {}).items()
+                      if k not in applied and k not in (new.get("spec") or {})}
+            if others:
+                new["spec"] = {**others, **(new.get("spec") or {})}
+            if "status" in current:
+                new["status"] = current["status"]
+            if new == current:
+                return copy.deepcopy(current)
+            if new.get("spec") != current.get("spec"):
+                new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        else:
+            new["metadata"].update(generation=1, uid=new["metadata"].get("uid") or f"uid-{self._rv + 1}",
+                                   creationTimestamp=new["metadata"].get("creationTimestamp") or _now())
+        self._bump(new)
+        self.objects[key] = new
+        if _op == "apply":
+            self.writes.append(("apply",) + key[:1] + key[2:])
+        return copy.deepcopy(new)
+
+    def create(self, obj):
+        if (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) in self.objects:
+            return None
+        self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
+        return self.apply(obj, _op="create")
+
+    def delete(self, api_version, kind, name, namespace=None, propagation="Background"):
+        self.writes.append(("delete", kind, name))
+        self._applied.pop((kind, namespace, name), None)
+        return self.objects.pop((kind, namespace, name), None) is not None
+
+    def patch_status(self, api_version, kind, name, namespace, status):
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None:
+            return None
+        obj["status"] = _merge_patch(obj.get("status", {}), status)
+        self._bump(obj)
+        self.writes.append(("status", kind, name))
+        return copy.deepcopy(obj)
+
+    # test helpers
+    def create_network(self, doc):
+        doc = copy.deepcopy(doc)
+        doc["metadata"].update(namespace="ns", uid="uid-1")
+        self.apply(doc)
+
+    def edit(self, kind, name, **spec):
+        obj = self.get("", kind, name, "ns")
+        obj["spec"].update(spec)
+        obj.pop("status", None)
+        self.apply(obj)
+
+    def lookup(self, name="digits"):
+        cm = self.objects[("ConfigMap", "ns", naming.lookup_name(name))]
+        return LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
+
+
+def _merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, as the API server applies it to status: maps merge, None deletes."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+@pytest.fixture
+def kube():
+    return FakeKube()
+
+
+@pytest.fixture
+def events():
+    return []
+
+
+def _adopt(child, owner):
+    child["metadata"]["ownerReferences"] = [{"kind": "NeuralNetwork", "name": owner["metadata"]["name"],
+                                             "uid": owner["metadata"]["uid"], "controller": True}]
+
+
+@pytest.fixture
+def reconciler(kube, events):
+    return Reconciler(kube, "cluster.local", emit=lambda o, t, r, m: events.append((t, r, m)), adopt=_adopt)
+
+
+def _digits(storage=True):
+    doc = yaml.safe_load(DIGITS.read_text())
+    if storage:
+        doc["spec"]["storage"] = {"nfs": {"server": "10.0.0.1", "path": "/exports/mpnn"}}
+    return doc
+
+
+def _status(kube, name="digits"):
+    return kube.objects[("NeuralNetwork", "ns", name)].get("status", {})
+
+
+def _condition(kube, type_):
+    return next(c for c in _status(kube)["conditions"] if c["type"] == type_)
+
+
+def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kinds = sorted({k for k, _, _ in kube.objects})
+    assert kinds == ["ConfigMap", "Job", "NeuralNetwork", "Partition", "PersistentVolume", "PersistentVolumeClaim",
+                     "Service", "StatefulSet"]
+    assert kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]["metadata"].get("ownerReferences") is None
+    for (kind, ns, name), obj in kube.objects.items():
+        if kind not in ("NeuralNetwork", "PersistentVolume"):
+            assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1", name
+    status = _status(kube)
+    assert status["lookupVersion"] == kube.lookup().version
+    assert status["partitions"] == 4 and status["placement"] == "strategy"
+    assert status["selector"] == "app.kubernetes.io/component=server,mpnn.dev/network=digits"
+    assert status["observedGeneration"] == 1
+    assert [e[1] for e in events] == ["Distributed", "TrainingStarted", "TrainingBlocked"]  # no ServiceAccount
+    parts = kube.list("", "Partition", "ns", naming.children_selector("digits"))
+    assert [p["status"]["neurons"] for p in parts] == [51, 51, 50, 50]
+    assert sum(p["status"]["parameters"] for p in parts) == 128 * 65 + 64 * 129 + 10 * 65
+
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == []
+
+
+def test_servers_and_jobs_run_the_operators_image_unless_the_spec_names_one(kube, events):
+    _trainer_account(kube)
+    reconciler = Reconciler(kube, "cluster.local", emit=lambda *a: None, adopt=_adopt,
+                            server_image="registry.example.com/mpnn:0.1.0")
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    image = lambda kind, name: kube.objects[(kind, "ns", name)]["spec"]["template"]["spec"]["containers"][0]["image"]  # noqa: E731
+    assert image("StatefulSet", "digits") == image("Job", "digits-train-digits-1") == "registry.example.com/mpnn:0.1.0"
+    kube.edit("NeuralNetwork", "digits", server={"image": "example.org/mpnn:dev"})
+    reconciler.reconcile("ns", "digits")
+    assert image("StatefulSet", "digits") == "example.org/mpnn:dev"
+
+
+def test_invalid_spec_leaves_children_untouched(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    before = copy.deepcopy({k: v for k, v in kube.objects.items() if k[0] != "NeuralNetwork"})
+    # Passes the CRD schema, but layer 9 does not exist: only the manifest model can tell.
+    kube.edit("NeuralNetwork", "digits", distribution={"strategy": "layers", "layers": [[0], [1], [2], [9]]})
+    reconciler.reconcile("ns", "digits")
+    assert {k: v for k, v in kube.objects.items() if k[0] != "NeuralNetwork"} == before
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InvalidSpec"
+    assert "spec.distribution.layers[3][0]" in degraded["message"] and "9" in degraded["message"]
+    assert degraded["observedGeneration"] == 2 and _status(kube)["phase"] == "Degraded"
+    assert events[-1][:2] == ("Warning", "InvalidSpec")
+    # Reconciling again does not repeat the warning.
+    reconciler.reconcile("ns", "digits")
+    assert [e[1] for e in events].count("InvalidSpec") == 1
+
+
+def test_manual_move_in_two_edits(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    first = kube.lookup()
+    kube.edit("Partition", "digits-0", ranges=["0:4-31", "1:0-15", "2:0-2"])
+    reconciler.partition_changed(kube.get("", "Partition", "digits-0", "ns"))
+    assert kube.lookup() == first
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "InconsistentPartitions"
+    assert "0:0-3 owned by no partition" in degraded["message"] and first.version in degraded["message"]
+    assert events[-1][:2] == ("Warning", "InconsistentPartitions")
+
+    kube.edit("Partition", "digits-1", ranges=["0:0-3", "0:32-63", "1:16-31", "2:3-5"])
+    reconciler.partition_changed(kube.get("", "Partition", "digits-1", "ns"))
+    second = kube.lookup()
+    assert second.version != first.version and second.owner_of(0, 2) == 1
+    assert _condition(kube, "Degraded")["status"] == "False"
+    assert _status(kube)["placement"] == "manual" and _status(kube)["lookupVersion"] == second.version
+    assert events[-1][1] == "Repartitioned"
+    assert kube.get("", "Partition", "digits-1", "ns")["status"]["neurons"] == 55
+
+    # The operator's own writes are not hand edits: nothing happens for them.
+    kube.writes.clear()
+    for i in range(4):
+        reconciler.partition_changed(kube.get("", "Partition", f"digits-{i}", "ns"))
+    assert kube.writes == []
+
+    # A spec change that leaves the distribution inputs alone keeps the hand placement ...
+    kube.edit("NeuralNetwork", "digits", server={"image": "example.org/mpnn:dev", "port": 50051})
+    reconciler.reconcile("ns", "digits")
+    assert kube.lookup() == second
+    # ... one that changes them redistributes from the strategy.
+    kube.edit("NeuralNetwork", "digits", partitions=2)
+    reconciler.reconcile("ns", "digits")
+    assert kube.lookup().owner_of(0, 2) == 0 and kube.lookup().num_partitions == 2
+    assert _status(kube)["placement"] == "strategy"
+
+
+def test_scaling_rewrites_partitions_and_prunes_the_extra_ones(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kube.edit("NeuralNetwork", "digits", partitions=6)
+    reconciler.reconcile("ns", "digits")
+    assert kube.objects[("StatefulSet", "ns", "digits")]["spec"]["replicas"] == 6
+    assert len(kube.list("", "Partition", "ns", naming.children_selector("digits"))) == 6
+    assert kube.lookup().num_partitions == 6
+    assert events[-1][1] == "Scaled" and "from 4 to 6" in events[-1][2]
+    kube.edit("NeuralNetwork", "digits", partitions=3)
+    reconciler.reconcile("ns", "digits")
+    names = [p["metadata"]["name"] for p in kube.list("", "Partition", "ns", naming.children_selector("digits"))]
+    assert names == ["digits-0", "digits-1", "digits-2"]
+    assert kube.lookup().num_partitions == 3 and _status(kube)["partitions"] == 3
+
+
+def test_partition_status_counts_only_the_networks_neurons(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    # Layer 2 has units 0-9: 2:10-20 are no neurons, 2:5-7 belong to other partitions too.
+    kube.edit("Partition", "digits-3", ranges=["0:96-127", "1:48-63", "2:5-20", "7:0-3"])
+    reconciler.partition_changed(kube.get("", "Partition", "digits-3", "ns"))
+    status = kube.get("", "Partition", "digits-3", "ns")["status"]
+    assert status["neurons"] == 32 + 16 + 5
+    assert status["parameters"] == 32 * 65 + 16 * 129 + 5 * 65
+    degraded = _condition(kube, "Degraded")
+    assert degraded["reason"] == "InconsistentPartitions" and "range 2:5-20 of partition 3 is outside 0-9" in \
+        degraded["message"] and "layer 7 does not exist" in degraded["message"]
+
+
+def test_a_refused_partition_status_does_not_fail_the_reconcile(kube, reconciler):
+    patch_status = kube.patch_status
+
+    def refuse_one(api_version, kind, name, namespace, status):
+        if name == "digits-1":
+            error = ApiException(status=422, reason="Unprocessable Entity")
+            error.body = json.dumps({"kind": "Status", "reason": "Invalid", "message": "status.neurons: Invalid"})
+            raise api_exception(error)
+        return patch_status(api_version, kind, name, namespace, status)
+
+    kube.patch_status = refuse_one
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    parts = {p["metadata"]["name"]: p for p in kube.list("", "Partition", "ns", naming.children_selector("digits"))}
+    assert "status" not in parts["digits-1"]
+    assert [parts[f"digits-{i}"]["status"]["neurons"] for i in (0, 2, 3)] == [51, 50, 50]
+    assert _condition(kube, "Degraded")["status"] == "False" and _status(kube)["partitions"] == 4
+
+
+def test_a_deleted_partition_is_restored_from_the_strategy(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    before = kube.lookup()
+    gone = kube.get("", "Partition", "digits-2", "ns")
+    kube.delete("", "Partition", "digits-2", "ns")
+    reconciler.partition_changed(gone, deleted=True)
+    assert kube.get("", "Partition", "digits-2", "ns")["spec"]["ranges"] == gone["spec"]["ranges"]
+    assert kube.lookup() == before
+
+
+def _children(kube):
+    return copy.deepcopy({k: v for k, v in kube.objects.items() if k[0] != "NeuralNetwork"})
+
+
+def test_a_foreign_object_with_a_childs_name_is_left_alone(kube, reconciler, events):
+    mine = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"mine": "yes"},
+            "metadata": {"name": "digits-lookup", "namespace": "ns", "labels": {"team": "a"}}}
+    kube.apply(mine)
+    kube.create_network(_digits())
+    before = _children(kube)
+    with pytest.raises(RetryLater):
+        reconciler.reconcile("ns", "digits")
+    assert _children(kube) == before  # nothing applied, the ConfigMap above all
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "NameConflict"
+    assert "ConfigMap digits-lookup has no controlling owner" in degraded["message"]
+    assert events == [("Warning", "NameConflict", degraded["message"])]
+    with pytest.raises(RetryLater):
+        reconciler.reconcile("ns", "digits")
+    assert len(events) == 1  # warned once
+    kube.delete("v1", "ConfigMap", "digits-lookup", "ns")
+    reconciler.reconcile("ns", "digits")
+    assert _condition(kube, "Degraded")["status"] == "False" and kube.lookup().num_partitions == 4
+
+
+def test_a_running_network_keeps_its_children_when_a_name_is_taken_by_another_owner(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    # Someone else's Service takes the inference Service's name (e.g. a network digits-inference
+    # made before names ending in -inference were refused), and a Partition to come is taken too.
+    kube.objects[("Service", "ns", "digits-inference")]["metadata"]["ownerReferences"] = [
+        {"kind": "NeuralNetwork", "name": "digits-inference", "uid": "uid-2", "controller": True}]
+    kube.apply({"apiVersion": naming.API_VERSION, "kind": "Partition",
+                "metadata": {"name": "digits-5", "namespace": "ns"}, "spec": {"network": "digits", "index": 5}})
+    kube.edit("NeuralNetwork", "digits", partitions=6)
+    before = _children(kube)
+    with pytest.raises(RetryLater):
+        reconciler.reconcile("ns", "digits")
+    assert _children(kube) == before
+    message = _condition(kube, "Degraded")["message"]
+    assert "Service digits-inference is controlled by NeuralNetwork digits-inference (uid uid-2)" in message
+    assert "Partition digits-5 has no controlling owner" in message
+    assert _status(kube)["partitions"] == 4
+
+
+def test_a_lookup_over_the_configmap_limit_writes_nothing(kube, reconciler, events):
+    doc = _digits(storage=False)
+    del doc["spec"]["training"]
+    doc["spec"]["model"]["layers"] = [{"units": 1000}] * 256
+    kube.create_network(doc)
+    reconciler.reconcile("ns", "digits")
+    before = _children(kube)
+    kept = kube.lookup().version
+    kube.writes.clear()
+    kube.edit("NeuralNetwork", "digits", partitions=110)  # 256 x 110 ranges: over 1 MiB
+    reconciler.reconcile("ns", "digits")
+    assert _children(kube) == before
+    assert [w for w in kube.writes if w[1] != "NeuralNetwork"] == []
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "LookupTooLarge"
+    size = int(degraded["message"].split(" would hold ")[1].split(" bytes")[0])
+    assert size > CONFIGMAP_LIMIT and f"over the ConfigMap limit of {CONFIGMAP_LIMIT} bytes" in degraded["message"]
+    assert f"lookup table {kept} stays in force" in degraded["message"]
+    assert _status(kube)["partitions"] == 4 and events[-1][:2] == ("Warning", "LookupTooLarge")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")  # nothing new: nothing written, not even the status
+    assert kube.writes == []
+
+
+def _api_error(status, reason=""):
+    error = ApiException(status=status, reason="refused")
+    error.body = json.dumps({"kind": "Status", "reason": reason, "message": f"{reason} {status}"})
+    return api_exception(error)
+
+
+@pytest.mark.parametrize("status, reason, retried", [
+    (422, "Invalid", False), (403, "Forbidden", False), (409, "AlreadyExists", False), (400, "BadRequest", False),
+    (409, "Conflict", True), (429, "TooManyRequests", True), (500, "InternalError", True), (503, "", True),
+])
+def test_only_api_errors_that_may_pass_are_retried(status, reason, retried):
+    class Memo:
+        class reconciler:
+            @staticmethod
+            def reconcile(namespace, name):
+                raise _api_error(status, reason)
+
+    for retry, delay in ((0, 10), (3, 80)):
+        with pytest.raises(kopf.TemporaryError if retried else kopf.PermanentError) as info:
+            handlers.resync_network(name="digits", namespace="ns", memo=Memo, retry=retry)
+        assert f"HTTP {status}" in str(info.value)
+        if retried:
+            assert info.value.delay == delay
+
+
+def test_a_retry_later_becomes_a_growing_kopf_retry():
+    class Memo:
+        class reconciler:
+            @staticmethod
+            def reconcile(namespace, name):
+                raise RetryLater("a name is taken")
+
+            @staticmethod
+            def partition_changed(partition, deleted=False):
+                raise RetryLater("a name is taken")
+
+    delays = []
+    for retry in range(7):
+        with pytest.raises(kopf.TemporaryError) as info:
+            handlers.reconcile_network(name="digits", namespace="ns", memo=Memo, retry=retry)
+        delays.append(info.value.delay)
+    assert delays == [10, 20, 40, 80, 160, 300, 300]
+    handlers.partition_event(event={"type": "MODIFIED"}, body={"metadata": {}}, memo=Memo)  # not raised: logged
+
+
+def test_the_volume_is_created_bound_in_advance_to_the_claim_and_then_applied_without_it(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    pv = kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]
+    assert pv["spec"]["claimRef"] == {"namespace": "ns", "name": "digits-model"}
+    assert ("create", "PersistentVolume", "mpnn.ns.digits") in kube.writes
+    # Bound: the PersistentVolume controller completes the claimRef; the operator's applies leave it alone.
+    claim = kube.objects[("PersistentVolumeClaim", "ns", "digits-model")]
+    pv["spec"]["claimRef"].update(uid=claim["metadata"]["uid"], kind="PersistentVolumeClaim")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and pv["spec"]["claimRef"]["uid"] == claim["metadata"]["uid"]
+
+
+def _bind(kube, phase="Bound"):
+    claim = kube.objects[("PersistentVolumeClaim", "ns", "digits-model")]
+    pv = kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]
+    claim["status"] = {"phase": phase}
+    pv["spec"]["claimRef"]["uid"] = claim["metadata"]["uid"]
+    pv["status"] = {"phase": "Bound"}
+    return claim, pv
+
+
+def test_a_claim_deleted_by_hand_gets_its_volume_back(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    old, pv = _bind(kube)
+    kube.delete("v1", "PersistentVolumeClaim", "digits-model", "ns")
+    pv["status"] = {"phase": "Released"}  # still bound to the deleted claim's uid: no new claim can bind it
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes[:3] == [("delete", "PersistentVolume", "mpnn.ns.digits"),
+                               ("create", "PersistentVolume", "mpnn.ns.digits"),
+                               ("apply", "PersistentVolumeClaim", "digits-model")]
+    pv = kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]
+    assert pv["spec"]["claimRef"] == {"namespace": "ns", "name": "digits-model"} and "status" not in pv
+    new = kube.objects[("PersistentVolumeClaim", "ns", "digits-model")]
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert events[-1][:2] == ("Normal", "VolumeRecreated") and old["metadata"]["uid"] in events[-1][2]
+    assert _condition(kube, "Degraded")["status"] == "False"  # a new claim has time to bind
+
+
+def test_a_claim_that_does_not_bind_is_reported(kube, reconciler, events):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    claim, pv = _bind(kube, phase="Pending")
+    claim["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    pv["status"] = {"phase": "Available"}
+    reconciler.reconcile("ns", "digits")
+    degraded = _condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ClaimNotBound"
+    assert degraded["message"].startswith("PersistentVolumeClaim digits-model is Pending, not Bound")
+    assert "PersistentVolume mpnn.ns.digits is Available" in degraded["message"]
+    assert events[-1][:2] == ("Warning", "ClaimNotBound") and _status(kube)["phase"] == "Degraded"
+    kube.writes.clear()
+    time.sleep(1.1)  # a second older: still the same verdict, so no new event and no write
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and [e[1] for e in events].count("ClaimNotBound") == 1
+    _bind(kube)
+    reconciler.reconcile("ns", "digits")
+    assert _condition(kube, "Degraded")["status"] == "False"
+
+
+def test_removing_storage_prunes_volume_and_claim(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    obj = kube.get("", "NeuralNetwork", "digits", "ns")
+    del obj["spec"]["storage"]
+    kube.objects[("NeuralNetwork", "ns", "digits")]["spec"] = obj["spec"]
+    reconciler.reconcile("ns", "digits")
+    assert not [k for k in kube.objects if k[0] in ("PersistentVolume", "PersistentVolumeClaim")]
+    model = next(v for v in kube.objects[("StatefulSet", "ns", "digits")]["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "model")
+    assert model == {"name": "model", "emptyDir": {}}
+
+
+def test_cleanup_deletes_only_this_networks_volume(kube, reconciler):
+    for ns in ("ns", "other"):
+        doc = _digits()
+        doc["metadata"].update(namespace=ns, uid=f"uid-{ns}")
+        kube.apply(doc)
+        reconciler.reconcile(ns, "digits")
+    reconciler.cleanup(kube.get("", "NeuralNetwork", "digits", "ns"))
+    assert [k[2] for k in kube.objects if k[0] == "PersistentVolume"] == ["mpnn.other.digits"]
+
+
+def test_refresh_reports_readiness_from_the_statefulset(kube, reconciler):
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    assert _status(kube)["phase"] == "Progressing"
+    sts = kube.objects[("StatefulSet", "ns", "digits")]
+    sts["status"] = {"replicas": 4, "readyReplicas": 4, "updatedReplicas": 4, "observedGeneration": 1}
+    for i in range(4):
+        kube.apply({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": f"digits-{i}", "namespace": "ns", "labels": naming.selector("digits")},
+                    "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+        kube.objects[("Pod", "ns", f"digits-{i}")]["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    reconciler.refresh_status("ns", "digits")
+    assert _status(kube)["phase"] == "Ready" and _status(kube)["readyPartitions"] == 4
+    assert _condition(kube, "Ready")["status"] == "True"
+    assert all(p["status"]["ready"] for p in kube.list("", "Partition", "ns", naming.children_selector("digits")))
+    kube.writes.clear()
+    reconciler.refresh_status("ns", "digits")
+    assert kube.writes == []
+
+
+# -- training ---------------------------------------------------------------------------
+
+
+def _jobs(kube):
+    return kube.list("batch/v1", "Job", "ns", naming.children_selector("digits"))
+
+
+def _training(kube):
+    return _status(kube).get("training", {})
+
+
+def _trainer_account(kube, name="mpnn-trainer"):
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "ns"}})
+
+
+def _set_training(kube, **training):
+    obj = kube.get("", "NeuralNetwork", "digits", "ns")
+    obj["spec"]["training"].update(training)
+    kube.edit("NeuralNetwork", "digits", training=obj["spec"]["training"])
+
+
+def test_one_job_per_run(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    (job,) = _jobs(kube)
+    assert job["metadata"]["name"] == "digits-train-digits-1"
+    assert job["metadata"]["labels"][naming.RUN] == "digits-1"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert _training(kube) == {"run": "digits-1", "job": "digits-train-digits-1", "phase": "Pending",
+                               "message": "starting Job digits-train-digits-1; waiting for the trainer"}
+    assert [e[1] for e in events] == ["Distributed", "TrainingStarted"]
+
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == []
+    # Its Job deleted before the run finished: the run is Stopped, and not started again.
+    kube.delete("batch/v1", "Job", job["metadata"]["name"], "ns")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube) == [] and [w for w in kube.writes if w[0] != "status"] == []
+    training = _training(kube)
+    assert training["phase"] == "Stopped" and training["job"] == "digits-train-digits-1"
+    assert training["message"].startswith("Job digits-train-digits-1 was deleted before the run finished")
+    assert events[-1][:2] == ("Normal", "TrainingStopped")
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and [e[1] for e in events].count("TrainingStopped") == 1
+
+    # A new runId: a new run, from a clean status.training.
+    kube.objects[("NeuralNetwork", "ns", "digits")]["status"]["training"].update(epoch=3, accuracy=0.9)
+    _set_training(kube, runId="digits-2")
+    reconciler.reconcile("ns", "digits")
+    (job,) = _jobs(kube)
+    assert job["metadata"]["name"] == "digits-train-digits-2"
+    assert _training(kube) == {"run": "digits-2", "job": "digits-train-digits-2", "phase": "Pending",
+                               "message": "starting Job digits-train-digits-2; waiting for the trainer"}
+
+
+def test_a_new_run_waits_for_the_old_job_to_be_gone(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    old = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    deleted = []
+    real_delete = kube.delete
+
+    def foreground_delete(api_version, kind, name, namespace=None, propagation="Background"):
+        # The API server keeps a Job deleted in the foreground until its pods are gone.
+        deleted.append((name, propagation))
+        kube.objects[(kind, namespace, name)]["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+        return True
+
+    kube.delete = foreground_delete
+    _set_training(kube, runId="digits-2")
+    reconciler.reconcile("ns", "digits")
+    reconciler.refresh_training("ns", "digits")  # the Job's MODIFIED event: still there
+    assert deleted == [("digits-train-digits-1", "Foreground")]
+    assert [j["metadata"]["name"] for j in _jobs(kube)] == ["digits-train-digits-1"]
+    assert events[-1][1] == "TrainingStopped" and "run digits-1" in events[-1][2]
+    kube.delete = real_delete
+    kube.delete("batch/v1", "Job", old["metadata"]["name"], "ns")
+    reconciler.refresh_training("ns", "digits")  # its DELETED event
+    assert [j["metadata"]["name"] for j in _jobs(kube)] == ["digits-train-digits-2"]
+
+
+def test_training_needs_storage(kube, reconciler, events):
+    kube.create_network(_digits(storage=False))
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube) == []
+    training = _training(kube)
+    assert training["phase"] == "Blocked" and training["run"] == "digits-1"
+    assert training["message"].startswith("spec.training needs spec.storage")
+    assert events[-1][:2] == ("Warning", "TrainingBlocked")
+    assert _status(kube)["phase"] != "Degraded"  # the servers are fine; only training cannot run
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == [] and [e[1] for e in events].count("TrainingBlocked") == 1
+
+
+def test_a_missing_service_account_blocks_the_run_until_it_exists(kube, reconciler, events):
+    doc = _digits()
+    doc["spec"]["training"]["serviceAccountName"] = "trainers"
+    kube.create_network(doc)
+    reconciler.reconcile("ns", "digits")
+    assert len(_jobs(kube)) == 1  # created anyway: its pod starts once the ServiceAccount exists
+    training = _training(kube)
+    assert training["phase"] == "Blocked"
+    assert "ServiceAccount trainers (spec.training.serviceAccountName) does not exist" in training["message"]
+    assert events[-1][:2] == ("Warning", "TrainingBlocked")
+    _trainer_account(kube, "trainers")
+    reconciler.refresh_training("ns", "digits")
+    assert _training(kube)["phase"] == "Pending"
+
+
+def test_a_foreign_job_in_the_way_blocks_the_run_once(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "digits-train-digits-1", "namespace": "ns", "labels": {"team": "other"}}})
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    training = _training(kube)
+    assert training["phase"] == "Blocked" and "a Job named digits-train-digits-1 exists" in training["message"]
+    assert "job" not in training
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    assert kube.writes == []
+    assert [e[1] for e in events].count("TrainingBlocked") == 1
+    kube.delete("batch/v1", "Job", "digits-train-digits-1", "ns")
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube)[0]["metadata"]["labels"][naming.RUN] == "digits-1"
+    assert _training(kube)["phase"] == "Pending" and _training(kube)["job"] == "digits-train-digits-1"
+
+
+def test_trainer_reports_are_kept(kube, reconciler):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    report = {"run": "digits-1", "phase": "Running", "epoch": 2, "step": 40, "loss": 0.3, "accuracy": 0.91,
+              "checkpoint": 4, "startTime": "2025-01-01T00:00:00Z", "message": None}
+    kube.patch_status("", "NeuralNetwork", "digits", "ns", {"training": report})
+    kube.writes.clear()
+    reconciler.reconcile("ns", "digits")
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == []
+    assert _training(kube)["epoch"] == 2 and _training(kube)["job"] == "digits-train-digits-1"
+
+
+def test_a_failed_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler, events):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kube.patch_status("", "NeuralNetwork", "digits", "ns", {"training": {"phase": "Running", "epoch": 1}})
+    job = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    job["status"] = {"failed": 4, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+         "message": "Job has reached the specified backoff limit", "lastTransitionTime": "2025-01-01T01:00:00Z"}]}
+    reconciler.refresh_training("ns", "digits")
+    training = _training(kube)
+    assert training["phase"] == "Failed" and training["epoch"] == 1
+    assert training["message"] == ("Job digits-train-digits-1 failed (BackoffLimitExceeded): "
+                                   "Job has reached the specified backoff limit")
+    assert training["completionTime"] == "2025-01-01T01:00:00Z"
+    assert events[-1][:2] == ("Warning", "TrainingFailed")
+    kube.writes.clear()
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == []
+    # The trainer's own verdict (more precise) stands.
+    kube.patch_status("", "NeuralNetwork", "digits", "ns",
+                      {"training": {"phase": "Failed", "message": "partition 2 unavailable"}})
+    kube.writes.clear()
+    reconciler.refresh_training("ns", "digits")
+    assert kube.writes == [] and _training(kube)["message"] == "partition 2 unavailable"
+
+
+def test_a_complete_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    kube.patch_status("", "NeuralNetwork", "digits", "ns", {"training": {"phase": "Running", "epoch": 4}})
+    job = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    job["status"] = {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True", "lastTransitionTime": "2025-01-01T02:00:00Z"}]}
+    reconciler.refresh_training("ns", "digits")
+    training = _training(kube)
+    assert (training["phase"], training["epoch"], training["completionTime"]) == \
+        ("Succeeded", 4, "2025-01-01T02:00:00Z")
+    assert training["message"] == "Job digits-train-digits-1 completed; the trainer did not report its result"
+    # The trainer's own report (with its accuracy) stands; a finished Job deleted later changes nothing.
+    kube.patch_status("", "NeuralNetwork", "digits", "ns",
+                      {"training": {"phase": "Succeeded", "message": "held-out accuracy 0.9600"}})
+    kube.writes.clear()
+    reconciler.refresh_training("ns", "digits")
+    kube.delete("batch/v1", "Job", "digits-train-digits-1", "ns")
+    reconciler.reconcile("ns", "digits")
+    assert [w for w in kube.writes if w[0] != "delete"] == []
+    assert _training(kube)["message"] == "held-out accuracy 0.9600"
+
+
+def test_removing_training_stops_the_job(kube, reconciler):
+    _trainer_account(kube)
+    kube.create_network(_digits())
+    reconciler.reconcile("ns", "digits")
+    obj = kube.get("", "NeuralNetwork", "digits", "ns")
+    del obj["spec"]["training"]
+    kube.objects[("NeuralNetwork", "ns", "digits")]["spec"] = obj["spec"]
+    reconciler.reconcile("ns", "digits")
+    assert _jobs(kube) == []
+    assert _training(kube)["run"] == "digits-1"  # the last run's record stays

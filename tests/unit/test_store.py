@@ -1,0 +1,378 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from partition_server.storage.store import (
+    CHECKPOINT_SCHEMA,
+    CheckpointNotFoundError,
+    ModelStore,
+    ShardInfo,
+    StoreError,
+    read_torch_rows,
+)
+
+NETWORK = {"inputs": 6, "layers": [{"units": 10, "activation": "relu"},
+                                   {"units": 7, "activation": "relu"},
+                                   {"units": 3, "activation": "softmax"}]}
+UNITS = [10, 7, 3]
+INPUTS = [6, 10, 7]
+
+# Four partitions, interleaved ranges (not the balanced cut) so that reloading
+# under another assignment has to stitch rows from several shards.
+FOUR = {
+    0: {0: [(0, 2), (8, 10)], 1: [(0, 1)], 2: [(0, 1)]},
+    1: {0: [(2, 5)], 1: [(1, 4)]},
+    2: {0: [(5, 6)], 1: [(4, 5)], 2: [(1, 3)]},
+    3: {0: [(6, 8)], 1: [(5, 7)]},
+}
+# Two partitions, whole layers.
+TWO = {0: {0: [(0, 10)]}, 1: {1: [(0, 7)], 2: [(0, 3)]}}
+
+
+def full_model(seed, momentum=True):
+    """layer -> name -> whole-layer array, the single-process truth."""
+    rng = np.random.default_rng(seed)
+    model = {}
+    for k, (units, inputs) in enumerate(zip(UNITS, INPUTS)):
+        model[k] = {"weight": rng.standard_normal((units, inputs)).astype(np.float32),
+                    "bias": rng.standard_normal(units).astype(np.float32)}
+        if momentum:
+            model[k]["weight.momentum"] = rng.standard_normal((units, inputs)).astype(np.float32)
+            model[k]["bias.momentum"] = rng.standard_normal(units).astype(np.float32)
+    return model
+
+
+def rows_of(array, ranges):
+    return np.concatenate([array[s:e] for s, e in ranges])
+
+
+def write_all(store, step, model, assignment, meta=None, commit=True):
+    infos = []
+    for partition, owned in assignment.items():
+        layers = {k: {n: rows_of(a, owned[k]) for n, a in model[k].items()} for k in owned}
+        infos.append(store.write_shard(step, partition, layers, owned))
+    if commit:
+        return store.commit(step, infos, NETWORK, meta), infos
+    return None, infos
+
+
+def test_layout_and_manifest(tmp_path):
+    store = ModelStore(tmp_path)
+    ckpt, infos = write_all(store, 5, full_model(0), FOUR, meta={"lookupVersion": "sha256:ab", "loss": 0.5})
+    step_dir = tmp_path / "checkpoints" / "000000000005"
+    assert sorted(os.listdir(step_dir)) == ["manifest.json"] + [f"shard-{p:05d}.safetensors" for p in range(4)]
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert manifest["apiVersion"] == CHECKPOINT_SCHEMA == "mpnn.dev/checkpoint/v1"
+    assert manifest["step"] == 5 and manifest["network"] == NETWORK
+    assert manifest["meta"] == {"lookupVersion": "sha256:ab", "loss": 0.5}
+    assert [s["partition"] for s in manifest["shards"]] == [0, 1, 2, 3]
+    assert manifest["shards"][0]["layers"][0]["ranges"] == [[0, 2], [8, 10]]
+    assert len(manifest["shards"][0]["sha256"]) == 64
+    # ShardInfo survives JSON.
+    assert ShardInfo.from_dict(json.loads(json.dumps(infos[2].to_dict()))) == infos[2]
+    # Shard keys are layers.{k}.{name}, holding only the partition's rows.
+    with safe_open(str(step_dir / "shard-00001.safetensors"), framework="numpy") as f:
+        assert sorted(f.keys()) == ["layers.0.bias", "layers.0.bias.momentum", "layers.0.weight",
+                                    "layers.0.weight.momentum", "layers.1.bias", "layers.1.bias.momentum",
+                                    "layers.1.weight", "layers.1.weight.momentum"]
+        assert list(f.get_slice("layers.0.weight").get_shape()) == [3, 6]
+    ckpt.verify()
+
+
+def test_round_trip_four_partitions(tmp_path):
+    store = ModelStore(tmp_path)
+    model = full_model(1)
+    write_all(store, 1, model, FOUR)
+    ckpt = store.latest()
+    assert ckpt is not None and ckpt.step == 1
+    for partition, owned in FOUR.items():
+        for k, ranges in owned.items():
+            for name in model[k]:
+                np.testing.assert_array_equal(ckpt.read_rows(k, name, ranges), rows_of(model[k][name], ranges))
+    for k in range(3):
+        np.testing.assert_array_equal(ckpt.read_layer(k, "weight"), model[k]["weight"])
+        assert ckpt.tensor_names(k) == ["bias", "bias.momentum", "weight", "weight.momentum"]
+
+
+def test_reload_under_different_assignment(tmp_path):
+    store = ModelStore(tmp_path)
+    model = full_model(2)
+    write_all(store, 3, model, FOUR)
+    ckpt = store.get(3)
+    for partition, owned in TWO.items():
+        for k, ranges in owned.items():
+            for name in ("weight", "bias", "weight.momentum"):
+                got = ckpt.read_rows(k, name, ranges)
+                np.testing.assert_array_equal(got, rows_of(model[k][name], ranges))
+    # Arbitrary ranges straddling shard boundaries, in the requested order.
+    got = ckpt.read_rows(0, "weight", [(1, 3), (4, 9)])
+    np.testing.assert_array_equal(got, np.concatenate([model[0]["weight"][1:3], model[0]["weight"][4:9]]))
+    assert ckpt.read_rows(2, "bias", []).shape == (0,)
+
+    # And back: a checkpoint written under TWO reloads under FOUR.
+    model2 = full_model(3)
+    write_all(store, 4, model2, TWO)
+    latest = store.latest()
+    assert latest.step == 4
+    for partition, owned in FOUR.items():
+        for k, ranges in owned.items():
+            np.testing.assert_array_equal(latest.read_rows(k, "weight", ranges), rows_of(model2[k]["weight"], ranges))
+
+
+def test_missing_optimizer_state_is_a_key_error(tmp_path):
+    store = ModelStore(tmp_path)
+    write_all(store, 0, full_model(4, momentum=False), TWO)
+    ckpt = store.latest()
+    assert ckpt.has(1, "weight") and not ckpt.has(1, "weight.momentum")
+    with pytest.raises(KeyError, match="no tensor 'weight.momentum' for layer 1"):
+        ckpt.read_rows(1, "weight.momentum", [(0, 7)])
+    with pytest.raises(StoreError, match="exceeds the layer's 7 units"):
+        ckpt.read_rows(1, "weight", [(0, 8)])
+    with pytest.raises(StoreError, match="layer must be in 0..2"):
+        ckpt.read_rows(3, "weight", [(0, 1)])
+
+
+def test_writer_dies_before_manifest(tmp_path):
+    store = ModelStore(tmp_path)
+    model = full_model(5)
+    write_all(store, 10, model, FOUR)
+    # Step 20: every shard written, but nobody committed.
+    write_all(store, 20, full_model(6), FOUR, commit=False)
+    # Step 30: a manifest write interrupted half-way (only its temp file exists).
+    write_all(store, 30, full_model(7), TWO, commit=False)
+    (tmp_path / "checkpoints/000000000030/.manifest.json.x1y2.tmp").write_text('{"apiVersion": "mpnn.dev/chec')
+    # Step 40: a garbage manifest.json (not JSON) is also no checkpoint.
+    (tmp_path / "checkpoints/000000000040").mkdir()
+    (tmp_path / "checkpoints/000000000040/manifest.json").write_text("{")
+
+    ckpt = store.latest()
+    assert ckpt.step == 10
+    np.testing.assert_array_equal(ckpt.read_layer(1, "bias"), model[1]["bias"])
+    assert store.steps() == [10, 40]
+    with pytest.raises(CheckpointNotFoundError, match="step 20"):
+        store.get(20)
+    with pytest.raises(StoreError, match="not valid JSON"):
+        store.get(40)
+    # The uncommitted directories are left in place.
+    assert (tmp_path / "checkpoints/000000000020/shard-00003.safetensors").exists()
+
+
+def test_empty_store(tmp_path):
+    store = ModelStore(tmp_path / "nothing-here")
+    assert store.latest() is None and store.steps() == []
+    with pytest.raises(CheckpointNotFoundError):
+        store.get(0)
+
+
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        # neuron 0:9 owned by nobody
+        ({0: {0: [(0, 9)], 1: [(0, 7)], 2: [(0, 3)]}}, "neurons 0:9 owned by no partition"),
+        # neurons 1:3-4 owned twice
+        ({0: {0: [(0, 10)], 1: [(0, 5)]}, 1: {1: [(3, 7)], 2: [(0, 3)]}}, "neurons 1:3-4 owned twice"),
+        # layer 2 missing entirely
+        ({0: {0: [(0, 10)], 1: [(0, 7)]}}, "neurons 2:0-2 owned by no partition"),
+    ],
+)
+def test_commit_refuses_gaps_and_overlaps(tmp_path, assignment, message):
+    store = ModelStore(tmp_path)
+    good = full_model(8)
+    write_all(store, 1, good, TWO)
+    with pytest.raises(StoreError, match=message):
+        write_all(store, 2, full_model(9), assignment)
+    assert not (tmp_path / "checkpoints/000000000002/manifest.json").exists()
+    latest = store.latest()
+    assert latest.step == 1
+    np.testing.assert_array_equal(latest.read_layer(0, "weight"), good[0]["weight"])
+
+
+def test_commit_refuses_other_inconsistencies(tmp_path):
+    store = ModelStore(tmp_path)
+    model = full_model(10)
+    _, infos = write_all(store, 1, model, TWO, commit=False)
+    with pytest.raises(StoreError, match=r"network.layers\[1\].units"):
+        store.commit(1, infos, {"inputs": 6, "layers": [{"units": 10}, {"units": 0}, {"units": 3}]})
+    with pytest.raises(StoreError, match=r"layer 0 weight has shape \[10, 6\], expected \[10, 5\]"):
+        store.commit(1, infos, {"inputs": 5, "layers": NETWORK["layers"]})
+    with pytest.raises(StoreError, match="JSON-serializable"):
+        store.commit(1, infos, NETWORK, meta={"bad": object()})
+    with pytest.raises(StoreError, match="partition.*more than one shard"):
+        store.commit(1, [infos[0], infos[0]], NETWORK)
+    os.remove(tmp_path / "checkpoints/000000000001/shard-00001.safetensors")
+    with pytest.raises(StoreError, match="shard-00001.safetensors of partition 1 does not exist"):
+        store.commit(1, infos, NETWORK)
+    assert store.latest() is None
+
+
+def test_commit_refuses_inconsistent_optimizer_state(tmp_path):
+    store = ModelStore(tmp_path)
+    model = full_model(11)
+    infos = [store.write_shard(1, 0, {0: {n: model[0][n] for n in ("weight", "bias")}}, {0: [(0, 10)]}),
+             store.write_shard(1, 1, {k: model[k] for k in (1, 2)}, TWO[1])]
+    # Layers 1 and 2 have momentum, layer 0 not: fine, state is per layer.
+    ckpt = store.commit(1, infos, NETWORK)
+    assert ckpt.has(2, "bias.momentum") and not ckpt.has(0, "bias.momentum")
+
+    split = {0: {0: [(0, 5)]}, 1: {0: [(5, 10)], 1: [(0, 7)], 2: [(0, 3)]}}
+    infos = [store.write_shard(2, 0, {0: {n: model[0][n][:5] for n in ("weight", "bias")}}, split[0]),
+             store.write_shard(2, 1, {0: {n: a[5:] for n, a in model[0].items()}, 1: model[1], 2: model[2]},
+                               split[1])]
+    with pytest.raises(StoreError, match="layer 0 tensors differ between shards"):
+        store.commit(2, infos, NETWORK)
+
+
+def test_committed_checkpoints_are_immutable(tmp_path):
+    store = ModelStore(tmp_path)
+    _, infos = write_all(store, 1, full_model(12), TWO)
+    with pytest.raises(StoreError, match="already committed"):
+        store.write_shard(1, 0, {0: full_model(13)[0]}, {0: [(0, 10)]})
+    with pytest.raises(StoreError, match="already committed"):
+        store.commit(1, infos, NETWORK)
+
+
+def test_write_shard_shape_errors_name_the_field(tmp_path):
+    store = ModelStore(tmp_path)
+    w, b = np.zeros((4, 6), np.float32), np.zeros(4, np.float32)
+    with pytest.raises(StoreError, match=r"layers\[0\]\['bias'\] has shape \[4\]: first dimension must be 5"):
+        store.write_shard(0, 0, {0: {"weight": np.zeros((5, 6), np.float32), "bias": b}}, {0: [(0, 5)]})
+    with pytest.raises(StoreError, match=r"layers\[0\]\['weight.momentum'\] has shape \[3, 6\]"):
+        store.write_shard(0, 0, {0: {"weight": w, "bias": b, "weight.momentum": w[:3]}}, {0: [(0, 4)]})
+    with pytest.raises(StoreError, match=r"layers\[0\] has no 'bias'"):
+        store.write_shard(0, 0, {0: {"weight": w}}, {0: [(0, 4)]})
+    with pytest.raises(StoreError, match=r"layers\[0\]\['weight'\] must be a 2-D array"):
+        store.write_shard(0, 0, {0: {"weight": b, "bias": b}}, {0: [(0, 4)]})
+    with pytest.raises(StoreError, match=r"ranges\[0\]\[1\] = \(2, 4\) overlaps"):
+        store.write_shard(0, 0, {0: {"weight": w, "bias": b}}, {0: [(0, 3), (2, 4)]})
+    with pytest.raises(StoreError, match=r"ranges\[0\]\[0\] = \(3, 3\) is empty"):
+        store.write_shard(0, 0, {0: {"weight": w, "bias": b}}, {0: [(3, 3)]})
+    with pytest.raises(StoreError, match=r"layers has layer keys \[0\] but ranges has \[0, 1\]"):
+        store.write_shard(0, 0, {0: {"weight": w, "bias": b}}, {0: [(0, 4)], 1: [(0, 1)]})
+    with pytest.raises(StoreError, match="step must be in 0..999999999999"):
+        store.write_shard(-1, 0, {0: {"weight": w, "bias": b}}, {0: [(0, 4)]})
+    # Nothing was left behind by the refused writes.
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_torch_export_import_round_trip(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    model = full_model(14)
+    ckpt, _ = write_all(store, 7, model, FOUR)
+    out = ckpt.export_torch(tmp_path / "export" / "model.safetensors")
+    with safe_open(str(out), framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(f"layers.{k}.{n}" for k in range(3) for n in ("weight", "bias"))
+        for k in range(3):
+            np.testing.assert_array_equal(f.get_tensor(f"layers.{k}.weight"), model[k]["weight"])
+            assert f.get_tensor(f"layers.{k}.weight").shape == (UNITS[k], INPUTS[k])
+    assert not [p for p in out.parent.iterdir() if p.name != "model.safetensors"]  # no temp files left
+
+    for k in range(3):
+        for ranges in ([(0, UNITS[k])], [(1, 2)], FOUR[2].get(k, [(0, 1)])):
+            w, b = read_torch_rows(out, k, ranges, expect_inputs=INPUTS[k], expect_units=UNITS[k])
+            assert w.dtype == np.float32 and b.dtype == np.float32
+            np.testing.assert_array_equal(w, rows_of(model[k]["weight"], ranges))
+            np.testing.assert_array_equal(b, rows_of(model[k]["bias"], ranges))
+
+
+def test_torch_import_errors_name_the_key(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"layers.0.weight": np.zeros((4, 3), np.float64), "layers.0.bias": np.ones(4, np.float16),
+               "layers.1.weight": np.zeros((2, 4), np.int32), "layers.1.bias": np.zeros(2, np.float32)}, str(path))
+    w, b = read_torch_rows(path, 0, [(1, 3)], expect_inputs=3, expect_units=4)
+    assert w.dtype == b.dtype == np.float32 and w.shape == (2, 3) and b.tolist() == [1.0, 1.0]
+    with pytest.raises(StoreError, match=r"layers.0.weight has shape \[4, 3\], the network needs \[4, 5\]"):
+        read_torch_rows(path, 0, [(0, 4)], expect_inputs=5, expect_units=4)
+    with pytest.raises(StoreError, match=r"layers.0.weight has shape \[4, 3\], the network needs \[6, 3\]"):
+        read_torch_rows(path, 0, [(0, 4)], expect_inputs=3, expect_units=6)
+    with pytest.raises(StoreError, match="key layers.2.weight is missing"):
+        read_torch_rows(path, 2, [(0, 1)], expect_inputs=2, expect_units=1)
+    with pytest.raises(StoreError, match="layers.1.weight has dtype I32"):
+        read_torch_rows(path, 1, [(0, 2)], expect_inputs=4, expect_units=2)
+    with pytest.raises(StoreError, match="exceeds the layer's 4 units"):
+        read_torch_rows(path, 0, [(0, 5)], expect_inputs=3, expect_units=4)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(StoreError, match="junk.safetensors: cannot open"):
+        read_torch_rows(tmp_path / "junk.safetensors", 0, [(0, 1)], expect_inputs=3, expect_units=4)
+
+
+def test_verify_detects_tampering(tmp_path):
+    store = ModelStore(tmp_path)
+    ckpt, _ = write_all(store, 1, full_model(15), TWO)
+    shard = tmp_path / "checkpoints/000000000001/shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="shard-00000.safetensors sha256"):
+        ckpt.verify()
+
+
+def test_prune_keeps_newest_and_latest(tmp_path):
+    store = ModelStore(tmp_path)
+    for step in (1, 2, 3, 4):
+        write_all(store, step, full_model(step), TWO)
+    write_all(store, 5, full_model(5), TWO, commit=False)
+    assert store.prune(keep=2) == [1, 2]
+    assert store.steps() == [3, 4]
+    assert not (tmp_path / "checkpoints/000000000001").exists()
+    assert (tmp_path / "checkpoints/000000000005").exists()  # uncommitted dirs are left alone
+    # A corrupt newest manifest: the latest loadable one (4) must survive keep=1.
+    (tmp_path / "checkpoints/000000000006").mkdir()
+    (tmp_path / "checkpoints/000000000006/manifest.json").write_text("nope")
+    assert store.latest().step == 4
+    assert store.prune(keep=1) == [3]
+    assert store.latest().step == 4
+    with pytest.raises(StoreError, match="keep must be in 1"):
+        store.prune(keep=0)
+
+
+def test_next_step_skips_torn_and_dead_step_directories(tmp_path):
+    store = ModelStore(tmp_path)
+    assert store.next_step() == 1
+    write_all(store, 1, full_model(1), FOUR)
+    write_all(store, 2, full_model(2), FOUR, commit=False)   # a writer died before the manifest
+    (tmp_path / "checkpoints/000000000003").mkdir()
+    (tmp_path / "checkpoints/000000000003/manifest.json").write_text("{")  # a torn manifest
+    assert store.latest().step == 1
+    assert store.next_step() == 4
+    model = full_model(4)
+    write_all(store, store.next_step(), model, TWO)
+    assert store.latest().step == 4
+    np.testing.assert_array_equal(store.latest().read_layer(0, "weight"), model[0]["weight"])
+
+
+def test_a_truncated_shard_makes_the_checkpoint_unloadable_and_the_previous_one_loads(tmp_path):
+    store = ModelStore(tmp_path)
+    older = full_model(1)
+    write_all(store, 1, older, FOUR)
+    write_all(store, 2, full_model(2), FOUR)
+    shard = tmp_path / "checkpoints/000000000002/shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(StoreError, match="shard-00001.safetensors has 40 bytes, the manifest says"):
+        store.get(2)
+    assert store.latest().step == 1
+    np.testing.assert_array_equal(store.latest().read_layer(0, "weight"), older[0]["weight"])
+
+
+def test_a_corrupt_shard_of_the_right_size_is_a_store_error_naming_the_file(tmp_path):
+    store = ModelStore(tmp_path)
+    ckpt, _ = write_all(store, 1, full_model(1), FOUR)
+    shard = tmp_path / "checkpoints/000000000001/shard-00002.safetensors"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    with pytest.raises(StoreError, match="cannot read shard .*shard-00002.safetensors"):
+        ckpt.read_layer(2, "weight")
+
+
+def test_a_second_committer_cannot_replace_a_manifest(tmp_path, monkeypatch):
+    store = ModelStore(tmp_path)
+    _, infos = write_all(store, 1, full_model(1), FOUR, commit=False)
+    first = store.commit(1, infos, NETWORK, {"writer": "a"})
+    # The other writer passed the "already committed?" check before the first one wrote.
+    monkeypatch.setattr("pathlib.Path.exists", lambda self: False)
+    with pytest.raises(StoreError, match="committed by another writer"):
+        store.commit(1, infos, NETWORK, {"writer": "b"})
+    monkeypatch.undo()
+    assert store.get(1).meta == first.meta == {"writer": "a"}

@@ -449,7 +449,9 @@ def test_dockerfile_one_image_for_both_planes():
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in lines
     assert sum(line.startswith("FROM ${PYTHON_IMAGE}") for line in lines) == 2
-    assert any("pip install ." in line and "[dev]" not in line for line in lines)
+    # Both planes (the operator extra), never the dev extras.
+    assert any('pip install ".[operator]"' in line for line in lines)
+    assert not any("[dev]" in line for line in lines)
     assert 'ENTRYPOINT ["mpnn"]' in lines
     (user,) = [line for line in lines if line.startswith("USER ")]
     from mpnn_operator.builders import RUN_AS

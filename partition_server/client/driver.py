@@ -1,6 +1,6 @@
 """The training and inference driver: a client of every partition server.
 
-The driver sends each batch to all partitions at once (one ``Step`` call each);
+The driver sends each batch to all partitions at once (one ``RunPass`` call each);
 the partitions do the all-gather and reduce-scatter among themselves. It also
 coordinates checkpoints: every partition writes its shard, then the driver
 commits the manifest, last. ``mpnn run`` uses it against local servers and a
@@ -166,7 +166,7 @@ class Driver:
         Raises:
             DriverError: a partition refused or failed the step.
         """
-        request = pb.StepRequest(lookup_version=self.table.version, step_id=uuid.uuid4().hex,
+        request = pb.PassRequest(lookup_version=self.table.version, pass_id=uuid.uuid4().hex,
                                  train=y is not None, inputs=to_tensor(np.asarray(x, dtype=np.float32)))
         if weights_version is not None:
             request.weights_version = weights_version
@@ -174,7 +174,7 @@ class Driver:
             request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
             if optimizer is not None:
                 request.optimizer.CopyFrom(optimizer_message(optimizer))
-        replies = self._all("Step", [request] * self.table.num_partitions, timeout)
+        replies = self._all("RunPass", [request] * self.table.num_partitions, timeout)
         first = next(r for r in replies if r.has_outputs)
         outputs = from_tensor(first.outputs, "outputs", "float32")
         if y is None:

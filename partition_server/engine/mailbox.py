@@ -8,7 +8,7 @@ engine thread that computes (the batched per-(layer, peer) exchange of
 messages is from "Multi Part Deployment of Neural Network", arXiv 2506.01387).
 
 Keys are tuples whose first element is the step id, e.g.
-``(step_id, "fwd", layer)``; ``src`` is the sending partition's index.
+``(pass_id, "fwd", layer)``; ``src`` is the sending partition's index.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Mailbox:
     """Messages for one partition, keyed by ``(key, src)``.
 
     Each ``(key, src)`` is delivered at most once: a second ``put`` while the
-    first is still waiting raises ``ValueError``. ``discard(step_id)`` drops a
+    first is still waiting raises ``ValueError``. ``discard(pass_id)`` drops a
     step's leftovers and remembers the id (the last ``remember_discarded``
     ids), so late messages for an aborted step are dropped rather than kept
     forever, and takers blocked on it wake with ``StepAborted``. Step ids must
@@ -131,18 +131,18 @@ class Mailbox:
                         f"{', '.join(map(str, missing))}")
                 self._cond.wait(remaining)
 
-    def discard(self, step_id: Hashable) -> int:
-        """Drop every waiting message of ``step_id``, drop its late arrivals, and wake its takers.
+    def discard(self, pass_id: Hashable) -> int:
+        """Drop every waiting message of ``pass_id``, drop its late arrivals, and wake its takers.
 
         Returns:
             how many waiting messages were dropped.
         """
         with self._cond:
-            stale = [slot for slot in self._slots if slot[0][0] == step_id]
+            stale = [slot for slot in self._slots if slot[0][0] == pass_id]
             for slot in stale:
                 del self._slots[slot]
-            self._discarded[step_id] = None
-            self._discarded.move_to_end(step_id)
+            self._discarded[pass_id] = None
+            self._discarded.move_to_end(pass_id)
             while len(self._discarded) > self._remember:
                 self._discarded.popitem(last=False)
             self._cond.notify_all()

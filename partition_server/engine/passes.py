@@ -21,8 +21,8 @@ distributed training of "F2D2N: Fully Distributed Deep Neural Network"
 - One message per (layer, peer, phase) per pass, never one per neuron.
 
 The engine is transport-agnostic: it calls ``Transport.exchange`` with keys
-``(step_id, "fwd", k)`` (the carried tensor is ``a_k``, or the logits ``z_k`` of
-the last layer) and ``(step_id, "bwd", k)`` (the carried tensor is a partial of
+``(pass_id, "fwd", k)`` (the carried tensor is ``a_k``, or the logits ``z_k`` of
+the last layer) and ``(pass_id, "bwd", k)`` (the carried tensor is a partial of
 ``dL/da_k``, sent by owners of layer ``k+1``). ``LocalTransport`` runs partitions
 as threads of one process, for tests and benchmarks.
 
@@ -383,12 +383,12 @@ class PartitionEngine:
 
     # ----------------------------------------------------------------- passes
 
-    def forward(self, step_id: str, x: np.ndarray, transport: Transport | None,
+    def forward(self, pass_id: str, x: np.ndarray, transport: Transport | None,
                 timeout: float = 60.0, version: int | None = None) -> np.ndarray | None:
         """Inference: the network's outputs for ``x``; keeps no state.
 
         Args:
-            step_id: unique id of this pass, shared by all partitions (message keys).
+            pass_id: unique id of this pass, shared by all partitions (message keys).
             x: ``[batch, inputs]`` float32.
             transport: reaches the peers; may be None when this partition exchanges nothing.
             timeout: seconds for the whole pass.
@@ -409,7 +409,7 @@ class PartitionEngine:
         batch = validate_batch(self.inputs, self._plans[-1].units, x)
         deadline = time.monotonic() + timeout
         params = self.params_at(version, deadline)
-        return self._forward(step_id, x, batch, params, transport, deadline)[2]
+        return self._forward(pass_id, x, batch, params, transport, deadline)[2]
 
     def params_at(self, version: int | None, deadline: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """The parameters of ``version`` (None: the latest); see :meth:`forward`.
@@ -438,7 +438,7 @@ class PartitionEngine:
                                        f"in time (this partition is at step {self._step})")
                 self._state_changed.wait(min(remaining, 60.0))
 
-    def train_step(self, step_id: str, x: np.ndarray, y: np.ndarray, transport: Transport | None,
+    def train_step(self, pass_id: str, x: np.ndarray, y: np.ndarray, transport: Transport | None,
                    timeout: float = 60.0, apply: bool = True) -> StepResult:
         """One training step: forward, backward and (if ``apply``) an optimizer update of the
         local rows.
@@ -449,7 +449,7 @@ class PartitionEngine:
         Nothing is updated if the step fails.
 
         Args:
-            step_id: unique id of this step, shared by all partitions (message keys).
+            pass_id: unique id of this step, shared by all partitions (message keys).
             x: ``[batch, inputs]`` float32.
             y: ``[batch]`` int64 class indices in ``[0, units_last)``.
             transport: reaches the peers; may be None when this partition exchanges nothing.
@@ -470,7 +470,7 @@ class PartitionEngine:
         try:
             deadline = time.monotonic() + timeout
             params = self._params
-            full, local, outputs, logits = self._forward(step_id, x, batch, params, transport, deadline)
+            full, local, outputs, logits = self._forward(pass_id, x, batch, params, transport, deadline)
             loss = correct = None
             if outputs is not None:
                 loss, top = self._loss_and_top_grad(logits, outputs, y, batch)
@@ -478,7 +478,7 @@ class PartitionEngine:
                 deltas = {len(self._plans) - 1: top}
             else:
                 deltas = {}
-            grads, out_grads = self._backward(step_id, x, batch, params, full, local, deltas,
+            grads, out_grads = self._backward(pass_id, x, batch, params, full, local, deltas,
                                               transport, deadline)
             self.last_grads, self.last_deltas, self.last_output_grads = grads, deltas, out_grads
             if apply:
@@ -489,7 +489,7 @@ class PartitionEngine:
             with self._state_changed:  # a pass waiting for this step's version stops if it failed
                 self._state_changed.notify_all()
 
-    def _forward(self, step_id, x, batch, params, transport, deadline):
+    def _forward(self, pass_id, x, batch, params, transport, deadline):
         """Returns (full a_k per layer held, local a_k per owned layer, outputs, logits); the
         last two are None off the last layer's owners."""
         full: dict[int, np.ndarray] = {-1: x}
@@ -505,7 +505,7 @@ class PartitionEngine:
                 z += b
                 # The last layer travels as logits: softmax needs the whole row.
                 mine = z if k == last else activate(plan.activation, z)
-            got = self._exchange(transport, (step_id, "fwd", k),
+            got = self._exchange(transport, (pass_id, "fwd", k),
                                  {q: mine for q in plan.fwd_send}, plan.fwd_recv,
                                  {q: (batch, plan.widths[q]) for q in plan.fwd_recv}, deadline)
             if not plan.need_full:
@@ -553,7 +553,7 @@ class PartitionEngine:
                 local *= d
         return loss, np.ascontiguousarray(local, dtype=F32)
 
-    def _backward(self, step_id, x, batch, params, full, local, deltas, transport, deadline):
+    def _backward(self, pass_id, x, batch, params, full, local, deltas, transport, deadline):
         grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         out_grads: dict[int, np.ndarray] = {}
         for k in range(len(self._plans) - 1, -1, -1):
@@ -568,7 +568,7 @@ class PartitionEngine:
                 break
             prev = self._plans[k - 1]
             outgoing = {q: partial[:, sel] for q, sel in self._bwd_send[k].items()}
-            got = self._exchange(transport, (step_id, "bwd", k - 1), outgoing, prev.bwd_recv,
+            got = self._exchange(transport, (pass_id, "bwd", k - 1), outgoing, prev.bwd_recv,
                                  {q: (batch, prev.n_local) for q in prev.bwd_recv}, deadline)
             if not prev.owns:
                 continue
@@ -803,9 +803,9 @@ class LocalTransport:
                 self.sent_by[key[1:]] += 1
         return self.mailboxes[self.index].take_many(key, expect, timeout)
 
-    def discard(self, step_id: Any) -> int:
+    def discard(self, pass_id: Any) -> int:
         """Drop this partition's leftovers of an aborted step (see ``Mailbox.discard``)."""
-        return self.mailboxes[self.index].discard(step_id)
+        return self.mailboxes[self.index].discard(pass_id)
 
     def reset_counters(self) -> None:
         with self._lock:

@@ -4,7 +4,7 @@ Every partition server answers the protocol (KServe "Predict Protocol - Version 
 which Triton Inference Server implements) for one model: the network, named by
 its ``metadata.name``, with one version, ``"1"``. Any partition is an entry
 point. The server that receives an inference request runs a forward pass on
-*all* partitions, itself included: it calls ``Step(train=false)`` on each through
+*all* partitions, itself included: it calls ``RunPass(train=false)`` on each through
 the addresses of the lookup table it currently serves, with a
 :class:`~partition_server.client.driver.Driver` built once per table version, so
 requests follow lookup reloads.
@@ -26,7 +26,7 @@ partitions do not agree on the lookup table, a partition cannot be reached, or
 too many requests are in flight; DEADLINE_EXCEEDED / 504 when the pass outlives
 the deadline.
 
-Load: a pass holds a thread of every partition's gRPC pool for its ``Step``, so an entry
+Load: a pass holds a thread of every partition's gRPC pool for its ``RunPass``, so an entry
 point runs at most ``step_limit // P`` passes at once (``step_limit``: the inference Steps a
 partition runs at once, see ``server.step_slots``; at least 1, at most ``max_inflight``), and
 further requests wait for a slot within their deadline. A partition refuses a Step beyond its
@@ -34,7 +34,7 @@ limit with RESOURCE_EXHAUSTED (possible when other clients also send passes); th
 retries such a pass a few times with a growing pause, then answers UNAVAILABLE / 503.
 
 Weights: a pass may overlap a training step. The entry point sends the version of its own
-parameters (its optimizer step count) with every ``Step``, and every partition computes with
+parameters (its optimizer step count) with every ``RunPass``, and every partition computes with
 that version, so no output mixes rows from before and after an update. When a partition
 no longer keeps that version (ABORTED, "weights changed during the pass"), the entry point
 runs the pass again with its current version, up to twice.
@@ -356,7 +356,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
     Args:
         max_calls: ModelInfer calls handled at once; one more is answered UNAVAILABLE at once.
             A call waiting for a pass slot holds a thread of the partition server's gRPC pool,
-            which the passes themselves need for ``Step`` and ``Exchange``; so the waiting is
+            which the passes themselves need for ``RunPass`` and ``Exchange``; so the waiting is
             bounded here, and REST requests (on threads of their own) wait instead.
     """
 

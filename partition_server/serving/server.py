@@ -3,7 +3,7 @@
 It loads the lookup table (a file: a mounted ConfigMap in a cluster), takes its
 rows of every layer from the latest committed checkpoint on the shared volume
 (or an imported PyTorch-layout file, or the seeded initialisation), and runs
-the execution engine for the driver's ``Step`` calls, reaching its peers with
+the execution engine for the driver's ``RunPass`` calls, reaching its peers with
 one ``Exchange`` message per (layer, peer, phase). It serves the standard
 ``grpc.health.v1`` health service, and re-reads the lookup when the file's
 version changes, reloading the rows it now owns from the latest checkpoint.
@@ -15,12 +15,12 @@ second port: see ``inference.py`` and ``rest.py``.
 Status codes: INVALID_ARGUMENT for a wrong shape or dtype, FAILED_PRECONDITION
 for a lookup-version mismatch, DEADLINE_EXCEEDED when a peer's message does not
 arrive before the call's deadline, UNAVAILABLE while no model is loaded,
-RESOURCE_EXHAUSTED for an inference ``Step`` beyond :func:`step_slots` (retry),
-CANCELLED for a ``Step`` whose caller has already gone, ABORTED for a failed exchange
-or an inference ``Step`` whose ``weights_version`` this partition no longer keeps
+RESOURCE_EXHAUSTED for an inference ``RunPass`` beyond :func:`step_slots` (retry),
+CANCELLED for a ``RunPass`` whose caller has already gone, ABORTED for a failed exchange
+or an inference ``RunPass`` whose ``weights_version`` this partition no longer keeps
 ("weights changed during the pass; retry", see ``engine.PartitionEngine``).
 
-Threads: every RPC runs on one pool of ``workers`` threads, and a ``Step`` holds its
+Threads: every RPC runs on one pool of ``workers`` threads, and a ``RunPass`` holds its
 thread for the whole pass, waiting for the ``Exchange`` calls of its peers, which need
 threads of the same pool. So inference Steps are bounded below the pool size
 (:func:`step_slots`); one beyond the bound is refused at once instead of waiting, and
@@ -83,7 +83,7 @@ class Loaded:
 
 
 def step_slots(workers: int) -> int:
-    """Inference ``Step`` calls a partition with ``workers`` pool threads runs at once.
+    """Inference ``RunPass`` calls a partition with ``workers`` pool threads runs at once.
 
     The pool also holds the inference API's ``ModelInfer`` calls (``workers // 4``), one
     training Step, and a reserve (``max(2, workers // 8)``) for Exchange, Status and health.
@@ -155,11 +155,11 @@ class GrpcTransport:
         self.table = table
 
     def exchange(self, key: tuple, outgoing: dict[int, np.ndarray], expect, timeout: float) -> dict[int, np.ndarray]:
-        step_id, phase, layer = key
+        pass_id, phase, layer = key
         calls = []
         for peer, arr in outgoing.items():
             tensor = to_tensor(arr)
-            request = pb.ExchangeRequest(lookup_version=self.table.version, step_id=step_id, phase=phase,
+            request = pb.ExchangeRequest(lookup_version=self.table.version, pass_id=pass_id, phase=phase,
                                          layer=layer, source=self.server.index, tensor=tensor)
             stub = self.server.peers.stub(self.table.addresses[peer])
             calls.append((peer, stub.Exchange.future(request, timeout=timeout)))
@@ -304,17 +304,17 @@ class PartitionServer(pb_grpc.PartitionServicer):
             self.messages_sent += 1
             self.bytes_sent += nbytes
 
-    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+    def RunPass(self, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
         loaded = self._current(request.lookup_version, context)
         # A cancelled step (the driver saw another partition fail) wakes the engine waiting on its mailbox.
-        if not context.add_callback(lambda: self.mailbox.discard(request.step_id)):
-            self.mailbox.discard(request.step_id)
-            context.abort(grpc.StatusCode.CANCELLED, f"partition {self.index}: step {request.step_id} "
+        if not context.add_callback(lambda: self.mailbox.discard(request.pass_id)):
+            self.mailbox.discard(request.pass_id)
+            context.abort(grpc.StatusCode.CANCELLED, f"partition {self.index}: step {request.pass_id} "
                                                      f"was cancelled before it started")
         if request.train:  # one at a time per engine; reserved for in step_slots()
             return self._step(loaded, request, context)
         if not self._step_slots.acquire(blocking=False):
-            self.mailbox.discard(request.step_id)
+            self.mailbox.discard(request.pass_id)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"partition {self.index}: {self.step_limit} forward passes are running, the most "
                           f"its {self.workers}-thread pool takes while keeping threads for Exchange; retry")
@@ -323,7 +323,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
         finally:
             self._step_slots.release()
 
-    def _step(self, loaded: Loaded, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepReply:
+    def _step(self, loaded: Loaded, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
         engine = loaded.engine
         timeout = context.time_remaining() or DEFAULT_TIMEOUT
         try:
@@ -333,21 +333,21 @@ class PartitionServer(pb_grpc.PartitionServicer):
                 y = from_tensor(request.labels, "labels", "int64", [x.shape[0]])
                 if request.HasField("optimizer"):
                     engine.optimizer = OptimizerConfig(**_optimizer_fields(request.optimizer))
-                result = engine.train_step(request.step_id, x, y, transport, timeout)
+                result = engine.train_step(request.pass_id, x, y, transport, timeout)
                 outputs, loss, correct = result.outputs, result.loss, result.correct
             else:
                 version = request.weights_version if request.HasField("weights_version") else None
-                outputs, loss, correct = engine.forward(request.step_id, x, transport, timeout, version), None, None
+                outputs, loss, correct = engine.forward(request.pass_id, x, transport, timeout, version), None, None
         except ValueError as exc:
-            self.mailbox.discard(request.step_id)
+            self.mailbox.discard(request.pass_id)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except TimeoutError as exc:
-            self.mailbox.discard(request.step_id)
+            self.mailbox.discard(request.pass_id)
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except (ExchangeError, RuntimeError) as exc:
-            self.mailbox.discard(request.step_id)
+            self.mailbox.discard(request.pass_id)
             context.abort(grpc.StatusCode.ABORTED, str(exc))
-        reply = pb.StepReply(has_outputs=outputs is not None)
+        reply = pb.PassReply(has_outputs=outputs is not None)
         if outputs is not None:
             reply.outputs.CopyFrom(to_tensor(outputs))
         if loss is not None:
@@ -363,7 +363,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
             # The sender's step ends by its deadline, and this partition's step of the same pass
             # by (about) the same one: a message still here well after it is never taken.
             ttl = 2 * (context.time_remaining() or DEFAULT_TIMEOUT) + 10.0
-            self.mailbox.put((request.step_id, request.phase, request.layer), request.source, arr, ttl)
+            self.mailbox.put((request.pass_id, request.phase, request.layer), request.source, arr, ttl)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.ExchangeReply()

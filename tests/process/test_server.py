@@ -30,9 +30,9 @@ from tests.support.dataplane import INPUTS, MODEL, TOL, UNITS, Cluster, batch, b
 SGD = OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9)
 
 
-def step_request(table, x, y=None, version=None) -> pb.StepRequest:
-    req = pb.StepRequest(lookup_version=table.version if version is None else version,
-                         step_id=uuid.uuid4().hex, train=y is not None, inputs=to_tensor(x))
+def step_request(table, x, y=None, version=None) -> pb.PassRequest:
+    req = pb.PassRequest(lookup_version=table.version if version is None else version,
+                         pass_id=uuid.uuid4().hex, train=y is not None, inputs=to_tensor(x))
     if y is not None:
         req.labels.CopyFrom(to_tensor(y))
     return req
@@ -64,7 +64,7 @@ def test_bad_step_is_invalid_argument_naming_the_field(cluster4, make, field, de
     x, y = batch(0)
     bad_x, bad_y = make(x, y)
     stub = cluster4.stub(2)
-    err = rpc_error(stub.Step, step_request(cluster4.table, bad_x, bad_y), timeout=10)
+    err = rpc_error(stub.RunPass, step_request(cluster4.table, bad_x, bad_y), timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(f"{field}: ")
     assert detail in err.details()
@@ -75,7 +75,7 @@ def test_bad_step_is_invalid_argument_naming_the_field(cluster4, make, field, de
 def test_out_of_range_label_is_invalid_argument(cluster4):
     x, y = batch(0)
     y[3] = UNITS[-1]
-    err = rpc_error(cluster4.stub(0).Step, step_request(cluster4.table, x, y), timeout=10)
+    err = rpc_error(cluster4.stub(0).RunPass, step_request(cluster4.table, x, y), timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "y: labels must be in [0, 5), got 5" in err.details()
 
@@ -84,14 +84,14 @@ def test_tensor_bytes_that_do_not_fit_the_shape_are_invalid_argument(cluster4):
     x, _ = batch(0)
     req = step_request(cluster4.table, x)
     req.inputs.data = req.inputs.data[:-4]
-    err = rpc_error(cluster4.stub(1).Step, req, timeout=10)
+    err = rpc_error(cluster4.stub(1).RunPass, req, timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == "inputs: 356 bytes do not fit shape [9, 10] of float32 (360 bytes)"
 
 
 def test_exchange_rejects_bad_phase_and_duplicates(cluster4):
     stub = cluster4.stub(1)
-    req = pb.ExchangeRequest(lookup_version=cluster4.table.version, step_id="s", phase="sideways", layer=0,
+    req = pb.ExchangeRequest(lookup_version=cluster4.table.version, pass_id="s", phase="sideways", layer=0,
                              source=0, tensor=to_tensor(np.zeros((2, 3), np.float32)))
     err = rpc_error(stub.Exchange, req, timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -110,9 +110,9 @@ def test_exchanges_of_a_step_that_never_runs_expire(cluster4):
     server = cluster4.servers[1]
     server.mailbox = Mailbox(clock=lambda: now[0])
 
-    def exchange(step_id: str) -> None:
+    def exchange(pass_id: str) -> None:
         cluster4.stub(1).Exchange(pb.ExchangeRequest(
-            lookup_version=cluster4.table.version, step_id=step_id, phase="fwd", layer=0, source=0,
+            lookup_version=cluster4.table.version, pass_id=pass_id, phase="fwd", layer=0, source=0,
             tensor=to_tensor(np.zeros((9, 3), np.float32))), timeout=5)
 
     for i in range(3):
@@ -126,8 +126,8 @@ def test_exchanges_of_a_step_that_never_runs_expire(cluster4):
 def test_stale_lookup_version_is_failed_precondition(cluster4):
     x, _ = batch(0)
     stale = "sha256:" + "0" * 64
-    for call in (lambda s: s.Step(step_request(cluster4.table, x, version=stale), timeout=10),
-                 lambda s: s.Exchange(pb.ExchangeRequest(lookup_version=stale, step_id="a", phase="fwd",
+    for call in (lambda s: s.RunPass(step_request(cluster4.table, x, version=stale), timeout=10),
+                 lambda s: s.Exchange(pb.ExchangeRequest(lookup_version=stale, pass_id="a", phase="fwd",
                                                          tensor=to_tensor(x)), timeout=10),
                  lambda s: s.Checkpoint(pb.CheckpointRequest(lookup_version=stale, sequence=1), timeout=10)):
         err = rpc_error(call, cluster4.stub(3))
@@ -170,10 +170,10 @@ def test_step_whose_peer_never_starts_is_deadline_exceeded(tmp_path):
     # layers/2: partition 1 owns layers 1-2 and waits for a_0 from partition 0, which is not running.
     with Cluster(tmp_path, 2, Distribution("layers", layers=((0,), (1, 2))), start=[1]) as cluster:
         x, _ = batch(0)
-        err = rpc_error(cluster.stub(1).Step, step_request(cluster.table, x), timeout=1.5)
+        err = rpc_error(cluster.stub(1).RunPass, step_request(cluster.table, x), timeout=1.5)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The driver names a partition and the status instead of hanging.
-        with pytest.raises(DriverError, match=r"partition \d \(127\.0\.0\.1:\d+\) Step: "):
+        with pytest.raises(DriverError, match=r"partition \d \(127\.0\.0\.1:\d+\) RunPass: "):
             cluster.driver(timeout=1.5).step(x)
 
 
@@ -182,7 +182,7 @@ def test_step_whose_peers_never_answer_is_deadline_exceeded_and_the_cluster_reco
     with Cluster(tmp_path, 3, Distribution("balanced")) as cluster:
         x, _ = batch(0)
         # Only partition 0 is asked; its peers are up but never run the step.
-        err = rpc_error(cluster.stub(0).Step, step_request(cluster.table, x), timeout=1.0)
+        err = rpc_error(cluster.stub(0).RunPass, step_request(cluster.table, x), timeout=1.0)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The abandoned step leaves nothing that confuses the next one.
         out, _, _ = cluster.driver().step(x)
@@ -197,7 +197,7 @@ def test_forward_steps_beyond_the_limit_are_refused_at_once_and_training_steps_a
         assert server._step_slots.acquire(blocking=False)  # as if step_limit passes were running
     try:
         x, y = batch(0)
-        err = rpc_error(cluster4.stub(0).Step, step_request(cluster4.table, x), timeout=30)
+        err = rpc_error(cluster4.stub(0).RunPass, step_request(cluster4.table, x), timeout=30)
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"{server.step_limit} forward passes are running" in err.details()
         # Training steps are one at a time per engine and are not counted.
@@ -231,7 +231,7 @@ def test_a_step_cancelled_before_it_starts_is_cancelled_at_once(cluster4):
     x, _ = batch(0)
     context = _CancelledContext()
     with pytest.raises(RuntimeError, match="aborted"):
-        cluster4.servers[0].Step(step_request(cluster4.table, x), context)
+        cluster4.servers[0].RunPass(step_request(cluster4.table, x), context)
     assert context.aborted[0] == grpc.StatusCode.CANCELLED, context.aborted
 
 

@@ -34,10 +34,10 @@ class PartitionStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Step = channel.unary_unary(
-                '/mpnn.v1.Partition/Step',
-                request_serializer=mpnn__pb2.StepRequest.SerializeToString,
-                response_deserializer=mpnn__pb2.StepReply.FromString,
+        self.RunPass = channel.unary_unary(
+                '/mpnn.v1.Partition/RunPass',
+                request_serializer=mpnn__pb2.PassRequest.SerializeToString,
+                response_deserializer=mpnn__pb2.PassReply.FromString,
                 _registered_method=True)
         self.Exchange = channel.unary_unary(
                 '/mpnn.v1.Partition/Exchange',
@@ -64,7 +64,7 @@ class PartitionStub:
 class PartitionServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Step(self, request, context):
+    def RunPass(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,10 +97,10 @@ class PartitionServicer:
 
 def add_PartitionServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Step': grpc.unary_unary_rpc_method_handler(
-                    servicer.Step,
-                    request_deserializer=mpnn__pb2.StepRequest.FromString,
-                    response_serializer=mpnn__pb2.StepReply.SerializeToString,
+            'RunPass': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunPass,
+                    request_deserializer=mpnn__pb2.PassRequest.FromString,
+                    response_serializer=mpnn__pb2.PassReply.SerializeToString,
             ),
             'Exchange': grpc.unary_unary_rpc_method_handler(
                     servicer.Exchange,
@@ -134,7 +134,7 @@ class Partition:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Step(request,
+    def RunPass(request,
             target,
             options=(),
             channel_credentials=None,
@@ -147,9 +147,9 @@ class Partition:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/mpnn.v1.Partition/Step',
-            mpnn__pb2.StepRequest.SerializeToString,
-            mpnn__pb2.StepReply.FromString,
+            '/mpnn.v1.Partition/RunPass',
+            mpnn__pb2.PassRequest.SerializeToString,
+            mpnn__pb2.PassReply.FromString,
             options,
             channel_credentials,
             insecure,

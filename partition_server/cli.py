@@ -14,6 +14,8 @@ from importlib import import_module
 
 from partition_server.api.manifest import DEFAULT_IMAGE
 
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "distribute", "main"]
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 

@@ -6,6 +6,8 @@ import json
 import logging
 import time
 
+__all__ = ["JsonFormatter", "configure"]
+
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 

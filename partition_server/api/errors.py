@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["FieldError"]
+
 
 class FieldError(ValueError):
     """Bad input. ``field`` is its path (``spec.distribution.counts``), ``value`` what was given."""

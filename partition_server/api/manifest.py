@@ -22,6 +22,34 @@ import yaml
 from partition_server.api.errors import FieldError
 from partition_server.api.distributor import Distribution, DistributionError, STRATEGIES, distribute
 
+__all__ = [
+    "ACTIVATIONS",
+    "API_VERSION",
+    "DATASET_FORMATS",
+    "DEFAULT_HTTP_PORT",
+    "DEFAULT_IMAGE",
+    "DEFAULT_PORT",
+    "DEFAULT_TRAINER_SERVICE_ACCOUNT",
+    "DatasetSpec",
+    "KIND",
+    "LayerSpec",
+    "ManifestError",
+    "ModelSpec",
+    "NFSStorage",
+    "NeuralNetwork",
+    "OPTIMIZERS",
+    "RESERVED_NAME_SUFFIX",
+    "ServerSpec",
+    "StorageSpec",
+    "TrainingSpec",
+    "load_manifest",
+    "network_document",
+    "parse_network_document",
+    "parse_neural_network",
+    "parse_training",
+    "training_document",
+]
+
 API_VERSION = "mpnn.dev/v1alpha1"
 KIND = "NeuralNetwork"
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity", "softmax")

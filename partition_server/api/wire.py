@@ -8,6 +8,8 @@ import numpy as np
 
 from partition_server.api.protos import mpnn_pb2 as pb
 
+__all__ = ["DTYPES", "from_tensor", "to_tensor"]
+
 DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ("float32", "float64", "int64", "int32", "uint8")}
 
 

@@ -26,6 +26,8 @@ from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import API_VERSION, KIND, parse_network_document, parse_training
 from partition_server.storage.store import ModelStore
 
+__all__ = ["TrainingReporter", "main"]
+
 
 log = logging.getLogger("mpnn.trainer")
 

@@ -1,7 +1,7 @@
 """One training step of a network split over 4 partitions versus the single-process reference.
 
 For each width W the network is ``inputs=W``, layers ``[W relu, W relu, 10 softmax]`` (seeded
-initialisation, ``reference.init_params``), trained with SGD (lr 0.01, momentum 0.9), one
+initialisation, ``engine.init_params``), trained with SGD (lr 0.01, momentum 0.9), one
 batch of ``--batch`` random examples. A "step" is forward, backward and the optimizer update.
 Three ways of running it are timed, each as the median of ``--repeats`` steps after one
 warm-up step:
@@ -43,11 +43,12 @@ if str(ROOT) not in sys.path:
 
 from partition_server.api.distributor import Distribution, distribute  # noqa: E402
 from partition_server.client.driver import Driver  # noqa: E402
-from partition_server.engine.passes import LocalTransport, OptimizerConfig, PartitionEngine  # noqa: E402
-from partition_server.client.local import LocalDeployment, free_ports, write_atomically  # noqa: E402
+from partition_server.engine import OptimizerConfig, PartitionEngine, init_params  # noqa: E402
+from partition_server.client.local import LocalDeployment, free_ports  # noqa: E402
+from partition_server.storage.atomic import write_atomically  # noqa: E402
 from partition_server.api.lookup import LookupTable, loopback_addresses  # noqa: E402
 from partition_server.api.manifest import LayerSpec, ModelSpec, parse_neural_network  # noqa: E402
-from partition_server.testing.reference import ReferenceNetwork, init_params, slice_params  # noqa: E402
+from partition_server.testing import LocalTransport, ReferenceNetwork, slice_params  # noqa: E402
 from partition_server.serving.server import PartitionServer  # noqa: E402
 
 PARTITIONS = 4

@@ -1,4 +1,4 @@
-"""The per-partition execution engine: forward, backward and optimizer on local rows.
+"""The two passes of one partition: forward and backward on its local rows.
 
 One network of dense layers ``k = 0..L-1`` (``W_k`` is ``[units_k, in_k]``,
 PyTorch ``nn.Linear`` layout) is split by neuron: partition ``p`` owns the rows
@@ -20,11 +20,10 @@ distributed training of "F2D2N: Fully Distributed Deep Neural Network"
   ``act'(z_{k-1})``.
 - One message per (layer, peer, phase) per pass, never one per neuron.
 
-The engine is transport-agnostic: it calls ``Transport.exchange`` with keys
-``(pass_id, "fwd", k)`` (the carried tensor is ``a_k``, or the logits ``z_k`` of
-the last layer) and ``(pass_id, "bwd", k)`` (the carried tensor is a partial of
-``dL/da_k``, sent by owners of layer ``k+1``). ``LocalTransport`` runs partitions
-as threads of one process, for tests and benchmarks.
+Who exchanges with whom is the communication plan (:mod:`.plan`); the messages go
+through a :class:`~.transport.Transport` (keys ``(pass_id, "fwd", k)`` and
+``(pass_id, "bwd", k)``); the parameters a pass reads are a version of
+:mod:`.versions`; updates are :mod:`.optimizers`; activations are :mod:`.activations`.
 
 Training loss: with a softmax last layer, softmax cross-entropy on the logits,
 mean over the batch. With any other last activation, ``sum((a - onehot(y))^2) /
@@ -36,107 +35,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from partition_server.engine.mailbox import Mailbox
+from partition_server.api.manifest import ACTIVATIONS
+from partition_server.engine.activations import activate, activation_derivative
+from partition_server.engine.batch import validate_batch
+from partition_server.engine.optimizers import OptimizerConfig, apply_gradients
+from partition_server.engine.plan import CommunicationPlan
+from partition_server.engine.transport import ExchangeError, Transport
+from partition_server.engine.versions import Params, VersionedParameters, check_params, check_state, frozen
 
-__all__ = [
-    "ACTIVATIONS",
-    "ExchangeError",
-    "LocalTransport",
-    "OptimizerConfig",
-    "PartitionEngine",
-    "StepResult",
-    "Transport",
-    "WEIGHTS_CHANGED",
-    "WeightsChanged",
-    "activate",
-    "activation_derivative",
-    "validate_batch",
-]
+__all__ = ["PartitionEngine", "StepResult"]
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "identity", "softmax")
 F32 = np.float32
-
-
-class Transport(Protocol):
-    """How an engine reaches its peers."""
-
-    def exchange(self, key: tuple, outgoing: dict[int, np.ndarray], expect: Iterable[int],
-                 timeout: float) -> dict[int, np.ndarray]:
-        """Send ``outgoing[peer]`` to each peer (concurrently), then wait for one array from
-        each partition in ``expect`` under the same ``key``.
-
-        Raises:
-            TimeoutError: the deadline passed; the message names the missing peers.
-        """
-        ...
-
-
-class ExchangeError(RuntimeError):
-    """A peer's message does not fit: wrong shape or dtype (e.g. partitions were given
-    batches of different sizes), or the transport returned an incomplete set."""
-
-
-WEIGHTS_CHANGED = "weights changed during the pass; retry"
-
-
-class WeightsChanged(RuntimeError):
-    """A forward pass asked for a parameter version this partition cannot provide: it is no
-    longer kept, or it is ahead of this partition and no training step is running that would
-    reach it. The message contains ``WEIGHTS_CHANGED``; a new pass (with a newer version) may
-    succeed."""
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer of the local rows; its state lives with the rows it updates.
-
-    Attributes:
-        name: ``"sgd"`` (classic momentum: ``v = momentum*v + g; w -= lr*v``; plain SGD when
-            ``momentum == 0``) or ``"adam"`` (Kingma & Ba, bias-corrected).
-        learning_rate: step size, > 0.
-        momentum: SGD momentum in ``[0, 1)``.
-        beta1, beta2: Adam decay rates in ``[0, 1)``.
-        eps: Adam denominator term, > 0.
-        weight_decay: L2 coefficient ``>= 0`` added to the gradient of weights and biases
-            (``g += weight_decay * w``, as ``torch.optim.SGD``/``Adam``).
-
-    Raises:
-        ValueError: a value out of range; the message names the field.
-    """
-
-    name: str = "sgd"
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adam"):
-            raise ValueError(f"optimizer.name: must be 'sgd' or 'adam' (got {self.name!r})")
-        if not self.learning_rate > 0:
-            raise ValueError(f"optimizer.learning_rate: must be > 0 (got {self.learning_rate!r})")
-        for field in ("momentum", "beta1", "beta2"):
-            value = getattr(self, field)
-            if not 0 <= value < 1:
-                raise ValueError(f"optimizer.{field}: must be in [0, 1) (got {value!r})")
-        if not self.eps > 0:
-            raise ValueError(f"optimizer.eps: must be > 0 (got {self.eps!r})")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"optimizer.weight_decay: must be >= 0 (got {self.weight_decay!r})")
-
-    def buffer_names(self) -> tuple[str, ...]:
-        """Per-parameter state buffer suffixes: ``("momentum",)``, ``("adam_m", "adam_v")`` or ``()``."""
-        if self.name == "adam":
-            return ("adam_m", "adam_v")
-        return ("momentum",) if self.momentum > 0 else ()
 
 
 @dataclass
@@ -154,126 +68,6 @@ class StepResult:
     correct: int | None
 
 
-def activate(name: str, z: np.ndarray) -> np.ndarray:
-    """Apply activation ``name`` to ``z`` (``[batch, units]`` float32); softmax is row-wise.
-
-    Raises:
-        ValueError: unknown activation.
-    """
-    if name == "relu":
-        return np.maximum(z, F32(0))
-    if name == "sigmoid":
-        # tanh form: no overflow for large |z|, unlike 1 / (1 + exp(-z)).
-        return (F32(0.5) * (F32(1) + np.tanh(F32(0.5) * z))).astype(F32, copy=False)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "identity":
-        return z
-    if name == "softmax":
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    raise ValueError(f"activation: unknown {name!r}, expected one of {ACTIVATIONS}")
-
-
-def activation_derivative(name: str, a: np.ndarray) -> np.ndarray | None:
-    """``act'(z)`` elementwise, written in terms of the output ``a = act(z)``.
-
-    Returns None for identity (derivative 1). Softmax has no elementwise derivative and is
-    handled through the loss.
-
-    Raises:
-        ValueError: softmax or an unknown activation.
-    """
-    if name == "relu":
-        return (a > 0).astype(F32)
-    if name == "sigmoid":
-        return a * (F32(1) - a)
-    if name == "tanh":
-        return F32(1) - a * a
-    if name == "identity":
-        return None
-    raise ValueError(f"activation: no elementwise derivative for {name!r}")
-
-
-def validate_batch(inputs: int, classes: int, x: Any, y: Any = None) -> int:
-    """Check a batch before any work or traffic.
-
-    Args:
-        inputs: features per example.
-        classes: units of the last layer; labels must be in ``[0, classes)``.
-        x: ``[batch, inputs]`` float32 ndarray.
-        y: ``[batch]`` int64 ndarray of class indices, or None (inference).
-
-    Returns:
-        the batch size.
-    Raises:
-        ValueError: naming the field (``x`` or ``y``), the expected and the actual shape/dtype.
-    """
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"x: expected a float32 ndarray of shape [batch, {inputs}], got {type(x).__name__}")
-    if x.dtype != F32 or x.ndim != 2 or x.shape[1] != inputs or x.shape[0] < 1:
-        raise ValueError(f"x: expected float32 of shape [batch>=1, {inputs}], "
-                         f"got {x.dtype} of shape {list(x.shape)}")
-    batch = x.shape[0]
-    if y is None:
-        return batch
-    if not isinstance(y, np.ndarray):
-        raise ValueError(f"y: expected an int64 ndarray of shape [{batch}], got {type(y).__name__}")
-    if y.dtype != np.int64 or y.shape != (batch,):
-        raise ValueError(f"y: expected int64 of shape [{batch}], got {y.dtype} of shape {list(y.shape)}")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"y: labels must be in [0, {classes}), got {bad}")
-    return batch
-
-
-def _selector(ranges: Sequence[tuple[int, int]]) -> slice | np.ndarray:
-    """Column selector for the concatenation of ``ranges``: a slice when contiguous (views, no
-    copy), else an index array."""
-    merged: list[list[int]] = []
-    for start, end in ranges:
-        if merged and merged[-1][1] == start:
-            merged[-1][1] = end
-        else:
-            merged.append([start, end])
-    if len(merged) == 1:
-        return slice(merged[0][0], merged[0][1])
-    return np.concatenate([np.arange(s, e, dtype=np.intp) for s, e in merged])
-
-
-def _width(ranges: Sequence[tuple[int, int]]) -> int:
-    return sum(e - s for s, e in ranges)
-
-
-class _LayerPlan:
-    """Everything about one layer that does not change between steps, computed once."""
-
-    def __init__(self, index: int, k: int, units: int, fan_in: int, activation: str, table: Any,
-                 last: bool):
-        self.k = k
-        self.units = units
-        self.fan_in = fan_in
-        self.activation = activation
-        self.rows = [(r.start, r.end) for r in table.ranges(k, index)]
-        self.n_local = _width(self.rows)
-        self.owns = self.n_local > 0
-        self.local_sel = _selector(self.rows) if self.owns else None
-        self.covers_all = self.owns and self.n_local == units
-        owners = table.partitions_in_layer(k)
-        self.widths = {q: _width([(r.start, r.end) for r in table.ranges(k, q)]) for q in owners}
-        self.col_sel = {q: _selector([(r.start, r.end) for r in table.ranges(k, q)]) for q in owners}
-        # Who must hold the full output of this layer: the owners of the next layer, or, for
-        # the last layer, its own owners (softmax and the loss need the whole row).
-        holders = owners if last else table.partitions_in_layer(k + 1)
-        self.need_full = index in holders
-        self.fwd_send = [q for q in holders if q != index] if self.owns else []
-        self.fwd_recv = [q for q in owners if q != index] if self.need_full else []
-        # Backward into this layer: partials of dL/da_k come from the owners of layer k+1.
-        self.bwd_recv = ([q for q in table.partitions_in_layer(k + 1) if q != index]
-                         if self.owns and not last else [])
-
-
 class PartitionEngine:
     """One partition's share of the network: its rows of every layer, and their optimizer state.
 
@@ -281,15 +75,16 @@ class PartitionEngine:
         index: this partition's index.
         inputs: input features of layer 0.
         layers: per layer, an object with ``units`` (int) and ``activation`` (one of
-            ``ACTIVATIONS``; softmax only on the last layer), e.g. ``manifest.LayerSpec``.
+            ``api.manifest.ACTIVATIONS``; softmax only on the last layer), e.g.
+            ``manifest.LayerSpec``.
         table: lookup table (``owners``, ``ranges``, ``partitions_in_layer``, ``layer_units``,
             ``num_partitions``).
         params: ``{k: (W_rows [n_local_k, in_k], b_rows [n_local_k])}`` for exactly the layers
             where this partition owns neurons, rows concatenated in range order. Copied and
             stored as float32.
         optimizer: optimizer of the local rows.
-        keep_versions: how many parameter versions ``forward`` can choose from (the latest
-            and the ones before it, by optimizer step).
+        keep_versions: (keyword-only) how many parameter versions ``forward`` can choose from
+            (the latest and the ones before it, by optimizer step).
 
     Raises:
         ValueError: layers that disagree with the table, a bad activation, or params of the
@@ -311,7 +106,7 @@ class PartitionEngine:
 
     def __init__(self, index: int, inputs: int, layers: Sequence[Any], table: Any,
                  params: Mapping[int, tuple[np.ndarray, np.ndarray]],
-                 optimizer: OptimizerConfig | None = None, keep_versions: int = 4):
+                 optimizer: OptimizerConfig | None = None, *, keep_versions: int = 4):
         if keep_versions < 1:
             raise ValueError(f"keep_versions: must be >= 1 (got {keep_versions!r})")
         if not isinstance(inputs, (int, np.integer)) or inputs < 1:
@@ -333,25 +128,11 @@ class PartitionEngine:
         self.layers = list(layers)
         self.table = table
         self.optimizer = optimizer or OptimizerConfig()
-        fan_ins = [self.inputs] + units[:-1]
-        last = len(layers) - 1
-        self._plans = [_LayerPlan(index, k, units[k], fan_ins[k], layers[k].activation, table, k == last)
-                       for k in range(len(layers))]
-        # Backward send plan of layer k (k >= 1): this partition's partial of dL/da_{k-1},
-        # split by the owners of layer k-1.
-        self._bwd_send: list[dict[int, Any]] = [{}]
-        for k in range(1, len(layers)):
-            prev = self._plans[k - 1]
-            self._bwd_send.append({q: sel for q, sel in prev.col_sel.items() if q != index}
-                                  if self._plans[k].owns else {})
-        self._params = self._check_params(params)
-        self._opt_state = {k: {} for k in self._params}
-        self._step = 0
-        self._keep = keep_versions
-        self._versions: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = OrderedDict({0: self._params})
+        self._plan = CommunicationPlan(index, inputs=self.inputs, layers=layers, table=table)
+        self._plans = self._plan.layers
+        self._bwd_send = self._plan.bwd_send
+        self._versions = VersionedParameters(self._check_params(params), index=index, keep=keep_versions)
         self._train_lock = threading.Lock()
-        self._state_lock = threading.RLock()
-        self._state_changed = threading.Condition(self._state_lock)
         self.last_grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_deltas: dict[int, np.ndarray] = {}
         self.last_output_grads: dict[int, np.ndarray] = {}
@@ -360,17 +141,18 @@ class PartitionEngine:
 
     @property
     def num_layers(self) -> int:
+        """How many layers the network has."""
         return len(self._plans)
 
     @property
     def owned_layers(self) -> list[int]:
         """Layers where this partition owns at least one neuron, ascending."""
-        return [p.k for p in self._plans if p.owns]
+        return self._plan.owned_layers()
 
     @property
     def optimizer_step(self) -> int:
         """Optimizer updates applied so far (Adam's ``t``); saved with checkpoints."""
-        return self._step
+        return self._versions.step
 
     def local_rows(self, layer: int) -> list[tuple[int, int]]:
         """This partition's half-open row ranges of ``layer``, ascending (empty if none)."""
@@ -378,8 +160,7 @@ class PartitionEngine:
 
     def messages_per_pass(self) -> dict[str, int]:
         """Messages this partition sends per pass: ``{"fwd": n, "bwd": n}`` (bwd only in training)."""
-        return {"fwd": sum(len(p.fwd_send) for p in self._plans),
-                "bwd": sum(len(s) for s in self._bwd_send)}
+        return self._plan.messages_per_pass()
 
     # ----------------------------------------------------------------- passes
 
@@ -411,32 +192,21 @@ class PartitionEngine:
         params = self.params_at(version, deadline)
         return self._forward(pass_id, x, batch, params, transport, deadline)[2]
 
-    def params_at(self, version: int | None, deadline: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def params_at(self, version: int | None, deadline: float) -> Params:
         """The parameters of ``version`` (None: the latest); see :meth:`forward`.
 
         Args:
+            version: optimizer step, or None.
             deadline: ``time.monotonic()`` value until which a version ahead may be waited for.
+
+        Returns:
+            ``{k: (W_rows [n_local_k, in_k], b_rows [n_local_k])}``, read-only float32.
+        Raises:
+            WeightsChanged: ``version`` is no longer kept, or is ahead and no training step runs.
+            TimeoutError: ``version`` is ahead and was not reached by ``deadline``.
         """
-        with self._state_changed:
-            if version is None or not self.owned_layers:  # owning nothing, no version matters
-                return self._params
-            while True:
-                params = self._versions.get(version)
-                if params is not None:
-                    return params
-                if version <= self._step:
-                    raise WeightsChanged(f"partition {self.index}: {WEIGHTS_CHANGED} (the pass computes with "
-                                         f"optimizer step {version}; this partition is at step {self._step} "
-                                         f"and keeps steps {min(self._versions)}..{self._step})")
-                if not self._train_lock.locked():
-                    raise WeightsChanged(f"partition {self.index}: {WEIGHTS_CHANGED} (the pass computes with "
-                                         f"optimizer step {version}; this partition is at step {self._step} "
-                                         f"and no training step is running)")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"partition {self.index}: optimizer step {version} was not applied "
-                                       f"in time (this partition is at step {self._step})")
-                self._state_changed.wait(min(remaining, 60.0))
+        return self._versions.at(version, deadline, owns_rows=bool(self.owned_layers),
+                                 training=self._train_lock.locked)
 
     def train_step(self, pass_id: str, x: np.ndarray, y: np.ndarray, transport: Transport | None,
                    timeout: float = 60.0, apply: bool = True) -> StepResult:
@@ -469,7 +239,7 @@ class PartitionEngine:
             raise RuntimeError(f"partition {self.index}: another training step is running")
         try:
             deadline = time.monotonic() + timeout
-            params = self._params
+            params = self._versions.params
             full, local, outputs, logits = self._forward(pass_id, x, batch, params, transport, deadline)
             loss = correct = None
             if outputs is not None:
@@ -486,8 +256,7 @@ class PartitionEngine:
             return StepResult(loss, outputs, correct)
         finally:
             self._train_lock.release()
-            with self._state_changed:  # a pass waiting for this step's version stops if it failed
-                self._state_changed.notify_all()
+            self._versions.wake()  # a pass waiting for this step's version stops if it failed
 
     def _forward(self, pass_id, x, batch, params, transport, deadline):
         """Returns (full a_k per layer held, local a_k per owned layer, outputs, logits); the
@@ -606,28 +375,14 @@ class PartitionEngine:
                                     f"{arr.dtype} {list(arr.shape)}, expected float32 {list(shapes[q])}")
         return got
 
+
     # ----------------------------------------------------------------- optimizer and state
 
     def _apply(self, grads: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> None:
-        cfg = self.optimizer
-        t = self._step + 1
-        new_params = dict(self._params)
-        new_state = dict(self._opt_state)
-        for k, (dw, db) in grads.items():
-            w, b = self._params[k]
-            state = dict(self._opt_state[k])
-            w2 = _update(cfg, w, dw, state, "weight", t)
-            b2 = _update(cfg, b, db, state, "bias", t)
-            for arr in state.values():
-                arr.flags.writeable = False
-            new_params[k] = (_frozen(w2), _frozen(b2))
-            new_state[k] = state
-        with self._state_changed:
-            self._params, self._opt_state, self._step = new_params, new_state, t
-            self._versions[t] = new_params
-            while len(self._versions) > self._keep:
-                self._versions.popitem(last=False)
-            self._state_changed.notify_all()
+        t = self._versions.step + 1
+        params, opt_state, _ = self._versions.snapshot()
+        new_params, new_state = apply_gradients(self.optimizer, grads, params=params, opt_state=opt_state, t=t)
+        self._versions.commit(new_params, new_state, t)
 
     def state_tensors(self) -> dict[int, dict[str, np.ndarray]]:
         """Parameters and optimizer state per owned layer, for the checkpoint store.
@@ -639,24 +394,20 @@ class PartitionEngine:
             update) are returned as zeros. Arrays are read-only and never modified later.
             The step counter is ``optimizer_step``, read under the same lock.
         """
-        with self._state_lock:
-            params, opt_state = self._params, self._opt_state
+        return self.state_snapshot()[0]
+
+    def state_snapshot(self) -> tuple[dict[int, dict[str, np.ndarray]], int]:
+        """``(state_tensors(), optimizer_step)`` taken together, consistent with each other."""
+        params, opt_state, step = self._versions.snapshot()
         out: dict[int, dict[str, np.ndarray]] = {}
         for k, (w, b) in params.items():
             tensors = {"weight": w, "bias": b}
             for suffix in self.optimizer.buffer_names():
                 for name, ref in (("weight", w), ("bias", b)):
                     key = f"{name}.{suffix}"
-                    tensors[key] = opt_state[k].get(key, _frozen(np.zeros_like(ref)))
+                    tensors[key] = opt_state[k].get(key, frozen(np.zeros_like(ref)))
             out[k] = tensors
-        return out
-
-    def state_snapshot(self) -> tuple[dict[int, dict[str, np.ndarray]], int]:
-        """``(state_tensors(), optimizer_step)`` taken together, consistent with each other."""
-        with self._state_lock:
-            step = self._step
-            tensors = self.state_tensors()
-        return tensors, step
+        return out, step
 
     def load_state(self, tensors: Mapping[int, Mapping[str, np.ndarray]], optimizer_step: int = 0) -> None:
         """Replace parameters and optimizer state, e.g. from a checkpoint.
@@ -674,140 +425,14 @@ class PartitionEngine:
         """
         if not isinstance(optimizer_step, (int, np.integer)) or optimizer_step < 0:
             raise ValueError(f"optimizer_step: must be an integer >= 0 (got {optimizer_step!r})")
-        known = {f"{n}.{s}" for n in ("weight", "bias") for s in ("momentum", "adam_m", "adam_v")}
-        wanted = set(self.optimizer.buffer_names())
         params = self._check_params({k: (t.get("weight"), t.get("bias")) for k, t in tensors.items()})
-        state: dict[int, dict[str, np.ndarray]] = {}
-        for k, named in tensors.items():
-            state[k] = {}
-            for name, arr in named.items():
-                if name in ("weight", "bias"):
-                    continue
-                if name not in known:
-                    raise ValueError(f"state[{k}].{name}: unknown tensor")
-                if name.split(".", 1)[1] not in wanted:
-                    continue
-                ref = params[k][0] if name.startswith("weight") else params[k][1]
-                arr = np.asarray(arr)
-                if arr.shape != ref.shape:
-                    raise ValueError(f"state[{k}].{name}: expected shape {list(ref.shape)}, got {list(arr.shape)}")
-                state[k][name] = _frozen(np.array(arr, dtype=F32, copy=True))
+        state = check_state(tensors, params, wanted=self.optimizer.buffer_names())
         if not self._train_lock.acquire(blocking=False):
             raise RuntimeError(f"partition {self.index}: cannot load state while a training step is running")
         try:
-            with self._state_changed:
-                self._params, self._opt_state, self._step = params, state, int(optimizer_step)
-                self._versions = OrderedDict({self._step: params})
-                self._state_changed.notify_all()
+            self._versions.replace(params, state, int(optimizer_step))
         finally:
             self._train_lock.release()
 
-    def _check_params(self, params: Mapping[int, tuple[Any, Any]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        owned = set(self.owned_layers)
-        extra = sorted(set(params) - owned)
-        if extra:
-            raise ValueError(f"params: partition {self.index} owns no neurons of layer(s) {extra}")
-        missing = sorted(owned - set(params))
-        if missing:
-            raise ValueError(f"params: missing layer(s) {missing} owned by partition {self.index}")
-        out = {}
-        for k in sorted(params):
-            plan = self._plans[k]
-            w, b = params[k]
-            for name, arr, shape in (("weight", w, (plan.n_local, plan.fan_in)), ("bias", b, (plan.n_local,))):
-                if arr is None:
-                    raise ValueError(f"params[{k}].{name}: missing")
-                arr = np.asarray(arr)
-                if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating):
-                    raise ValueError(f"params[{k}].{name}: expected float32 of shape {list(shape)}, "
-                                     f"got {arr.dtype} of shape {list(arr.shape)}")
-            out[k] = (_frozen(np.array(w, dtype=F32, copy=True)), _frozen(np.array(b, dtype=F32, copy=True)))
-        return out
-
-
-def _frozen(arr: np.ndarray) -> np.ndarray:
-    arr.flags.writeable = False
-    return arr
-
-
-def _update(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray],
-            name: str, t: int) -> np.ndarray:
-    """New value of parameter ``p`` after one step with gradient ``g``; updates ``state`` entries
-    ``{name}.{buffer}`` with new arrays."""
-    if cfg.weight_decay:
-        g = g + F32(cfg.weight_decay) * p
-    lr = F32(cfg.learning_rate)
-    if cfg.name == "sgd":
-        if cfg.momentum == 0:
-            return p - lr * g
-        key = f"{name}.momentum"
-        v = g if key not in state else F32(cfg.momentum) * state[key] + g
-        v = np.array(v, dtype=F32, copy=True)
-        state[key] = v
-        return p - lr * v
-    mk, vk = f"{name}.adam_m", f"{name}.adam_v"
-    b1, b2 = F32(cfg.beta1), F32(cfg.beta2)
-    m = (F32(1) - b1) * g if mk not in state else b1 * state[mk] + (F32(1) - b1) * g
-    v = (F32(1) - b2) * (g * g) if vk not in state else b2 * state[vk] + (F32(1) - b2) * (g * g)
-    state[mk], state[vk] = m, v
-    m_hat = m / F32(1 - cfg.beta1 ** t)
-    v_hat = v / F32(1 - cfg.beta2 ** t)
-    return p - lr * m_hat / (np.sqrt(v_hat) + F32(cfg.eps))
-
-
-class LocalTransport:
-    """In-process transport: partitions are threads sharing one ``Mailbox`` per partition.
-
-    Build a connected set with ``LocalTransport.group(n)``; give ``group[i]`` to partition
-    ``i``'s engine. Sent arrays are copied (C-contiguous), as a wire would, so a receiver never
-    aliases a sender's buffer. Counts what it sends.
-
-    Attributes:
-        index: the partition this transport sends from.
-        mailboxes: ``{partition: Mailbox}`` shared by the group.
-        messages_sent: messages sent so far.
-        bytes_sent: payload bytes sent so far.
-        sent_by: ``Counter`` of messages keyed by ``key[1:]`` (e.g. ``("fwd", 2)``).
-    """
-
-    def __init__(self, index: int, mailboxes: Mapping[int, Mailbox]):
-        self.index = index
-        self.mailboxes = mailboxes
-        self.messages_sent = 0
-        self.bytes_sent = 0
-        self.sent_by: Counter = Counter()
-        self._lock = threading.Lock()
-
-    @classmethod
-    def group(cls, n: int) -> list["LocalTransport"]:
-        """``n`` transports, index 0..n-1, over a fresh shared set of mailboxes."""
-        boxes = {i: Mailbox() for i in range(n)}
-        return [cls(i, boxes) for i in range(n)]
-
-    def exchange(self, key: tuple, outgoing: dict[int, np.ndarray], expect: Iterable[int],
-                 timeout: float) -> dict[int, np.ndarray]:
-        """See ``Transport.exchange``.
-
-        Raises:
-            ValueError: a peer that is this partition or not in the group.
-            TimeoutError: naming ``key`` and the missing peers.
-        """
-        for peer, arr in outgoing.items():
-            if peer == self.index or peer not in self.mailboxes:
-                raise ValueError(f"peer: cannot send to partition {peer} from partition {self.index}")
-            copy = np.array(arr, copy=True, order="C")
-            self.mailboxes[peer].put(key, self.index, copy)
-            with self._lock:
-                self.messages_sent += 1
-                self.bytes_sent += copy.nbytes
-                self.sent_by[key[1:]] += 1
-        return self.mailboxes[self.index].take_many(key, expect, timeout)
-
-    def discard(self, pass_id: Any) -> int:
-        """Drop this partition's leftovers of an aborted step (see ``Mailbox.discard``)."""
-        return self.mailboxes[self.index].discard(pass_id)
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.messages_sent = self.bytes_sent = 0
-            self.sent_by = Counter()
+    def _check_params(self, params: Mapping[int, tuple[Any, Any]]) -> Params:
+        return check_params(params, index=self.index, shapes=self._plan.shapes())

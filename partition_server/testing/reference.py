@@ -4,13 +4,12 @@ The distributed engine (``engine.PartitionEngine``) must reproduce this to float
 rounding for every assignment (``DESIGN.md``, "Execution engine"). It is written
 independently of the engine on purpose: plain full-matrix forward, backward and
 optimizer, so tests compare two implementations rather than one with itself.
-Its loss and optimizer conventions are those documented in ``engine``.
+Its loss and optimizer conventions are those documented in ``engine.passes`` and
+``engine.optimizers``.
 
-``init_params`` is the deterministic global initialisation every partition can
-slice its own rows from without coordination (``slice_params``), in the spirit
-of the per-neuron ownership of "Multi Part Deployment of Neural Network"
-(arXiv 2506.01387) and "F2D2N: Fully Distributed Deep Neural Network" (Leite et
-al., 2024).
+The initial weights are the engine's (``engine.init_params``, re-exported here): the
+deterministic global initialisation every partition slices its own rows from without
+coordination (``slice_params``); ``gather_rows`` puts the rows back together.
 """
 
 from __future__ import annotations
@@ -19,41 +18,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from partition_server.engine.passes import OptimizerConfig, StepResult, validate_batch
+from partition_server.engine import OptimizerConfig, StepResult, init_params, validate_batch
 
 __all__ = ["ReferenceNetwork", "gather_rows", "init_params", "slice_params"]
 
 F32 = np.float32
-
-
-def init_params(inputs: int, layers: Sequence[Any], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Deterministic initial parameters.
-
-    Layer ``k``'s weight ``[units_k, in_k]`` float32 is drawn uniformly from
-    ``np.random.default_rng([seed, k])``: He-uniform (limit ``sqrt(6 / in_k)``) for relu,
-    Glorot-uniform (limit ``sqrt(6 / (in_k + units_k))``) otherwise. Biases ``[units_k]`` are 0.
-
-    Args:
-        inputs: features of layer 0.
-        layers: objects with ``units`` and ``activation``.
-        seed: non-negative integer.
-
-    Returns:
-        ``[(W_k, b_k)]`` per layer.
-    """
-    params = []
-    fan_in = int(inputs)
-    for k, layer in enumerate(layers):
-        units = int(layer.units)
-        if layer.activation == "relu":
-            limit = np.sqrt(6.0 / fan_in)
-        else:
-            limit = np.sqrt(6.0 / (fan_in + units))
-        rng = np.random.default_rng([seed, k])
-        w = rng.uniform(-limit, limit, size=(units, fan_in)).astype(F32)
-        params.append((w, np.zeros(units, dtype=F32)))
-        fan_in = units
-    return params
 
 
 def slice_params(params: Sequence[tuple[np.ndarray, np.ndarray]], table: Any,

@@ -7,6 +7,8 @@ outputs, gradients and trained parameters, assembled from all partitions, must e
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -14,13 +16,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from partition_server.engine.passes import (ExchangeError, LocalTransport, OptimizerConfig, PartitionEngine,
-                                     WeightsChanged, validate_batch)
+from partition_server.engine import (ACTIVATION_TABLE, ExchangeError, Mailbox, OptimizerConfig, PartitionEngine,
+                                     StepAborted, WeightsChanged, activate, activation_derivative, init_params,
+                                     validate_batch)
 from partition_server.api.distributor import Distribution, Range, distribute
 from partition_server.api.lookup import LookupTable
-from partition_server.engine.mailbox import Mailbox, StepAborted
-from partition_server.api.manifest import LayerSpec
-from partition_server.testing.reference import ReferenceNetwork, gather_rows, init_params, slice_params
+from partition_server.api.manifest import ACTIVATIONS, LayerSpec
+from partition_server.testing import LocalTransport, ReferenceNetwork, gather_rows, slice_params
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -604,3 +606,38 @@ def test_local_transport_copies_and_rejects_self():
     np.testing.assert_array_equal(got, np.ones((2, 2)))
     with pytest.raises(ValueError, match="peer"):
         transports[0].exchange(("s", "fwd", 1), {0: arr}, [], 1)
+
+
+# ---------------------------------------------------------------- activations and layering
+
+
+def test_activation_table_covers_exactly_the_api_names():
+    assert set(ACTIVATION_TABLE) == set(ACTIVATIONS)
+    assert all(name == act.name for name, act in ACTIVATION_TABLE.items())
+
+
+@pytest.mark.parametrize("name", [n for n in ACTIVATIONS if n != "softmax"])
+def test_activation_derivatives_match_finite_differences(name):
+    z = np.linspace(-3, 3, 41, dtype=np.float64).reshape(1, -1) + 0.013  # no kink of relu at 0
+    h = 1e-4
+    numeric = (activate(name, (z + h).astype(np.float32)).astype(np.float64)
+               - activate(name, (z - h).astype(np.float32)).astype(np.float64)) / (2 * h)
+    d = activation_derivative(name, activate(name, z.astype(np.float32)))
+    np.testing.assert_allclose(np.ones_like(z) if d is None else d, numeric, atol=2e-2)
+
+
+def test_softmax_and_unknown_activations_are_refused():
+    z = np.zeros((2, 3), np.float32)
+    np.testing.assert_allclose(activate("softmax", z), np.full((2, 3), 1 / 3), rtol=1e-6)
+    with pytest.raises(ValueError, match="no elementwise derivative for 'softmax'"):
+        activation_derivative("softmax", z)
+    with pytest.raises(ValueError, match="unknown 'gelu'"):
+        activate("gelu", z)
+
+
+def test_engine_imports_no_grpc_and_no_test_aids():
+    code = ("import sys, partition_server.engine; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or m.startswith('partition_server.testing')); "
+            "print(bad); sys.exit(bool(bad))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -3,7 +3,7 @@
 The driver sends each batch to all partitions at once (one ``RunPass`` call each);
 the partitions do the all-gather and reduce-scatter among themselves. It also
 coordinates checkpoints: every partition writes its shard, then the driver
-commits the manifest, last. ``mpnn run`` uses it against local servers and a
+writes the commit record (``commit.json``), last. ``mpnn run`` uses it against local servers and a
 training Job uses it against a cluster's servers, with the same code.
 """
 
@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS
 from partition_server.data.datasets import Dataset
-from partition_server.engine.passes import OptimizerConfig
+from partition_server.engine import OptimizerConfig
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import ModelSpec, TrainingSpec
 from partition_server.api.protos import mpnn_pb2 as pb
@@ -211,17 +211,27 @@ class Driver:
         return sum(r.messages_sent for r in replies), sum(r.bytes_sent for r in replies)
 
     def checkpoint(self, store: ModelStore, model: ModelSpec, meta: dict) -> Checkpoint:
-        """Every partition writes its shard; then the manifest is committed, last.
+        """Every partition writes its shard of the next sequence; then the commit record is written, last.
+
+        ``meta`` is recorded with ``lookup_version`` and ``optimizer_step`` (the
+        highest optimizer step of the partitions) added.
+
+        Returns:
+            The committed checkpoint; its ``sequence`` is ``store.next_sequence()`` at the call.
+
+        Raises:
+            DriverError: a partition failed to write its shard.
+            StoreError: the shards do not make a consistent checkpoint.
 
         A failure before the commit leaves the previous checkpoint as the latest.
         """
-        sequence = store.next_step()
+        sequence = store.next_sequence()
         request = pb.CheckpointRequest(lookup_version=self.table.version, sequence=sequence)
         replies = self._all("Checkpoint", [request] * self.table.num_partitions)
         shards = [json.loads(r.shard_json) for r in replies]
         meta = {**meta, "lookup_version": self.table.version,
                 "optimizer_step": max(r.optimizer_step for r in replies)}
-        return store.commit(sequence, shards, model.shape_dict(), meta)
+        return store.commit(sequence, shards, network=model.shape_dict(), meta=meta)
 
 
 def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
@@ -230,7 +240,12 @@ def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
 
 @dataclass
 class TrainResult:
-    """What a training run did. ``seconds`` is wall time of the training loop."""
+    """What a training run did.
+
+    ``steps``: optimizer steps taken by this call; ``seconds``: wall time of the training
+    loop; ``resumed_from``: the run's step it resumed at (None for a fresh start);
+    ``checkpoint``: sequence of the latest committed checkpoint (None if there is none).
+    """
 
     steps: int
     epochs: int
@@ -250,14 +265,15 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
           progress: Callable[[dict], None] | None = None, show_bar: bool = True) -> TrainResult:
     """Train on ``data`` per ``training``, checkpointing into ``store``; resume if possible.
 
-    A checkpoint of the same ``runId`` resumes the run at its step (the servers
+    A checkpoint of the same ``runId`` resumes the run at its optimizer step (the servers
     are told to reload it first, so every partition starts from the same committed
     state). Another run's checkpoint is the starting model of a new run. Batches
     are a permutation per epoch drawn from ``[training.seed, epoch]``, so a resumed
     run sees the same batches an uninterrupted one would.
 
     Args:
-        progress: called after each checkpoint with ``{"run", "epoch", "step", "loss", "checkpoint"}``.
+        progress: called after each checkpoint with ``{"run", "epoch", "step", "loss", "checkpoint"}``
+            (``step``: optimizer steps of the run so far; ``checkpoint``: the committed sequence).
     """
     from tqdm import tqdm
 
@@ -273,7 +289,7 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
     if latest is not None and latest.meta.get("run_id") == training.run_id:
         start = min(int(latest.meta.get("run_step", 0)), total)
     resumed = start if start else None
-    ckpt_step: int | None = latest.step if latest else None
+    ckpt_sequence: int | None = latest.sequence if latest else None
     loss = float("nan")
     began = time.monotonic()
     bar = tqdm(total=total, initial=start, unit="step", disable=not show_bar, dynamic_ncols=True,
@@ -288,7 +304,7 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
             _, loss, _ = driver.step(data.x_train[idx], data.y_train[idx], optimizer)
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"training diverged: loss is {loss} at step {step + 1} (epoch {epoch + 1}); "
-                                       f"the last committed checkpoint ({ckpt_step}) is intact — "
+                                       f"the last committed checkpoint ({ckpt_sequence}) is intact — "
                                        "lower spec.training.learningRate")
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
@@ -296,11 +312,11 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
             if (training.checkpoint_every and done % training.checkpoint_every == 0) or done % per_epoch == 0:
                 meta = {"run_id": training.run_id, "run_step": done, "epoch": done / per_epoch,
                         "loss": loss, "optimizer": asdict(optimizer)}
-                ckpt_step = driver.checkpoint(store, model, meta).step
+                ckpt_sequence = driver.checkpoint(store, model, meta).sequence
                 store.prune(keep=KEEP_CHECKPOINTS)
                 if progress:
                     progress({"run": training.run_id, "epoch": done // per_epoch, "step": done,
-                              "loss": loss, "checkpoint": ckpt_step})
+                              "loss": loss, "checkpoint": ckpt_sequence})
     finally:
         bar.close()
-    return TrainResult(total - start, training.epochs, float(loss), time.monotonic() - began, resumed, ckpt_step)
+    return TrainResult(total - start, training.epochs, float(loss), time.monotonic() - began, resumed, ckpt_sequence)

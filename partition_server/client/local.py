@@ -39,7 +39,8 @@ from partition_server.api.distributor import distribute
 from partition_server.client.driver import Driver, DriverError, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
-from partition_server.serving.server import PARENT_PID_ENV
+from partition_server.serving.main import PARENT_PID_ENV
+from partition_server.storage.atomic import write_atomically
 from partition_server.storage.store import ModelStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -70,12 +71,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class LocalDeployment:

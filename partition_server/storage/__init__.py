@@ -1,3 +1,11 @@
 """The shared model on the volume: checkpoints of per-partition safetensors shards with a commit
-record written last, and PyTorch ``nn.Linear`` import.
+record (``commit.json``) written last, PyTorch ``nn.Linear`` import and export, and the one
+atomic-write helper every writer of shared files uses.
+
+Modules: :mod:`.store` (``ModelStore``, the public face), :mod:`.atomic` (atomic, durable
+writes), :mod:`.validation` (errors and input checks), :mod:`.schema` (layout, shard
+descriptions, commit record), :mod:`.checkpoint` (reader and coverage index), :mod:`.writer`,
+:mod:`.files` (safetensors save and hashing) and :mod:`.pytorch`.
 """
+
+__all__: list[str] = []

@@ -1,15 +1,23 @@
+"""Datasets: the Dataset checks, digits, the IDX parser, the MNIST loader and downloader, npz, dispatch."""
+
 import gzip
 import hashlib
+import io
 import shutil
 import struct
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from partition_server.api import manifest
+from partition_server.data import datasets, mnist
 from partition_server.data.datasets import (
     Dataset,
     DatasetError,
+    download_mnist,
     load_dataset,
     load_digits_dataset,
     load_mnist_idx,
@@ -71,11 +79,11 @@ def test_dataset_validates_fields():
     x = np.zeros((3, 2), np.float32)
     y = np.zeros(3, np.int64)
     with pytest.raises(DatasetError, match="y_test labels"):
-        Dataset(x, y, x, np.array([0, 1, 5], np.int64), "t", num_classes=3)
+        Dataset(x_train=x, y_train=y, x_test=x, y_test=np.array([0, 1, 5], np.int64), name="t", num_classes=3)
     with pytest.raises(DatasetError, match="x_train values"):
-        Dataset(x + 2, y, x, y, "t", num_classes=1)
+        Dataset(x_train=x + 2, y_train=y, x_test=x, y_test=y, name="t", num_classes=1)
     with pytest.raises(DatasetError, match="x_train must be a 2-D float32"):
-        Dataset(x.astype(np.float64), y, x, y, "t", num_classes=1)
+        Dataset(x_train=x.astype(np.float64), y_train=y, x_test=x, y_test=y, name="t", num_classes=1)
 
 
 # ---------------------------------------------------------------- IDX
@@ -264,3 +272,67 @@ def test_load_dataset_dispatch(tmp_path):
         load_dataset("cifar", None)
     with pytest.raises(DatasetError, match="'npz' needs a path"):
         load_dataset("npz", None)
+
+
+def test_dataset_formats_are_the_manifests_and_each_one_loads(tmp_path):
+    assert datasets.DATASET_FORMATS is manifest.DATASET_FORMATS  # one definition, in the API
+    write_mnist(tmp_path, "t10k", 10, seed=0)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "toy.npz", x_train=rng.random((4, 3)), y_train=np.array([0, 1, 0, 1]),
+             x_test=rng.random((2, 3)), y_test=np.array([1, 0]))
+    paths = {"digits": None, "mnist-idx": tmp_path, "npz": tmp_path / "toy.npz"}
+    assert set(paths) == set(manifest.DATASET_FORMATS)
+    for fmt in manifest.DATASET_FORMATS:
+        assert isinstance(load_dataset(fmt, paths[fmt]), Dataset)
+
+
+def test_dataset_fields_are_keyword_only():
+    x, y = np.zeros((3, 2), np.float32), np.zeros(3, np.int64)
+    with pytest.raises(TypeError):
+        Dataset(x, y, x, y, "t", 1)  # four arrays of the same kind: easy to swap
+
+
+# ---------------------------------------------------------------- download (offline: urlopen is replaced)
+
+
+class _Response(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_download_mnist_tries_mirrors_checks_md5_and_writes_atomically(tmp_path, monkeypatch):
+    payload = gzip.compress(idx_bytes(np.arange(4, dtype=np.uint8), 0x08))
+    good = hashlib.md5(payload).hexdigest()
+    monkeypatch.setattr(mnist, "MNIST_FILES", {"t10k-labels-idx1-ubyte.gz": good})
+    monkeypatch.setattr(mnist, "MNIST_MIRRORS", ("https://down.example/", "https://up.example/"))
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append((url, timeout))
+        if url.startswith("https://down.example/"):
+            raise urllib.error.URLError("connection refused")
+        return _Response(payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    target = tmp_path / "mnist"
+    assert download_mnist(target, timeout=5.0) == [target / "t10k-labels-idx1-ubyte.gz"]
+    assert asked == [("https://down.example/t10k-labels-idx1-ubyte.gz", 5.0),
+                     ("https://up.example/t10k-labels-idx1-ubyte.gz", 5.0)]
+    assert (target / "t10k-labels-idx1-ubyte.gz").read_bytes() == payload
+    assert (target / "MD5SUMS").read_text() == f"{good}  t10k-labels-idx1-ubyte.gz\n"
+    assert sorted(p.name for p in target.iterdir()) == ["MD5SUMS", "t10k-labels-idx1-ubyte.gz"]  # no temp files
+    # Present with the right MD5: not fetched again.
+    asked.clear()
+    download_mnist(target)
+    assert asked == []
+
+    # Every mirror serves the wrong bytes: nothing appears under the real name.
+    monkeypatch.setattr(mnist, "MNIST_FILES", {"t10k-images-idx3-ubyte.gz": "0" * 32})
+    with pytest.raises(DatasetError, match="could not download t10k-images-idx3-ubyte.gz: .*down.example.*"
+                                           "up.example.*MD5"):
+        download_mnist(target)
+    assert not (target / "t10k-images-idx3-ubyte.gz").exists()
+    assert not [p for p in target.iterdir() if p.name.endswith(".tmp")]

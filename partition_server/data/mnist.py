@@ -138,7 +138,9 @@ def load_mnist_idx(
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise DatasetError(f"MNIST directory {directory} does not exist")
+        raise DatasetError(f"MNIST directory {directory} does not exist: pass --data DIR with the IDX files "
+                           "(t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz], optionally the train "
+                           "files), or fetch them once with partition_server.data.mnist.download_mnist(DIR)")
     train_images = _find(directory, "train-images-idx3-ubyte")
     train_labels = _find(directory, "train-labels-idx1-ubyte")
     test_images = _find(directory, "t10k-images-idx3-ubyte")

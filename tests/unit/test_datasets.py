@@ -186,7 +186,7 @@ def test_mnist_count_mismatch_and_missing_files(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(9, np.uint8))
     with pytest.raises(DatasetError, match="10 images but .* 9 labels"):
         load_mnist_idx(tmp_path)
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(DatasetError, match=r"does not exist: pass --data DIR .*download_mnist"):
         load_mnist_idx(tmp_path / "absent")
 
 

@@ -17,6 +17,8 @@ from partition_server.api.manifest import DEFAULT_IMAGE
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "distribute", "main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# What `pip install 'mpnn[operator]'` adds; the partition servers and local mode need none of it.
+OPERATOR_EXTRA = ("kopf", "kubernetes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Open Inference Protocol v2 REST port; 0 disables REST "
                         "(env MPNN_HTTP_PORT; default: %(default)s)")
     s.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
-    s.set_defaults(target="partition_server.serving.server:main")
+    s.set_defaults(target="partition_server.serving.main:main")
 
     t = sub.add_parser("train", help="run a training run against deployed partition servers (the Job's command)",
                        description="Train the network served at the lookup's addresses, checkpointing to the "
@@ -147,7 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     module, func = args.target.split(":")
     try:
-        return int(getattr(import_module(module), func)(args) or EXIT_OK)
+        target = import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in OPERATOR_EXTRA:
+            raise
+        print(f"mpnn {args.command}: error: needs the [operator] extra ({', '.join(OPERATOR_EXTRA)}), and "
+              f"{exc.name} is not installed: pip install 'mpnn[operator]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(getattr(target, func)(args) or EXIT_OK)
     except FieldError as exc:
         print(f"mpnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

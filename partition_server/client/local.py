@@ -39,7 +39,7 @@ from partition_server.api.distributor import distribute
 from partition_server.client.driver import Driver, DriverError, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
-from partition_server.serving.main import PARENT_PID_ENV
+from partition_server.api.environment import PARENT_PID_ENV
 from partition_server.storage.atomic import write_atomically
 from partition_server.storage.store import ModelStore
 

@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 over HTTP/REST, with the binary tensor data extension.
+"""Open Inference Protocol v2 over HTTP/REST, with the binary tensor data extension, on ``aiohttp.web``.
 
 Routes (``{version}``: the optional ``/versions/{v}`` segment; the model's only version is ``1``,
 any other is 404):
@@ -12,23 +12,21 @@ GET      ``/v2/models/{name}{version}/ready``     200 ready / 400 not ready / 40
 POST     ``/v2/models/{name}{version}/infer``     inference
 =======  =======================================  =============================================
 
-Inference bodies are JSON (``$inference_request``), optionally followed by raw tensor bytes: the
-binary tensor data extension that tritonclient.http uses by default. With it, the
-``Inference-Header-Content-Length`` header gives the JSON part's size, an input carrying
-``"parameters": {"binary_data_size": N}`` takes the next N bytes (little-endian, row-major) instead
-of ``"data"``, and outputs are returned as bytes when the output's ``binary_data`` parameter is
-true, or when it is absent and the request's ``binary_data_output`` parameter is true; the
-response then has the same header and each binary output says its ``binary_data_size``. Request
-bodies may be compressed (``Content-Encoding: gzip`` or ``deflate``); responses are not.
+Bodies and replies are encoded by ``rest_codec`` (JSON, the binary tensor data extension,
+gzip/deflate request bodies). Errors are ``{"error": "..."}`` (``application/json``) with 400,
+404, 503 or 504 (see ``inference``); 405 with ``Allow`` for a known path with the wrong method,
+404 for an unknown path, 411 for a chunked body (send ``Content-Length``), 413 for a body above
+1 GiB (:data:`MAX_BODY_BYTES`) as sent or after decompression, 408 for a body that does not
+arrive within :data:`IDLE_TIMEOUT`, 500 for a bug.
 
-Errors are ``{"error": "..."}`` with 400, 404, 503 or 504 (see ``inference.py``); 405 for a
-known path with the wrong method, 411 without ``Content-Length``, 413 for a body above 1 GiB
-(:data:`MAX_BODY_BYTES`), before or after decompression: a small compressed body cannot
-expand into more memory than an uncompressed one may take.
-
-Built on the standard library's ``ThreadingHTTPServer`` (a thread per connection, HTTP/1.1
-keep-alive): six routes and one JSON codec need no framework, and the partition server image
-gains no dependency. Its handler threads are joined on :meth:`RestServer.stop`.
+Threads: the server runs its own asyncio event loop in a thread of its own (``rest-<port>``).
+What blocks (decompressing, parsing, the forward pass, which calls every partition over gRPC,
+and readiness, which asks every partition's ``Status``) runs on a bounded pool of ``threads``
+worker threads (``rest-<port>-worker``), never on the loop; two of them are kept for readiness
+checks, so health probes are answered while inference requests wait for a pass slot. An
+inference request's deadline (the model's ``timeout``) counts from its arrival, waiting included.
+:meth:`RestServer.stop` stops accepting, lets requests being answered finish within a grace
+period, closes idle keep-alive connections, and joins the loop and worker threads.
 
 Specs: https://github.com/kserve/kserve/blob/master/docs/predict-api/v2/required_api.md (HTTP/REST),
 https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
@@ -36,349 +34,286 @@ https://github.com/triton-inference-server/server/blob/main/docs/protocol/extens
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
 import socket
 import threading
-import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import unquote, urlsplit
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
-import numpy as np
+import grpc
+from aiohttp import web
 
 from partition_server.api.channels import MAX_MESSAGE_BYTES
-from partition_server.serving.inference import DATATYPE, MODEL_VERSION, OUTPUT, WIRE_FP32, InferenceError, ModelInference, TensorIn, invalid
+from partition_server.serving.inference import ModelInference
+from partition_server.serving.protocol import InferenceError
+from partition_server.serving.rest_codec import HEADER_LENGTH, HttpError, decode_body, encode_reply, parse_request
+
+__all__ = ["IDLE_TIMEOUT", "MAX_BODY_BYTES", "RestServer"]
 
 log = logging.getLogger("mpnn.rest")
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_BODY_BYTES = MAX_MESSAGE_BYTES  # a request body, as sent and after decompression
-_MODEL_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>ready|infer))?")
+IDLE_TIMEOUT = 120.0                # seconds a keep-alive connection may idle, or a body take to arrive
+_PROBE_THREADS = 2                  # worker threads inference requests leave to readiness checks
+
+T = TypeVar("T")
 
 
 class RestServer:
     """The REST binding of a :class:`~partition_server.serving.inference.ModelInference`, on its own port.
 
+    The port is bound here; :meth:`start` serves it.
+
     Args:
         model: what to serve.
         host: bind address.
         port: TCP port; 0 lets the OS pick one (see :attr:`port`).
+        threads: worker threads for the blocking work (at least 3: two stay free for readiness).
+        max_body_bytes: largest request body, bytes, as sent and after decompression
+            (default :data:`MAX_BODY_BYTES`).
 
     Raises:
         OSError: the address cannot be bound.
     """
 
-    def __init__(self, model: ModelInference, host: str, port: int):
-        self._httpd = _Server((host, port), _Handler)
-        self._httpd.model = model
-        self.port: int = self._httpd.server_address[1]
+    def __init__(self, model: ModelInference, host: str, port: int, *, threads: int = 16,
+                 max_body_bytes: int | None = None):
+        self.model = model
+        self.threads = max(threads, _PROBE_THREADS + 1)
+        self.max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
+        self._sock = _bind(host, port)
+        self.port: int = self._sock.getsockname()[1]
+        self._executor: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._grace = 5.0
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+        self._gate: asyncio.Semaphore | None = None
+
+    # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"rest-{self.port}", daemon=True)
-        self._thread.start()
+        """Serve in a background thread; returns once the server accepts connections.
 
-    def stop(self) -> None:
-        """Stop accepting, end idle keep-alive connections, and join every handler thread."""
-        if self._thread is not None:
-            self._httpd.shutdown()
+        Raises:
+            Exception: what setting up the server raised (the thread has ended then).
+        """
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=f"rest-{self.port}-worker")
+        started = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(started, failed), name=f"rest-{self.port}")
+        self._thread.start()
+        started.wait()
+        if failed:
             self._thread.join()
             self._thread = None
-        self._httpd.close_connections()
-        self._httpd.server_close()
+            self._executor.shutdown(wait=True)
+            raise failed[0]
 
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; give requests being answered up to ``grace`` seconds to finish (then
+        cancel them); close every connection; and join the loop and worker threads.
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False  # so server_close() joins the handler threads
-    model: ModelInference
+        A forward pass already running on a worker thread is not interrupted: the join waits for it
+        (at most the model's ``timeout``).
+        """
+        if self._thread is not None:
+            self._grace = grace
+            loop, stopping = self._loop, self._stopping
+            if loop is not None and stopping is not None:
+                loop.call_soon_threadsafe(stopping.set)
+            self._thread.join()
+            self._thread = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._sock.close()
 
-    def __init__(self, *args: Any):
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(*args)
+    def _run(self, started: threading.Event, failed: list[BaseException]) -> None:
+        try:
+            asyncio.run(self._serve(started))
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), or logged after it returned
+            if started.is_set():
+                log.exception("REST server failed", extra={"port": self.port})
+            else:
+                failed.append(exc)
+        finally:
+            started.set()
 
-    def process_request(self, request, client_address):
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Wake handlers blocked reading an idle connection; a request being answered still finishes."""
-        with self._open_lock:
-            for sock in self._open:
-                try:
-                    sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "mpnn"
-    timeout = 120  # seconds a keep-alive connection may idle, or a body take to arrive
-    server: _Server
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        log.debug("%s " + format, self.address_string(), *args)
+    async def _serve(self, started: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gate = asyncio.Semaphore(self.threads - _PROBE_THREADS)
+        runner = web.AppRunner(self._app(), handle_signals=False, access_log=None, auto_decompress=False,
+                               keepalive_timeout=IDLE_TIMEOUT, shutdown_timeout=0.1)
+        await runner.setup()
+        try:
+            site = web.SockSite(runner, self._sock)
+            await site.start()
+            started.set()
+            await self._stopping.wait()
+            await site.stop()  # no new connections
+            try:
+                await asyncio.wait_for(self._idle.wait(), self._grace)
+            except asyncio.TimeoutError:
+                log.warning("REST requests still running at stop are cancelled",
+                            extra={"port": self.port, "requests": self._inflight})
+        finally:
+            await runner.cleanup()  # closes keep-alive connections, cancels what is left
 
     # ------------------------------------------------------------ routing
 
-    def _dispatch(self, method: str) -> None:
-        try:
+    def _app(self) -> web.Application:
+        @web.middleware
+        async def answer(request: web.Request, handler: Callable) -> web.StreamResponse:
+            self._inflight += 1
+            self._idle.clear()
             try:
-                body = self._read_body()
-                if body is not None:
-                    self._route(method, urlsplit(self.path).path, body)
-            except InferenceError as exc:
-                self._send_json(exc.http_status, {"error": exc.message})
-            except _Answered:
-                pass
-            except (ConnectionError, TimeoutError):
-                raise
-            except Exception as exc:  # a bug: answer, log, keep serving
-                log.exception("REST request failed", extra={"path": self.path})
-                self._send_json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
-        except (ConnectionError, TimeoutError):  # the client left
-            self.close_connection = True
+                response = await _errors_as_json(request, handler)
+                log.debug("%s %s %s", request.method, request.path_qs, response.status,
+                          extra={"remote": request.remote})
+                return response
+            finally:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.set()
 
-    def _route(self, method: str, path: str, body: bytes) -> None:
-        model = self.server.model
-        if path in ("/v2", "/v2/"):
-            self._allow(method, "GET")
-            self._send_json(200, model.server_metadata())
-        elif path == "/v2/health/live":
-            self._allow(method, "GET")
-            self._send(200)
-        elif path == "/v2/health/ready":
-            self._allow(method, "GET")
-            self._send(200 if model.ready() else 400)
-        elif (m := _MODEL_PATH.fullmatch(path)) is not None:
-            name, version, action = unquote(m["name"]), unquote(m["version"] or ""), m["action"]
-            if action is None:
-                self._allow(method, "GET")
-                self._send_json(200, model.model_metadata(name, version))
-            elif action == "ready":
-                self._allow(method, "GET")
-                model.check_model(name, version)
-                self._send(200 if model.ready() else 400)
-            else:
-                self._allow(method, "POST")
-                model.check_model(name, version)
-                self._infer(body)
-        else:
-            self._send_json(404, {"error": f"no such endpoint: {method} {path}"})
+        app = web.Application(middlewares=[answer], client_max_size=self.max_body_bytes)
+        app.on_response_prepare.append(_server_header)
+        route = app.router
+        for path in ("/v2", "/v2/"):
+            route.add_get(path, self._server_metadata, allow_head=False)
+        route.add_get("/v2/health/live", self._live, allow_head=False)
+        route.add_get("/v2/health/ready", self._ready, allow_head=False)
+        for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            route.add_get(model, self._model_metadata, allow_head=False)
+            route.add_get(model + "/ready", self._model_ready, allow_head=False)
+            route.add_post(model + "/infer", self._infer)
+        return app
 
-    def _allow(self, method: str, allowed: str) -> None:
-        if method != allowed:
-            self._send_json(405, {"error": f"{method} is not allowed on {self.path}; use {allowed}"},
-                            {"Allow": allowed})
-            raise _Answered
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return _json(200, self.model.server_metadata())
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if await self._blocking(self.model.ready) else 400)
+
+    async def _model_metadata(self, request: web.Request) -> web.Response:
+        name, version = _model_of(request)
+        return _json(200, self.model.model_metadata(name, version))
+
+    async def _model_ready(self, request: web.Request) -> web.Response:
+        name, version = _model_of(request)
+        self.model.check_model(name, version)
+        return web.Response(status=200 if await self._blocking(self.model.ready) else 400)
 
     # ------------------------------------------------------------ inference
 
-    def _infer(self, body: bytes) -> None:
-        model = self.server.model
-        request, binary = self._split(body)
-        inputs = request.get("inputs")
-        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
-            raise invalid('"inputs" must be a list of input objects')
-        tensors, offset = [], 0
-        for inp in inputs:
-            name, datatype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
-            if not isinstance(name, str) or not isinstance(datatype, str):
-                raise invalid(f'every input needs a string "name" and "datatype"; got {_brief(inp)}')
-            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-                raise invalid(f'input {name!r}: "shape" must be a list of integers, got {shape!r}')
-            size = _parameters(inp, f"input {name!r}").get("binary_data_size")
-            if size is not None:
-                if "data" in inp:
-                    raise invalid(f'input {name!r}: give either "data" or binary_data_size, not both')
-                if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
-                    raise invalid(f"input {name!r}: binary_data_size {size!r} does not fit the "
-                                  f"{len(binary) - offset} bytes of binary data left")
-                data: bytes | np.ndarray = binary[offset:offset + size]
-                offset += size
-            elif "data" in inp:
-                data = _json_array(inp["data"], name)
-            else:
-                raise invalid(f'input {name!r} has neither "data" nor a binary_data_size parameter')
-            tensors.append(TensorIn(name, datatype, tuple(shape), data))
-        if offset != len(binary):
-            raise invalid(f"{len(binary)} bytes of binary data follow the JSON header, but the inputs take {offset}")
-        x = model.input_array(tensors)
-        binary_out = self._binary_outputs(request)
-        y = model.infer(x)
-
-        reply: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
-        if "id" in request:
-            reply["id"] = request["id"]
-        output: dict[str, Any] = {"name": OUTPUT, "datatype": DATATYPE, "shape": list(y.shape)}
-        blob = b""
-        if binary_out:
-            blob = y.astype(WIRE_FP32).tobytes()
-            output["parameters"] = {"binary_data_size": len(blob)}
-        else:
-            output["data"] = y.ravel().tolist()
-        reply["outputs"] = [output]
-        header = json.dumps(reply).encode()
-        if binary_out:
-            self._send(200, header + blob, "application/octet-stream", {HEADER_LENGTH: str(len(header))})
-        else:
-            self._send(200, header, "application/json")
-
-    def _split(self, body: bytes) -> tuple[dict, bytes]:
-        """``(JSON request, the binary data after it)``."""
-        length = self.headers.get(HEADER_LENGTH)
-        if length is None:
-            n = len(body)
-        else:
-            try:
-                n = int(length)
-            except ValueError:
-                n = -1
-            if not 0 <= n <= len(body):
-                raise invalid(f"{HEADER_LENGTH} {length!r} is not a size within the {len(body)}-byte body")
+    async def _infer(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
+        body = await self._body(request)
+        name, version = _model_of(request)
+        encoding = request.headers.get("Content-Encoding", "identity")
+        header_length = request.headers.get(HEADER_LENGTH)
+        remaining = self.model.timeout - (time.monotonic() - arrived)
         try:
-            request = json.loads(body[:n])
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise invalid(f"the request is not valid JSON: {exc}") from exc
-        if not isinstance(request, dict):
-            raise invalid("the request must be a JSON object ($inference_request)")
-        return request, body[n:]
-
-    def _binary_outputs(self, request: dict) -> bool:
-        """Whether the (only) output goes back as binary data; checks the requested outputs."""
-        default = bool(_parameters(request, "request").get("binary_data_output", False))
-        outputs = request.get("outputs")
-        if outputs is None:
-            return default
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise invalid('"outputs" must be a list of output objects')
-        self.server.model.check_outputs([o.get("name") for o in outputs])
-        binary = default
-        for o in outputs:
-            params = _parameters(o, f"output {o.get('name')!r}")
-            if "classification" in params:
-                raise invalid("the classification extension is not supported")
-            binary = bool(params.get("binary_data", default))
-        return binary
-
-    # ------------------------------------------------------------ bytes in, bytes out
-
-    def _read_body(self) -> bytes | None:
-        """The request body, decompressed; None when an error was answered already."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._send_json(411, {"error": "send the body with a Content-Length, not chunked"})
-            return None
+            async with asyncio.timeout(max(remaining, 0.0)):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.model.name!r}: no free slot for a "
+                                 f"forward pass within {self.model.timeout:g} s") from None
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        limit = MAX_BODY_BYTES
-        if not 0 <= length <= limit:
-            self.close_connection = True
-            self._send_json(413 if length > 0 else 400,
-                            {"error": f"Content-Length must be 0..{limit}, "
-                                      f"got {self.headers.get('Content-Length')}"})
-            return None
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise ConnectionError("request body cut short")
-        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding == "identity" or not body:
-            return body
-        if encoding not in ("gzip", "deflate"):
-            raise invalid(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+            blob, content_type, headers = await self._blocking(
+                self._answer_infer, body, name=name, version=version, encoding=encoding,
+                header_length=header_length, arrived=arrived)
+        finally:
+            self._gate.release()
+        return web.Response(status=200, body=blob, content_type=content_type, headers=headers)
+
+    def _answer_infer(self, body: bytes, *, name: str, version: str, encoding: str, header_length: str | None,
+                      arrived: float) -> tuple[bytes, str, dict[str, str]]:
+        """The blocking part of an inference request, on a worker thread: decode, check, run, encode."""
+        body = decode_body(body, encoding=encoding, limit=self.max_body_bytes)
+        self.model.check_model(name, version)
+        request = parse_request(self.model, body, header_length=header_length)
+        remaining = self.model.timeout - (time.monotonic() - arrived)
+        y = self.model.infer(request.x, max(remaining, 0.001))
+        return encode_reply(self.model.name, request, y)
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request body as sent (not decompressed), within the limits."""
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            raise HttpError(411, "send the body with a Content-Length, not chunked", close=True)
+        length = request.content_length or 0
+        if length > self.max_body_bytes:
+            raise HttpError(413, f"Content-Length must be 0..{self.max_body_bytes}, "
+                                 f"got {request.headers.get('Content-Length')}", close=True)
         try:
-            return _decompress(body, encoding, limit)
-        except _TooLarge:
-            self._send_json(413, {"error": f"the {encoding} request body decompresses to more than "
-                                           f"{limit} bytes"})
-            return None
-        except zlib.error as exc:
-            raise invalid(f"the {encoding} request body cannot be decompressed: {exc}") from exc
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                return await request.read()
+        except TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {IDLE_TIMEOUT:g} s", close=True) from None
 
-    def _send(self, status: int, body: bytes = b"", content_type: str | None = None,
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+    async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
 
-class _Answered(Exception):
-    """Raised after an error response was sent, to leave the route."""
-
-
-class _TooLarge(Exception):
-    """A compressed body expands beyond the limit."""
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """``body`` decompressed (gzip, possibly several members; or zlib "deflate"), never
-    producing more than ``limit`` bytes.
-
-    Raises:
-        _TooLarge: the output would exceed ``limit``.
-        zlib.error: not valid compressed data, or cut short.
-    """
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    parts: list[bytes] = []
-    size = 0
-    data = body
-    while True:
-        inflater = zlib.decompressobj(wbits)
-        chunk = inflater.decompress(data, limit - size + 1)
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        parts.append(chunk)
-        if not inflater.eof:
-            raise zlib.error("the compressed data is cut short")
-        data = inflater.unused_data
-        # gzip members may follow each other (as gzip.decompress reads them); zeros may pad the end.
-        if encoding != "gzip" or not data.strip(b"\0"):
-            return b"".join(parts)
-
-
-def _parameters(obj: dict, what: str) -> dict:
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise invalid(f'{what}: "parameters" must be an object')
-    return params
-
-
-def _json_array(data: Any, name: str) -> np.ndarray:
+async def _errors_as_json(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """``handler(request)``, with every error answered as ``{"error": ...}``."""
     try:
-        return np.array(data)
-    except (ValueError, TypeError) as exc:
-        raise invalid(f"input {name!r}: data is not a rectangular array of numbers: {exc}") from exc
+        return await handler(request)
+    except InferenceError as exc:
+        return _json(exc.http_status, {"error": exc.message})
+    except HttpError as exc:
+        response = _json(exc.status, {"error": exc.message})
+        if exc.close:
+            response.force_close()
+        return response
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return _json(405, {"error": f"{request.method} is not allowed on {request.path_qs}; use {allowed}"},
+                     {"Allow": allowed})
+    except web.HTTPNotFound:
+        return _json(404, {"error": f"no such endpoint: {request.method} {request.path}"})
+    except web.HTTPRequestEntityTooLarge:
+        response = _json(413, {"error": f"the request body exceeds {request.client_max_size} bytes"})
+        response.force_close()
+        return response
+    except web.HTTPException as exc:  # raised by aiohttp for a request it cannot take
+        return _json(exc.status, {"error": exc.reason}, {k: v for k, v in exc.headers.items()
+                                                          if k.lower() not in ("content-type", "content-length")})
+    except (asyncio.CancelledError, ConnectionError):  # the client left, or the server stops
+        raise
+    except Exception as exc:  # a bug: answer, log, keep serving
+        log.exception("REST request failed", extra={"path": request.path})
+        return _json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
 
-def _brief(obj: Any, limit: int = 120) -> str:
-    text = json.dumps(obj)
-    return text if len(text) <= limit else text[:limit] + "…"
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(obj).encode(), content_type="application/json",
+                        headers=headers)
+
+
+def _model_of(request: web.Request) -> tuple[str, str]:
+    """``(model name, version or "")`` of a ``/v2/models/...`` route."""
+    return request.match_info["name"], request.match_info.get("version", "")
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "mpnn"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6, as ``host`` resolves). Raises OSError."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=128)

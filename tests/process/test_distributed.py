@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from partition_server.api.distributor import Distribution
-from partition_server.engine.passes import OptimizerConfig
+from partition_server.engine import OptimizerConfig
 from partition_server.storage.store import ModelStore
 from tests.support.dataplane import BATCH, MODEL, TOL, UNITS, Cluster, batch, reference
 
@@ -164,7 +164,7 @@ def test_twenty_steps_match_reference(case, optimizer, tmp_path):
         # ... and from a committed checkpoint on the "volume".
         store = ModelStore(cluster.model_dir)
         ckpt = driver.checkpoint(store, MODEL, {"run_id": "t"})
-        assert ckpt.step == 1 and store.latest().step == 1
+        assert ckpt.sequence == 1 and store.latest().sequence == 1
         assert ckpt.meta["optimizer_step"] == 20
         for k in range(len(UNITS)):
             np.testing.assert_allclose(ckpt.read_layer(k, "weight"), ref.params[k][0], **TOL)

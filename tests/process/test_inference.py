@@ -41,10 +41,13 @@ from safetensors.numpy import save_file
 from tritonclient.utils import InferenceServerException
 
 from partition_server.api.distributor import Distribution, distribute
-from partition_server.client.local import free_ports, write_atomically
+from partition_server.client.local import free_ports
+from partition_server.storage.atomic import write_atomically
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import LayerSpec, ModelSpec
-from partition_server.testing.reference import ReferenceNetwork, init_params
+from partition_server.engine import init_params
+from partition_server.testing import ReferenceNetwork
+from partition_server.serving.retry import RetryPolicy
 from partition_server.serving.server import PartitionServer
 
 NAME = "tiny-infer"
@@ -533,7 +536,7 @@ def test_serve_rejects_a_bad_http_port(tmp_path):
 
 
 def test_many_entry_points_and_clients_do_not_starve_the_exchanges(tmp_path, expected_init):
-    """Every pass holds a Step on every partition; with 8 entry points and 32 clients the Exchange
+    """Every pass holds a RunPass on every partition; with 8 entry points and 32 clients the Exchange
     calls the passes wait for must still find a thread of each partition's pool (32 workers)."""
     x, expected = expected_init
     partitions, clients, per_client = 8, 32, 2
@@ -568,13 +571,13 @@ def test_a_busy_partition_is_retried_then_unavailable(tmp_path, expected_init):
     busy = servers.servers[1]
     try:
         assert servers.servers[0].inference.inflight_limit(servers.servers[0]._loaded.table) >= 1
-        servers.servers[0].inference.BUSY_RETRIES = 2
-        for _ in range(busy.step_limit):
-            assert busy._step_slots.acquire(blocking=False)
+        servers.servers[0].inference.retry = RetryPolicy(busy_retries=2)
+        for _ in range(busy.pass_limit):
+            assert busy._pass_slots.acquire(blocking=False)
         status, reply = infer_json(servers.rest(0), x)
         assert status == 503 and "forward passes are running" in reply["error"], reply
-        for _ in range(busy.step_limit):
-            busy._step_slots.release()
+        for _ in range(busy.pass_limit):
+            busy._pass_slots.release()
         status, reply = infer_json(servers.rest(0), x)
         assert status == 200, reply
         np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(x.shape[0], -1), expected, **TOL)

@@ -20,7 +20,7 @@ import yaml
 
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import load_manifest
-from partition_server.testing.reference import ReferenceNetwork
+from partition_server.testing import ReferenceNetwork
 from partition_server.storage.store import ModelStore
 from tests.support.dataplane import serve_processes, wait_until
 
@@ -114,7 +114,7 @@ def test_run_prints_json_summary_and_learns(trained):
 def test_run_leaves_a_committed_checkpoint(trained):
     workdir, _, result = trained
     ckpt = ModelStore(workdir / "tiny-digits").latest()
-    assert ckpt is not None and ckpt.step == json.loads(result.stdout)["checkpoint"] == 2
+    assert ckpt is not None and ckpt.sequence == json.loads(result.stdout)["checkpoint"] == 2
     assert ckpt.meta["run_id"] == "tiny-1" and ckpt.meta["run_step"] == 90
     assert sorted(s.partition for s in ckpt.shards) == [0, 1, 2]
     assert [ckpt.units(k) for k in range(2)] == [16, 10]

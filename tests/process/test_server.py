@@ -20,17 +20,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from partition_server.api.distributor import Distribution
 from partition_server.client.driver import DriverError
-from partition_server.engine.passes import OptimizerConfig
+from partition_server.engine import OptimizerConfig
 from partition_server.api.protos import mpnn_pb2 as pb
-from partition_server.testing.reference import ReferenceNetwork
+from partition_server.testing import ReferenceNetwork
 from partition_server.storage.store import ModelStore
+from partition_server.serving import reasons
+from partition_server.serving.retry import Retry, retry_kind
 from partition_server.api.wire import to_tensor
 from tests.support.dataplane import INPUTS, MODEL, TOL, UNITS, Cluster, batch, build_table, reference, wait_until
 
 SGD = OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9)
 
 
-def step_request(table, x, y=None, version=None) -> pb.PassRequest:
+def pass_request(table, x, y=None, version=None) -> pb.PassRequest:
     req = pb.PassRequest(lookup_version=table.version if version is None else version,
                          pass_id=uuid.uuid4().hex, train=y is not None, inputs=to_tensor(x))
     if y is not None:
@@ -60,11 +62,11 @@ def cluster4(tmp_path):
     (lambda x, y: (x, y.astype(np.int32)), "labels", "dtype must be int64, got int32"),
     (lambda x, y: (x, y[:-1]), "labels", "shape must be [9], got [8]"),
 ], ids=["columns", "rank", "inputs-dtype", "labels-dtype", "labels-shape"])
-def test_bad_step_is_invalid_argument_naming_the_field(cluster4, make, field, detail):
+def test_bad_pass_is_invalid_argument_naming_the_field(cluster4, make, field, detail):
     x, y = batch(0)
     bad_x, bad_y = make(x, y)
     stub = cluster4.stub(2)
-    err = rpc_error(stub.RunPass, step_request(cluster4.table, bad_x, bad_y), timeout=10)
+    err = rpc_error(stub.RunPass, pass_request(cluster4.table, bad_x, bad_y), timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(f"{field}: ")
     assert detail in err.details()
@@ -75,14 +77,14 @@ def test_bad_step_is_invalid_argument_naming_the_field(cluster4, make, field, de
 def test_out_of_range_label_is_invalid_argument(cluster4):
     x, y = batch(0)
     y[3] = UNITS[-1]
-    err = rpc_error(cluster4.stub(0).RunPass, step_request(cluster4.table, x, y), timeout=10)
+    err = rpc_error(cluster4.stub(0).RunPass, pass_request(cluster4.table, x, y), timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "y: labels must be in [0, 5), got 5" in err.details()
 
 
 def test_tensor_bytes_that_do_not_fit_the_shape_are_invalid_argument(cluster4):
     x, _ = batch(0)
-    req = step_request(cluster4.table, x)
+    req = pass_request(cluster4.table, x)
     req.inputs.data = req.inputs.data[:-4]
     err = rpc_error(cluster4.stub(1).RunPass, req, timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -103,8 +105,8 @@ def test_exchange_rejects_bad_phase_and_duplicates(cluster4):
     assert "duplicate message" in err.details()
 
 
-def test_exchanges_of_a_step_that_never_runs_expire(cluster4):
-    from partition_server.engine.mailbox import Mailbox
+def test_exchanges_of_a_pass_that_never_runs_expire(cluster4):
+    from partition_server.engine import Mailbox
 
     now = [0.0]
     server = cluster4.servers[1]
@@ -126,7 +128,7 @@ def test_exchanges_of_a_step_that_never_runs_expire(cluster4):
 def test_stale_lookup_version_is_failed_precondition(cluster4):
     x, _ = batch(0)
     stale = "sha256:" + "0" * 64
-    for call in (lambda s: s.RunPass(step_request(cluster4.table, x, version=stale), timeout=10),
+    for call in (lambda s: s.RunPass(pass_request(cluster4.table, x, version=stale), timeout=10),
                  lambda s: s.Exchange(pb.ExchangeRequest(lookup_version=stale, pass_id="a", phase="fwd",
                                                          tensor=to_tensor(x)), timeout=10),
                  lambda s: s.Checkpoint(pb.CheckpointRequest(lookup_version=stale, sequence=1), timeout=10)):
@@ -166,46 +168,46 @@ def test_status_reports_neurons_and_parameters(cluster4):
 # ---------------------------------------------------------------- deadlines
 
 
-def test_step_whose_peer_never_starts_is_deadline_exceeded(tmp_path):
+def test_pass_whose_peer_never_starts_is_deadline_exceeded(tmp_path):
     # layers/2: partition 1 owns layers 1-2 and waits for a_0 from partition 0, which is not running.
     with Cluster(tmp_path, 2, Distribution("layers", layers=((0,), (1, 2))), start=[1]) as cluster:
         x, _ = batch(0)
-        err = rpc_error(cluster.stub(1).RunPass, step_request(cluster.table, x), timeout=1.5)
+        err = rpc_error(cluster.stub(1).RunPass, pass_request(cluster.table, x), timeout=1.5)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The driver names a partition and the status instead of hanging.
         with pytest.raises(DriverError, match=r"partition \d \(127\.0\.0\.1:\d+\) RunPass: "):
             cluster.driver(timeout=1.5).step(x)
 
 
-def test_step_whose_peers_never_answer_is_deadline_exceeded_and_the_cluster_recovers(tmp_path):
+def test_pass_whose_peers_never_answer_is_deadline_exceeded_and_the_cluster_recovers(tmp_path):
     ref = reference()
     with Cluster(tmp_path, 3, Distribution("balanced")) as cluster:
         x, _ = batch(0)
-        # Only partition 0 is asked; its peers are up but never run the step.
-        err = rpc_error(cluster.stub(0).RunPass, step_request(cluster.table, x), timeout=1.0)
+        # Only partition 0 is asked; its peers are up but never run the pass.
+        err = rpc_error(cluster.stub(0).RunPass, pass_request(cluster.table, x), timeout=1.0)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The abandoned step leaves nothing that confuses the next one.
+        # The abandoned pass leaves nothing that confuses the next one.
         out, _, _ = cluster.driver().step(x)
         np.testing.assert_allclose(out, ref.forward(x), **TOL)
 
 
-def test_forward_steps_beyond_the_limit_are_refused_at_once_and_training_steps_are_not(cluster4):
-    """Steps hold pool threads that Exchange needs: past step_limit, a forward Step is refused."""
+def test_forward_passes_beyond_the_limit_are_refused_at_once_and_training_passes_are_not(cluster4):
+    """Passes hold pool threads that Exchange needs: past pass_limit, a forward pass is refused."""
     server = cluster4.servers[0]
-    assert 1 <= server.step_limit < server.workers
-    for _ in range(server.step_limit):
-        assert server._step_slots.acquire(blocking=False)  # as if step_limit passes were running
+    assert 1 <= server.pass_limit < server.workers
+    for _ in range(server.pass_limit):
+        assert server._pass_slots.acquire(blocking=False)  # as if pass_limit passes were running
     try:
         x, y = batch(0)
-        err = rpc_error(cluster4.stub(0).RunPass, step_request(cluster4.table, x), timeout=30)
+        err = rpc_error(cluster4.stub(0).RunPass, pass_request(cluster4.table, x), timeout=30)
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"{server.step_limit} forward passes are running" in err.details()
-        # Training steps are one at a time per engine and are not counted.
+        assert f"{server.pass_limit} forward passes are running" in err.details()
+        # Training passes are one at a time per engine and are not counted.
         _, loss, _ = cluster4.driver().step(x, y, SGD)
         assert loss is not None
     finally:
-        for _ in range(server.step_limit):
-            server._step_slots.release()
+        for _ in range(server.pass_limit):
+            server._pass_slots.release()
     out, _, _ = cluster4.driver().step(x)
     assert out.shape == (x.shape[0], UNITS[-1])
 
@@ -227,12 +229,32 @@ class _CancelledContext:
         raise RuntimeError("aborted")
 
 
-def test_a_step_cancelled_before_it_starts_is_cancelled_at_once(cluster4):
+def test_a_pass_cancelled_before_it_starts_is_cancelled_at_once(cluster4):
     x, _ = batch(0)
     context = _CancelledContext()
     with pytest.raises(RuntimeError, match="aborted"):
-        cluster4.servers[0].RunPass(step_request(cluster4.table, x), context)
+        cluster4.servers[0].RunPass(pass_request(cluster4.table, x), context)
     assert context.aborted[0] == grpc.StatusCode.CANCELLED, context.aborted
+
+
+def test_a_dropped_weights_version_is_aborted_with_the_reason_in_trailing_metadata(cluster4):
+    """WeightsChanged is ABORTED plus ``mpnn-error: weights-changed``; clients read the metadata."""
+    x, _ = batch(0)
+    request = pass_request(cluster4.table, x)
+    request.weights_version = 1000  # ahead of every partition, and no training step is running
+    err = rpc_error(cluster4.stub(0).RunPass, request, timeout=10)
+    assert err.code() == grpc.StatusCode.ABORTED
+    assert (reasons.ERROR_KEY, reasons.WEIGHTS_CHANGED) in tuple(err.trailing_metadata())
+    assert "weights changed during the pass; retry" in err.details()  # the human message stays
+    assert reasons.reason_of(err) == reasons.WEIGHTS_CHANGED
+    # Through the driver, the reason survives as the DriverError's cause; the entry point retries it.
+    with pytest.raises(DriverError) as info:
+        cluster4.driver().step(x, weights_version=1000)
+    assert info.value.code == grpc.StatusCode.ABORTED
+    assert retry_kind(info.value.code, info.value) is Retry.WEIGHTS_CHANGED
+    # Other ABORTED failures carry no reason, whatever their text: they are not retried as such.
+    plain = DriverError(f"partition 0: {err.details()}", grpc.StatusCode.ABORTED)
+    assert reasons.reason_of(plain) is None and retry_kind(plain.code, plain) is None
 
 
 def test_inference_during_training_computes_with_one_weights_version(tmp_path):
@@ -304,7 +326,7 @@ def test_lookup_change_reloads_and_keeps_the_weights(tmp_path):
         replies = cluster.driver(new).status()
         assert [r.neurons for r in replies] == [7, 12, 5, 0]
         assert [r.parameters for r in replies] == [7 * 13, 12 * 11, 5 * 8, 0]
-        assert {(r.weights_source, r.checkpoint_sequence) for r in replies} == {("checkpoint", ckpt.step)}
+        assert {(r.weights_source, r.checkpoint_sequence) for r in replies} == {("checkpoint", ckpt.sequence)}
         after, _, _ = cluster.driver(new).step(x)
         np.testing.assert_allclose(after, before, **TOL)
         # The old version is now stale everywhere.
@@ -346,7 +368,9 @@ def test_invalid_lookup_file_keeps_the_last_valid_table(tmp_path, caplog):
         x, _ = batch(3)
         want, _, _ = driver.step(x)
         bad = cluster.table.to_dict()
-        bad["layers"][0]["owners"][0]["end"] -= 1  # a hole
+        # A hole: layer 0's runs start at neuron 1, so neuron 0 has no owner.
+        bad["patterns"].append({"starts": [1, UNITS[0] // 2], "owners": [0, 1]})
+        bad["layers"]["pattern"][0] = len(bad["patterns"]) - 1
         bad["version"] = "sha256:" + "1" * 64
         cluster.lookup_path.write_text(json.dumps(bad))
         # Both watchers see the new version, fail to load it, and say so ...
@@ -372,7 +396,7 @@ def test_uncommitted_checkpoint_is_ignored_and_weights_move_to_a_new_assignment(
             ref.train_step(x, y)
             driver.step(x, y, SGD)
         ckpt = driver.checkpoint(store, MODEL, {"optimizer": asdict(SGD)})
-        n = ckpt.step
+        n = ckpt.sequence
         at_n = ReferenceNetwork(MODEL.inputs, MODEL.layers, ref.params, SGD)
         at_n.state = [dict(s) for s in ref.state]
         at_n.optimizer_step = ref.optimizer_step
@@ -385,13 +409,13 @@ def test_uncommitted_checkpoint_is_ignored_and_weights_move_to_a_new_assignment(
         moved, _, _ = driver.step(x_probe)
         assert not np.allclose(moved, out_n, atol=1e-4)
 
-        # The writer of N+1 dies after every shard but before the manifest.
+        # The writer of N+1 dies after every shard but before the commit record.
         for i in range(4):
             cluster.stub(i).Checkpoint(pb.CheckpointRequest(lookup_version=cluster.table.version,
                                                             sequence=n + 1), timeout=10)
-        shards = sorted(p.name for p in store.step_dir(n + 1).iterdir())
+        shards = sorted(p.name for p in store.sequence_dir(n + 1).iterdir())
         assert shards == [f"shard-{i:05d}.safetensors" for i in range(4)]
-        assert store.latest().step == n
+        assert store.latest().sequence == n
 
         replies = driver.reload()
         assert [r.checkpoint_sequence for r in replies] == [n] * 4
@@ -420,9 +444,9 @@ def test_uncommitted_checkpoint_is_ignored_and_weights_move_to_a_new_assignment(
             np.testing.assert_allclose(cluster.tensor(k, "bias"), at_n.params[k][1], **TOL)
         # The next checkpoint takes a fresh number; the dead writer's leftovers stay out of it.
         again = driver.checkpoint(store, MODEL, {"optimizer": asdict(SGD)})
-        assert again.step == n + 2 and store.latest().step == n + 2
+        assert again.sequence == n + 2 and store.latest().sequence == n + 2
         assert sorted(s.file for s in again.shards) == ["shard-00000.safetensors", "shard-00001.safetensors"]
-        assert len(list(store.step_dir(n + 1).iterdir())) == 4  # untouched, never committed
+        assert len(list(store.sequence_dir(n + 1).iterdir())) == 4  # untouched, never committed
         for k in range(len(UNITS)):
             np.testing.assert_allclose(again.read_layer(k, "weight"), at_n.params[k][0], **TOL)
 
@@ -437,10 +461,10 @@ def test_partial_shards_of_a_dead_writer_are_ignored_at_startup(tmp_path):
         driver.step(x, y, SGD)
         # Only partition 0 got to write its shard of the next checkpoint.
         cluster.stub(0).Checkpoint(pb.CheckpointRequest(lookup_version=cluster.table.version,
-                                                        sequence=ckpt.step + 1), timeout=10)
+                                                        sequence=ckpt.sequence + 1), timeout=10)
     with Cluster(tmp_path, 3, Distribution("count", counts=(20, 1, 3))) as cluster:
         replies = cluster.driver().status()
-        assert {(r.weights_source, r.checkpoint_sequence) for r in replies} == {("checkpoint", ckpt.step)}
+        assert {(r.weights_source, r.checkpoint_sequence) for r in replies} == {("checkpoint", ckpt.sequence)}
         out, _, _ = cluster.driver().step(batch(6)[0])
         np.testing.assert_allclose(out, want, **TOL)
 
@@ -448,7 +472,7 @@ def test_partial_shards_of_a_dead_writer_are_ignored_at_startup(tmp_path):
 def test_checkpoint_rpc_writes_only_own_rows(cluster4):
     cluster4.stub(1).Checkpoint(pb.CheckpointRequest(lookup_version=cluster4.table.version, sequence=5), timeout=10)
     from safetensors.numpy import load_file
-    files = list(ModelStore(cluster4.model_dir).step_dir(5).iterdir())
+    files = list(ModelStore(cluster4.model_dir).sequence_dir(5).iterdir())
     assert [f.name for f in files] == ["shard-00001.safetensors"]
     tensors = load_file(str(files[0]))
     # balanced/4 partition 1: layer 0 rows 3-5, layer 1 rows 2-3, layer 2 row 2; SGD momentum buffers too.

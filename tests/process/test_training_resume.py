@@ -64,15 +64,16 @@ def test_killed_servers_resume_from_the_last_committed_checkpoint(tmp_path, data
         _run(tmp_path / "b", data, kill_at_third_checkpoint)
     store = ModelStore(tmp_path / "b" / "resume")
     committed = store.latest()
-    assert committed.step == 3
-    # A writer that dies before the manifest: shards of checkpoint 4 exist, full of garbage.
+    assert committed.sequence == 3
+    # A writer that dies before the commit record: shards of checkpoint 4 exist, full of garbage.
     fan_in = [NET.model.inputs] + NET.model.layer_units[:-1]
     for shard in committed.shards:
         rows = {k: sum(e - s for s, e in rs) for k, rs in shard.ranges.items()}
         layers = {k: {"weight": np.full((n, fan_in[k]), 1e3, np.float32), "bias": np.full((n,), 1e3, np.float32)}
                   for k, n in rows.items()}
-        store.write_shard(4, shard.partition, layers, {k: list(rs) for k, rs in shard.ranges.items()})
-    assert store.latest().step == 3
+        store.write_shard(4, partition=shard.partition, layers=layers,
+                          ranges={k: list(rs) for k, rs in shard.ranges.items()})
+    assert store.latest().sequence == 3
 
     resumed, resumed_eval, _, loaded_from = _run(tmp_path / "b", data)
     assert loaded_from == [3] * NET.partitions  # the committed checkpoint, not the partial 4

@@ -23,12 +23,13 @@ import numpy as np
 
 from partition_server.api.distributor import Distribution, distribute
 from partition_server.client.driver import Driver
-from partition_server.engine.passes import OptimizerConfig
-from partition_server.client.local import free_ports, write_atomically
+from partition_server.engine import OptimizerConfig, init_params
+from partition_server.client.local import free_ports
+from partition_server.storage.atomic import write_atomically
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import LayerSpec, ModelSpec
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
-from partition_server.testing.reference import ReferenceNetwork, gather_rows, init_params
+from partition_server.testing import ReferenceNetwork, gather_rows
 from partition_server.serving.server import PartitionServer
 
 HOST = "127.0.0.1"

@@ -1,0 +1,87 @@
+"""``mpnn serve``: one partition server as a process, until SIGTERM or SIGINT.
+
+The ``mpnn`` CLI (``partition_server.cli``) parses and checks the arguments; this module finds
+the partition index (``--partition``, else a StatefulSet pod's hostname ordinal), reads the
+network document, runs :class:`~partition_server.serving.server.PartitionServer` and stops it on
+a signal. Started by ``mpnn run`` (``MPNN_PARENT_PID`` set), the process also ends when its
+parent dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from partition_server import logs
+from partition_server.api.environment import PARENT_PID_ENV
+from partition_server.api.manifest import parse_network_document
+from partition_server.serving.server import PartitionServer
+
+__all__ = ["exit_with_parent", "main", "partition_from_hostname"]
+
+log = logging.getLogger("mpnn.server")
+
+
+def partition_from_hostname(hostname: str | None = None) -> int:
+    """A StatefulSet pod's ordinal: ``digits-3`` → 3 (default: this host's name).
+
+    Raises:
+        ValueError: the name has no ``-<ordinal>`` suffix.
+    """
+    hostname = hostname or socket.gethostname()
+    m = re.search(r"-(\d+)$", hostname.split(".")[0])
+    if not m:
+        raise ValueError(f"partition: not given (--partition / MPNN_PARTITION) and hostname {hostname!r} has no ordinal")
+    return int(m.group(1))
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Ask Linux for SIGTERM when the parent process dies (``PR_SET_PDEATHSIG``), so a local
+    server never outlives ``mpnn run``, even one killed with SIGKILL. Done here, after exec,
+    rather than in a ``preexec_fn``, which would make the parent fork() with gRPC threads running.
+
+    Raises:
+        SystemExit: the parent already died before the request took effect.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"partition server: parent process {parent_pid} is gone")
+
+
+def main(args: Any) -> int:
+    """``mpnn serve``: run one partition server until SIGTERM or SIGINT (or, started by
+    ``mpnn run``, until its parent dies). Returns the exit code, 0.
+
+    Args:
+        args: the parsed ``mpnn serve`` arguments (``partition``, ``network``, ``lookup``,
+            ``model_dir``, ``host``, ``port``, ``http_port``, ``log_level``).
+    """
+    logs.configure(args.log_level)
+    if os.environ.get(PARENT_PID_ENV):
+        exit_with_parent(int(os.environ[PARENT_PID_ENV]))
+    index = args.partition if args.partition is not None else partition_from_hostname()
+    name, model = parse_network_document(json.loads(Path(args.network).read_text()))
+    server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir)
+    server.start(args.host, args.port, http_port=args.http_port or None)
+    done = threading.Event()
+
+    def shutdown(signum, frame):  # noqa: ARG001 - signal handler signature
+        log.info("stopping", extra={"partition": index, "signal": signum})
+        done.set()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    while not done.wait(1.0):
+        pass
+    server.stop()
+    return 0

@@ -1,0 +1,227 @@
+"""Bytes of the REST binding: request bodies in, inference replies out. No I/O, no HTTP server.
+
+An inference body is JSON (``$inference_request``), optionally followed by raw tensor bytes: the
+binary tensor data extension that tritonclient.http uses by default. With it, the
+``Inference-Header-Content-Length`` header gives the JSON part's size, an input carrying
+``"parameters": {"binary_data_size": N}`` takes the next N bytes (little-endian, row-major)
+instead of ``"data"``, and outputs are returned as bytes when the output's ``binary_data``
+parameter is true, or when it is absent and the request's ``binary_data_output`` parameter is
+true; the reply then has the same header and each binary output says its ``binary_data_size``.
+
+Bodies may be compressed (``Content-Encoding: gzip``, possibly several members, or ``deflate``);
+:func:`decode_body` never inflates more than the body limit, so a small compressed body cannot
+expand into more memory than an uncompressed one may take (:class:`HttpError` 413).
+
+Spec: https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from partition_server.serving.protocol import (DATATYPE, MODEL_VERSION, OUTPUT, WIRE_FP32, ModelProtocol, TensorIn,
+                                               invalid)
+
+__all__ = ["HEADER_LENGTH", "HttpError", "InferRequest", "decode_body", "encode_reply", "parse_request"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class HttpError(Exception):
+    """A request answered with an HTTP status that no protocol error maps to (408, 411, 413).
+
+    Attributes:
+        status: the HTTP status.
+        message: the body's ``"error"``.
+        close: whether the connection is closed after the answer (the body may be unread).
+    """
+
+    def __init__(self, status: int, message: str, *, close: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed and checked inference request.
+
+    Attributes:
+        x: the input, ``[batch, inputs]`` float32.
+        fields: the JSON request object (``id`` is echoed in the reply).
+        binary_output: whether the output goes back as binary tensor data.
+    """
+
+    x: np.ndarray
+    fields: dict
+    binary_output: bool
+
+
+def decode_body(body: bytes, *, encoding: str, limit: int) -> bytes:
+    """``body`` as sent with ``Content-Encoding: encoding``, decompressed to at most ``limit`` bytes.
+
+    Raises:
+        HttpError: 413 when it decompresses to more than ``limit`` bytes (found without inflating more).
+        InferenceError: INVALID_ARGUMENT for an unsupported encoding or data that cannot be decompressed.
+    """
+    encoding = encoding.strip().lower()
+    if encoding == "identity" or not body:
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise invalid(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    try:
+        return _decompress(body, encoding, limit)
+    except zlib.error as exc:
+        raise invalid(f"the {encoding} request body cannot be decompressed: {exc}") from exc
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decompressed (gzip, possibly several members; or zlib "deflate"), never
+    producing more than ``limit`` bytes. Raises HttpError 413 or zlib.error."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    data = body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        chunk = inflater.decompress(data, limit - size + 1)
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"the {encoding} request body decompresses to more than {limit} bytes")
+        parts.append(chunk)
+        if not inflater.eof:
+            raise zlib.error("the compressed data is cut short")
+        data = inflater.unused_data
+        # gzip members may follow each other (as gzip.decompress reads them); zeros may pad the end.
+        if encoding != "gzip" or not data.strip(b"\0"):
+            return b"".join(parts)
+
+
+def parse_request(model: ModelProtocol, body: bytes, *, header_length: str | None) -> InferRequest:
+    """Parse an inference body and check it against ``model``.
+
+    Args:
+        model: the protocol model the inputs and outputs must fit.
+        body: the decoded body: JSON, then the binary tensor data.
+        header_length: the ``Inference-Header-Content-Length`` header, or None (all JSON).
+
+    Raises:
+        InferenceError: INVALID_ARGUMENT naming what does not fit.
+    """
+    request, binary = _split(body, header_length)
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        raise invalid('"inputs" must be a list of input objects')
+    tensors, offset = [], 0
+    for inp in inputs:
+        name, datatype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise invalid(f'every input needs a string "name" and "datatype"; got {_brief(inp)}')
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise invalid(f'input {name!r}: "shape" must be a list of integers, got {shape!r}')
+        size = _parameters(inp, f"input {name!r}").get("binary_data_size")
+        if size is not None:
+            if "data" in inp:
+                raise invalid(f'input {name!r}: give either "data" or binary_data_size, not both')
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise invalid(f"input {name!r}: binary_data_size {size!r} does not fit the "
+                              f"{len(binary) - offset} bytes of binary data left")
+            data: bytes | np.ndarray = binary[offset:offset + size]
+            offset += size
+        elif "data" in inp:
+            data = _json_array(inp["data"], name)
+        else:
+            raise invalid(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+        tensors.append(TensorIn(name, datatype, tuple(shape), data))
+    if offset != len(binary):
+        raise invalid(f"{len(binary)} bytes of binary data follow the JSON header, but the inputs take {offset}")
+    x = model.input_array(tensors)
+    return InferRequest(x, request, _binary_output(model, request))
+
+
+def encode_reply(model_name: str, request: InferRequest, y: np.ndarray) -> tuple[bytes, str, dict[str, str]]:
+    """The ``$inference_response`` for output ``y`` ``[batch, units_last]``.
+
+    Returns:
+        ``(body, content type, extra headers)``: JSON (``application/json``), or JSON followed by
+        the output's little-endian FP32 bytes (``application/octet-stream``, with
+        ``Inference-Header-Content-Length``) when the request asked for binary output.
+    """
+    reply: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
+    if "id" in request.fields:
+        reply["id"] = request.fields["id"]
+    output: dict[str, Any] = {"name": OUTPUT, "datatype": DATATYPE, "shape": list(y.shape)}
+    blob = b""
+    if request.binary_output:
+        blob = y.astype(WIRE_FP32).tobytes()
+        output["parameters"] = {"binary_data_size": len(blob)}
+    else:
+        output["data"] = y.ravel().tolist()
+    reply["outputs"] = [output]
+    header = json.dumps(reply).encode()
+    if request.binary_output:
+        return header + blob, "application/octet-stream", {HEADER_LENGTH: str(len(header))}
+    return header, "application/json", {}
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """``(JSON request, the binary data after it)``."""
+    if header_length is None:
+        n = len(body)
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise invalid(f"{HEADER_LENGTH} {header_length!r} is not a size within the {len(body)}-byte body")
+    try:
+        request = json.loads(body[:n])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"the request is not valid JSON: {exc}") from exc
+    if not isinstance(request, dict):
+        raise invalid("the request must be a JSON object ($inference_request)")
+    return request, body[n:]
+
+
+def _binary_output(model: ModelProtocol, request: dict) -> bool:
+    """Whether the (only) output goes back as binary data; checks the requested outputs."""
+    default = bool(_parameters(request, "request").get("binary_data_output", False))
+    outputs = request.get("outputs")
+    if outputs is None:
+        return default
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise invalid('"outputs" must be a list of output objects')
+    model.check_outputs([o.get("name") for o in outputs])
+    binary = default
+    for o in outputs:
+        params = _parameters(o, f"output {o.get('name')!r}")
+        if "classification" in params:
+            raise invalid("the classification extension is not supported")
+        binary = bool(params.get("binary_data", default))
+    return binary
+
+
+def _parameters(obj: dict, what: str) -> dict:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise invalid(f'{what}: "parameters" must be an object')
+    return params
+
+
+def _json_array(data: Any, name: str) -> np.ndarray:
+    try:
+        return np.array(data)
+    except (ValueError, TypeError) as exc:
+        raise invalid(f"input {name!r}: data is not a rectangular array of numbers: {exc}") from exc
+
+
+def _brief(obj: Any, limit: int = 120) -> str:
+    text = json.dumps(obj)
+    return text if len(text) <= limit else text[:limit] + "…"

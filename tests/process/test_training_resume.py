@@ -16,7 +16,6 @@ from partition_server.client.driver import Driver, DriverError, TrainingDiverged
 from partition_server.client.local import LocalDeployment
 from partition_server.api.manifest import parse_neural_network, training_document
 from partition_server.storage.store import ModelStore
-from partition_server.client.trainer import TrainingReporter
 
 MANIFEST = {
     "apiVersion": "mpnn.dev/v1alpha1", "kind": "NeuralNetwork", "metadata": {"name": "resume"},
@@ -98,21 +97,6 @@ def test_mpnn_train_command_against_running_servers(tmp_path, data):
         assert result["run"] == "r1" and result["accuracy"] > 0.8
         assert ModelStore(dep.model_dir).latest().meta["run_step"] == 69
         assert driver.evaluate(data.x_test, data.y_test).accuracy == pytest.approx(result["accuracy"])
-
-
-def test_reporter_writes_status_training():
-    patches = []
-    reporter = TrainingReporter(patches.append, "r7")
-    reporter.started()
-    reporter.progress(epoch=2, step=40, loss=0.25, checkpoint=5, accuracy=0.9)
-    reporter.finished(accuracy=0.95, loss=0.2)
-    reporter.failed("partition 1 unavailable")
-    assert [p["training"]["phase"] for p in patches] == ["Running", "Running", "Succeeded", "Failed"]
-    assert all(p["training"]["run"] == "r7" for p in patches)
-    assert patches[1]["training"] == {"run": "r7", "phase": "Running", "epoch": 2, "step": 40, "loss": 0.25,
-                                      "checkpoint": 5, "accuracy": 0.9}
-    assert patches[2]["training"]["accuracy"] == 0.95 and patches[2]["training"]["completionTime"]
-    assert patches[3]["training"]["message"] == "partition 1 unavailable"
 
 
 def test_a_retry_without_checkpoint_starts_from_the_initial_weights(tmp_path, data):

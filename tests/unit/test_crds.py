@@ -164,18 +164,13 @@ def test_cross_field_cel_rules_name_their_field(nn, field, fragment):
 
 def test_status_training_holds_what_the_trainer_and_the_operator_write(nn):
     from mpnn_operator.training import RUN_FIELDS
-    from partition_server.client.trainer import TrainingReporter
+    from tests.support.reporting import reports_of_a_run
 
     status = _version(nn)["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     training = status["training"]
     assert "x-kubernetes-preserve-unknown-fields" not in training  # unknown fields are pruned
     assert set(training["properties"]) == {"run", *RUN_FIELDS}
-    patches = []
-    reporter = TrainingReporter(patches.append, "r1")
-    reporter.started()
-    reporter.progress(epoch=1, step=10, loss=0.5, checkpoint=1, accuracy=0.9)
-    reporter.finished(accuracy=0.9, loss=0.4)
-    reporter.failed("x")
+    patches = reports_of_a_run("r1")
     written = set().union(*(p["training"] for p in patches))
     assert written <= set(training["properties"])
     types = {k: v.get("type") for k, v in training["properties"].items()}

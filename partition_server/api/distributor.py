@@ -5,19 +5,24 @@ of "Multi Part Deployment of Neural Network" (arXiv 2506.01387, section 3:
 by count, by percentage, by neuron ids, by layers) plus ``balanced``, which
 keeps every partition busy on every layer.
 
-An assignment is returned per layer as half-open :class:`Range` objects sorted
-by ``start`` that cover ``[0, units)`` exactly once; adjacent ranges of the
-same partition are merged. Every function here is deterministic.
+An assignment is returned per layer as :class:`Runs`: a sequence of half-open
+:class:`Range` objects sorted by ``start`` that cover ``[0, units)`` exactly once,
+adjacent ranges of the same partition merged, stored as two integer tuples (run
+starts and owners). Identical layers share one :class:`Runs` object, so an
+assignment costs O(distinct layer patterns x runs), never O(neurons): a billion
+neurons in 1,000 equal layers on 1,000 partitions is one pattern of 1,000 runs.
+Every function here is deterministic.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_right
 from decimal import Decimal
 from fractions import Fraction
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, overload
 
 from partition_server.api.errors import FieldError
 
@@ -60,7 +65,163 @@ class Distribution:
         return out
 
 
-Assignment = list[list[Range]]
+class Runs(Sequence[Range]):
+    """One layer's owners as runs: run ``i`` is ``[starts[i], starts[i+1])`` (the last ends at
+    ``units``) and belongs to ``owners[i]``.
+
+    Immutable and hashable, so identical layers share one object. Valid by construction:
+    ``starts[0] == 0``, strictly increasing and below ``units``; owners non-negative and
+    adjacent owners distinct (merged). As a ``Sequence[Range]`` it reads like the list of
+    ranges it stands for, and compares equal to such a list. Per-partition views are
+    computed once per object and cached.
+
+    Raises:
+        ValueError: on construction, runs that break one of the rules above.
+    """
+
+    __slots__ = ("units", "starts", "owners", "_hash", "_spans", "_sizes")
+
+    def __init__(self, units: int, starts: Sequence[int], owners: Sequence[int]):
+        starts, owners = tuple(starts), tuple(owners)
+        if len(starts) != len(owners):
+            raise ValueError(f"{len(starts)} run starts but {len(owners)} owners")
+        if not starts or starts[0] != 0:
+            raise ValueError("runs must start at 0")
+        if starts[-1] >= units:
+            raise ValueError(f"run start {starts[-1]} is not below the layer's {units} units")
+        prev_s, prev_o = -1, -1
+        for s, o in zip(starts, owners):
+            if s <= prev_s:
+                raise ValueError(f"run starts must increase ({prev_s} then {s})")
+            if o < 0:
+                raise ValueError(f"owner {o} is negative")
+            if o == prev_o:
+                raise ValueError(f"adjacent runs at {prev_s} and {s} have the same owner {o} (must be merged)")
+            prev_s, prev_o = s, o
+        self.units, self.starts, self.owners = units, starts, owners
+        self._hash: int | None = None
+        self._spans: dict[int, list[tuple[int, int]]] | None = None
+        self._sizes: dict[int, int] | None = None
+
+    @classmethod
+    def whole(cls, units: int, partition: int) -> "Runs":
+        """The layer owned entirely by ``partition``."""
+        return cls(units, (0,), (partition,))
+
+    @classmethod
+    def even(cls, units: int, parts: int) -> "Runs":
+        """``[0, units)`` cut into ``min(parts, units)`` contiguous near-equal runs owned by
+        0, 1, ...; the first ``units mod parts`` get one extra (``balanced``)."""
+        n = min(parts, units)
+        base, extra = divmod(units, n)
+        return cls(units, [p * base + min(p, extra) for p in range(n)], range(n))
+
+    @classmethod
+    def from_ranges(cls, units: int, ranges: Sequence[Range]) -> "Runs":
+        """Runs of ranges that cover ``[0, units)`` exactly once (any order; merged here).
+
+        Raises:
+            ValueError: a gap, an overlap, or a range outside the layer.
+        """
+        if isinstance(ranges, Runs) and ranges.units == units:
+            return ranges
+        starts: list[int] = []
+        owners: list[int] = []
+        cursor = 0
+        for r in sorted(ranges, key=lambda r: (r.start, r.end)):
+            if r.start != cursor or r.end <= r.start or r.end > units:
+                raise ValueError(f"range {r.start}-{r.end} of partition {r.partition} does not continue at {cursor} "
+                                 f"within 0-{units}")
+            if not owners or owners[-1] != r.partition:
+                starts.append(r.start)
+                owners.append(r.partition)
+            cursor = r.end
+        if cursor != units:
+            raise ValueError(f"ranges end at {cursor}, not at the layer's {units} units")
+        return cls(units, starts, owners)
+
+    def end(self, i: int) -> int:
+        return self.starts[i + 1] if i + 1 < len(self.starts) else self.units
+
+    def triples(self) -> Iterator[tuple[int, int, int]]:
+        """``(partition, start, end)`` per run, ascending."""
+        ends = self.starts[1:] + (self.units,)
+        return zip(self.owners, self.starts, ends)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, i: int) -> Range: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Range]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self.starts)))]
+        n = len(self.starts)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("run index out of range")
+        return Range(self.owners[i], self.starts[i], self.end(i))
+
+    def __iter__(self) -> Iterator[Range]:
+        return (Range(p, s, e) for p, s, e in self.triples())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Runs):
+            return self is other or (self.units == other.units and self.starts == other.starts
+                                     and self.owners == other.owners)
+        if isinstance(other, (list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self.units, self.starts, self.owners))
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Runs(units={self.units}, starts={list(self.starts)}, owners={list(self.owners)})"
+
+    def owner_of(self, unit: int) -> int:
+        """The partition owning ``unit`` (binary search over the run starts).
+
+        Raises:
+            IndexError: ``unit`` is outside ``[0, units)``.
+        """
+        if not 0 <= unit < self.units:
+            raise IndexError(f"unit {unit} is outside 0-{self.units - 1}")
+        return self.owners[bisect_right(self.starts, unit) - 1]
+
+    def spans(self, partition: int) -> list[tuple[int, int]]:
+        """``(start, end)`` of the runs ``partition`` owns, ascending (may be empty)."""
+        if self._spans is None:
+            spans: dict[int, list[tuple[int, int]]] = {}
+            for p, s, e in self.triples():
+                spans.setdefault(p, []).append((s, e))
+            self._spans = spans
+        return list(self._spans.get(partition, ()))
+
+    def partitions(self) -> list[int]:
+        """Partitions owning at least one unit of the layer, ascending."""
+        return sorted(self.sizes())
+
+    def sizes(self) -> dict[int, int]:
+        """Units owned per partition (only partitions that own some)."""
+        if self._sizes is None:
+            sizes: dict[int, int] = {}
+            for p, s, e in self.triples():
+                sizes[p] = sizes.get(p, 0) + e - s
+            self._sizes = sizes
+        return self._sizes
+
+    def max_owner(self) -> int:
+        return max(self.owners)
+
+
+Assignment = list[Sequence[Range]]
 
 _FIELD = "spec.distribution"
 _ID_RE = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?\Z")
@@ -145,22 +306,25 @@ def percentages_to_counts(percentages: Sequence[float], total: int) -> list[int]
 
 
 def _balanced(layer_units: Sequence[int], partitions: int) -> Assignment:
+    shared: dict[int, Runs] = {}
+    return [shared.get(units) or shared.setdefault(units, Runs.even(units, partitions)) for units in layer_units]
+
+
+def _interned(layer_units: Sequence[int], owners: Sequence[Sequence[Range]]) -> Assignment:
+    """Complete, merged per-layer ranges as :class:`Runs`, one object per distinct layer."""
+    shared: dict[Runs, Runs] = {}
     out: Assignment = []
-    for units in layer_units:
-        base, extra = divmod(units, partitions)
-        ranges, start = [], 0
-        for p in range(partitions):
-            size = base + (1 if p < extra else 0)
-            if size:
-                ranges.append(Range(p, start, start + size))
-            start += size
-        out.append(ranges)
+    for units, ranges in zip(layer_units, owners):
+        runs = Runs.from_ranges(units, ranges)
+        out.append(shared.setdefault(runs, runs))
     return out
 
 
 def _by_counts(layer_units: Sequence[int], counts: Sequence[int]) -> Assignment:
-    """Partition i takes the next counts[i] neurons in global (layer-major) order."""
-    out: Assignment = [[] for _ in layer_units]
+    """Partition i takes the next counts[i] neurons in global (layer-major) order.
+
+    Works on ranges: O(layers + partitions) steps, whatever the layer sizes."""
+    out: list[list[Range]] = [[] for _ in layer_units]
     layer, offset = 0, 0
     for p, count in enumerate(counts):
         while count > 0:
@@ -170,7 +334,7 @@ def _by_counts(layer_units: Sequence[int], counts: Sequence[int]) -> Assignment:
             offset += take
             if offset == layer_units[layer]:
                 layer, offset = layer + 1, 0
-    return out
+    return _interned(layer_units, out)
 
 
 def parse_neuron_ids(text: str, field: str) -> tuple[int, int, int]:
@@ -215,7 +379,7 @@ def _by_ids(layer_units: Sequence[int], ids: Sequence[Sequence[str]]) -> Assignm
         if gaps:
             raise DistributionError(f"{_FIELD}.ids", ", ".join(gaps), "neurons are owned by no partition")
         out.append(ranges)
-    return out
+    return _interned(layer_units, out)
 
 
 def _by_layers(layer_units: Sequence[int], layers: Sequence[Sequence[int]]) -> Assignment:
@@ -231,7 +395,7 @@ def _by_layers(layer_units: Sequence[int], layers: Sequence[Sequence[int]]) -> A
     missing = [k for k in range(len(layer_units)) if k not in owner]
     if missing:
         raise DistributionError(f"{_FIELD}.layers", missing, "layers are owned by no partition")
-    return [[Range(owner[k], 0, units)] for k, units in enumerate(layer_units)]
+    return _interned(layer_units, [[Range(owner[k], 0, units)] for k, units in enumerate(layer_units)])
 
 
 def _append_merged(ranges: list[Range], new: Range) -> None:
@@ -255,6 +419,8 @@ def check_coverage(layer_units: Sequence[int], owners: Sequence[Sequence[Range]]
     if len(owners) != len(layer_units):
         return [f"{len(owners)} layers of ranges for a network of {len(layer_units)} layers"]
     for layer, (units, ranges) in enumerate(zip(layer_units, owners)):
+        if isinstance(ranges, Runs) and ranges.units == units:
+            continue  # valid by construction
         cursor = 0
         for r in sorted(ranges, key=lambda r: (r.start, r.end)):
             if r.start < 0 or r.end > units or r.start >= r.end:
@@ -271,9 +437,13 @@ def check_coverage(layer_units: Sequence[int], owners: Sequence[Sequence[Range]]
 
 
 def normalize(owners: Sequence[Sequence[Range]]) -> Assignment:
-    """Sort each layer's ranges and merge adjacent ranges of the same partition."""
+    """Sort each layer's ranges and merge adjacent ranges of the same partition
+    (:class:`Runs` are kept as they are: they are sorted and merged already)."""
     out: Assignment = []
     for ranges in owners:
+        if isinstance(ranges, Runs):
+            out.append(ranges)
+            continue
         merged: list[Range] = []
         for r in sorted(ranges, key=lambda r: (r.start, r.end)):
             _append_merged(merged, r)
@@ -294,7 +464,19 @@ def shares(owners: Sequence[Sequence[Range]], partitions: int) -> list[Partition
     """Per-partition neuron counts and ``L:A-B`` range texts."""
     out = [PartitionShare(i) for i in range(partitions)]
     for layer, ranges in enumerate(owners):
-        for r in ranges:
-            out[r.partition].neurons += r.size
-            out[r.partition].ranges.append(_fmt(layer, r.start, r.end))
+        triples = ranges.triples() if isinstance(ranges, Runs) else ((r.partition, r.start, r.end) for r in ranges)
+        for p, start, end in triples:
+            share = out[p]
+            share.neurons += end - start
+            share.ranges.append(_fmt(layer, start, end))
+    return out
+
+
+def range_texts(owners: Sequence[Sequence[Range]], partition: int) -> list[str]:
+    """``L:A-B`` texts of what ``partition`` owns, layer-major (one partition of :func:`shares`)."""
+    out: list[str] = []
+    for layer, ranges in enumerate(owners):
+        spans = (ranges.spans(partition) if isinstance(ranges, Runs)
+                 else [(r.start, r.end) for r in ranges if r.partition == partition])
+        out += [_fmt(layer, start, end) for start, end in spans]
     return out

@@ -76,7 +76,7 @@ def test_output_is_exactly_the_table_json(tmp_path, capsys):
     assert main(["distribute", path]) == 0
     out = capsys.readouterr().out
     assert out == LookupTable.from_dict(json.loads(out)).to_json(indent=2)
-    assert json.loads(out)["apiVersion"] == "mpnn.dev/lookup/v1"
+    assert json.loads(out)["apiVersion"] == "mpnn.dev/lookup/v2"
 
 
 def test_deterministic(tmp_path, capsys):

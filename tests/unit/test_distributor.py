@@ -14,7 +14,9 @@ from partition_server.api.distributor import (
     normalize,
     parse_neuron_ids,
     percentages_to_counts,
+    range_texts,
     shares,
+    Runs,
 )
 
 
@@ -412,6 +414,74 @@ def test_shares():
     assert [s.neurons for s in got] == [5, 4]
     assert got[0].ranges == ["0:0-2", "1:0-1"]
     assert got[1].ranges == ["1:2-3", "2:0-1"]
+
+
+# --------------------------------------------------------------------------- runs: range math
+
+
+class TestRuns:
+    def test_reads_as_its_ranges(self):
+        runs = Runs(10, [0, 4, 7], [2, 0, 1])
+        assert list(runs) == [R(2, 0, 4), R(0, 4, 7), R(1, 7, 10)]
+        assert runs == [R(2, 0, 4), R(0, 4, 7), R(1, 7, 10)] and [R(2, 0, 4), R(0, 4, 7), R(1, 7, 10)] == runs
+        assert runs[-1] == R(1, 7, 10) and runs[1:] == [R(0, 4, 7), R(1, 7, 10)] and len(runs) == 3
+        assert runs != [R(2, 0, 4)] and runs != Runs(11, [0, 4, 7], [2, 0, 1])
+        assert hash(runs) == hash(Runs(10, (0, 4, 7), (2, 0, 1)))
+        with pytest.raises(IndexError):
+            runs[3]
+
+    def test_owner_by_binary_search_and_per_partition_views(self):
+        runs = Runs(10, [0, 4, 7, 9], [2, 0, 1, 0])
+        assert [runs.owner_of(u) for u in range(10)] == [2] * 4 + [0] * 3 + [1] * 2 + [0]
+        for bad in (-1, 10):
+            with pytest.raises(IndexError):
+                runs.owner_of(bad)
+        assert runs.spans(0) == [(4, 7), (9, 10)] and runs.spans(5) == []
+        assert runs.partitions() == [0, 1, 2] and runs.sizes() == {2: 4, 0: 4, 1: 2}
+
+    @pytest.mark.parametrize("units, starts, owners", [
+        (10, [], []), (10, [1], [0]), (10, [0, 0], [0, 1]), (10, [0, 10], [0, 1]), (10, [0, 5], [1, 1]),
+        (10, [0], [-1]), (10, [0, 5], [0]),
+    ])
+    def test_invalid_runs_are_refused(self, units, starts, owners):
+        with pytest.raises(ValueError):
+            Runs(units, starts, owners)
+
+    def test_from_ranges_merges_and_checks_coverage(self):
+        assert Runs.from_ranges(6, [R(1, 3, 6), R(0, 0, 2), R(0, 2, 3)]) == Runs(6, [0, 3], [0, 1])
+        for ranges in ([R(0, 0, 2), R(1, 3, 6)], [R(0, 0, 4), R(1, 3, 6)], [R(0, 0, 5)], [R(0, 0, 7)]):
+            with pytest.raises(ValueError):
+                Runs.from_ranges(6, ranges)
+
+    def test_even_is_balanced(self):
+        assert Runs.even(10, 3) == [R(0, 0, 4), R(1, 4, 7), R(2, 7, 10)]
+        assert Runs.even(2, 4) == [R(0, 0, 1), R(1, 1, 2)]
+
+
+def test_identical_layers_share_one_runs_object():
+    for dist, P in ((Distribution(), 7), (Distribution("layers", layers=((0, 1, 2, 3),)), 1),
+                    (Distribution("count", counts=(250, 150)), 2)):
+        got = distribute([100] * 4, P, dist)
+        assert all(isinstance(r, Runs) for r in got)
+        assert len({id(r) for r in got}) == len({r for r in got}), dist.strategy
+    assert len({id(r) for r in distribute([100] * 4, 7, Distribution())}) == 1
+
+
+def test_a_billion_neurons_on_a_thousand_partitions_is_one_pattern_of_runs():
+    units = [1_000_000] * 1_000
+    got = distribute(units, 1_000, Distribution())
+    assert len({id(r) for r in got}) == 1 and len(got[0]) == 1_000
+    assert check_coverage(units, got) == []
+    assert got[999].owner_of(999_999) == 999 and got[0].spans(3) == [(3_000, 4_000)]
+    counts = distribute(units, 1_000, Distribution("count", counts=(1_000_000,) * 1_000))
+    assert all(len(r) == 1 for r in counts) and counts[5].owners == (5,)
+
+
+def test_range_texts_is_one_partition_of_shares():
+    got = distribute([3, 4, 2], 2, Distribution("count", counts=(5, 4)))
+    assert [range_texts(got, p) for p in range(2)] == [s.ranges for s in shares(got, 2)]
+    plain = [list(r) for r in got]
+    assert [range_texts(plain, p) for p in range(2)] == [s.ranges for s in shares(plain, 2)]
 
 
 # --------------------------------------------------------------------------- properties

@@ -18,11 +18,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/mpnn run examples/digits.yaml
 
+# lint-imports first: the layer contracts in pyproject.toml ([tool.importlinter]).
 test: install k8s-binaries
+	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # Data-plane tests only: no control plane needed.
 test-fast: install
+	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -m 'not k8s' $(PYTEST_ARGS)
 
 bench: install

@@ -7,7 +7,7 @@ as they are. Every object carries :func:`naming.labels`.
 Objects per network ``N`` in namespace ``NS`` (see ``docs/operator.md``):
 
 - ``Partition`` ``N-<i>`` per partition (``spec.ranges``: ``L:A-B`` strings),
-- ``ConfigMap`` ``N-lookup`` (``lookup.json``, ``network.json``),
+- ``ConfigMap`` ``N-lookup`` (``lookup.json`` or, when large, ``lookup.json.gz`` in ``binaryData``; ``network.json``),
 - headless ``Service`` ``N``, ``StatefulSet`` ``N``, ClusterIP ``Service`` ``N-inference``,
 - with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``,
 - with ``spec.training`` and ``spec.storage``: the training ``Job`` of ``spec.training.runId``.
@@ -26,6 +26,11 @@ from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, Trainin
 
 from . import naming
 
+__all__ = ["CONFIG_DIR", "EXIT_USAGE", "MODEL_ROOT", "RUN_AS", "TRAIN_BACKOFF_LIMIT", "children", "headless_service",
+           "inference_service", "lookup_configmap", "lookup_table", "model_volume", "network_json", "owned_neurons",
+           "partition_parameters", "partition_ranges", "partitions", "persistent_volume", "server_image",
+           "statefulset", "training_job", "training_json", "volume_claim", "without_claim_ref"]
+
 CONFIG_DIR = "/etc/mpnn"
 MODEL_ROOT = "/var/lib/mpnn"
 # Must be numeric so the kubelet can verify runAsNonRoot without reading the image.
@@ -33,7 +38,9 @@ RUN_AS = 65532
 # Failed training pods the Job replaces before it fails; each retry resumes from the
 # run's last committed checkpoint.
 TRAIN_BACKOFF_LIMIT = 3
-# `mpnn` exits 2 on invalid input (FieldError, argparse): retrying cannot help.
+# `mpnn` exits 2 on invalid input (FieldError, argparse): retrying cannot help. The CLI's own
+# constant (partition_server.cli.EXIT_USAGE) is out of the operator's reach (it imports only the
+# API layer); tests/unit/test_render.py holds the two equal.
 EXIT_USAGE = 2
 
 
@@ -91,11 +98,17 @@ def partitions(net: NeuralNetwork, assignment: Assignment) -> list[dict[str, Any
 
 
 def lookup_configmap(net: NeuralNetwork, table: LookupTable) -> dict[str, Any]:
-    """``ConfigMap`` ``<name>-lookup`` with ``lookup.json`` and ``network.json``."""
+    """``ConfigMap`` ``<name>-lookup`` with ``lookup.json`` and ``network.json``; a lookup text
+    over ``COMPRESS_ABOVE`` bytes goes gzip-compressed into ``binaryData["lookup.json.gz"]``
+    instead (servers read either)."""
     meta = _meta(net, naming.lookup_name(net.name), naming.LOOKUP)
     meta["annotations"] = {f"{naming.GROUP}/lookup-version": table.version}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {"lookup.json": table.to_json(), "network.json": network_json(net)}}
+    data, binary = table.configmap_entries()
+    out = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+           "data": {**data, "network.json": network_json(net)}}
+    if binary:
+        out["binaryData"] = binary
+    return out
 
 
 def network_json(net: NeuralNetwork) -> str:
@@ -323,7 +336,7 @@ def _container_security_context() -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def children(net: NeuralNetwork, assignment: Assignment, cluster_domain: str = "cluster.local",
+def children(net: NeuralNetwork, assignment: Assignment, *, cluster_domain: str = "cluster.local",
              default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
     """Every object the operator creates for ``net`` under ``assignment``, in apply order; the
     training Job, last, is created once per run rather than applied."""

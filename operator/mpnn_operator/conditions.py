@@ -11,6 +11,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+__all__ = ["DEGRADED", "HEALTHY", "PROGRESSING", "READY", "Finding", "get_condition", "network_status", "now",
+           "rollout", "set_condition"]
+
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 
 
@@ -31,7 +34,7 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def set_condition(conditions: Sequence[Mapping[str, Any]], type_: str, status: bool, reason: str,
+def set_condition(conditions: Sequence[Mapping[str, Any]], type_: str, *, status: bool, reason: str,
                   message: str, generation: int | None, timestamp: str) -> list[dict[str, Any]]:
     """A copy of ``conditions`` with ``type_`` set; keeps the order and the transition time
     unless the status changes."""
@@ -62,6 +65,7 @@ def _set_generation(cond: dict[str, Any], generation: int | None) -> None:
 
 
 def get_condition(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
+    """The condition of type ``type_`` in ``status.conditions``, or None."""
     for cond in (status or {}).get("conditions") or []:
         if cond.get("type") == type_:
             return cond
@@ -103,13 +107,14 @@ def network_status(status: Mapping[str, Any] | None, *, statefulset: Mapping[str
     timestamp = timestamp or now()
     conditions = list((status or {}).get("conditions") or [])
     if finding is not None:
-        conditions = set_condition(conditions, DEGRADED, finding.degraded, finding.reason, finding.message,
-                                   generation, timestamp)
+        conditions = set_condition(conditions, DEGRADED, status=finding.degraded, reason=finding.reason,
+                                   message=finding.message, generation=generation, timestamp=timestamp)
     ready, done, reason, message = rollout(statefulset, desired)
-    conditions = set_condition(conditions, READY, done, reason, message, generation, timestamp)
+    conditions = set_condition(conditions, READY, status=done, reason=reason, message=message, generation=generation,
+                               timestamp=timestamp)
     progressing = not done and statefulset is not None
-    conditions = set_condition(conditions, PROGRESSING, progressing, "Complete" if done else reason,
-                               message, generation, timestamp)
+    conditions = set_condition(conditions, PROGRESSING, status=progressing, reason="Complete" if done else reason,
+                               message=message, generation=generation, timestamp=timestamp)
     conditions.sort(key=lambda c: (READY, PROGRESSING, DEGRADED).index(c["type"])
                     if c.get("type") in (READY, PROGRESSING, DEGRADED) else 3)
     degraded = get_condition({"conditions": conditions}, DEGRADED)

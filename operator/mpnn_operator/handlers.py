@@ -15,7 +15,9 @@ import kopf
 from kubernetes.dynamic.exceptions import DynamicApiError
 
 from . import naming
-from .reconcile import RetryLater
+from .retry import RESYNC_SECONDS, RETRY_SECONDS, Later, RetryLater, backoff
+
+__all__ = ["RESYNC_SECONDS", "RETRY_SECONDS", "registry", "retry_delay", "run", "run_for_event", "transient"]
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +25,11 @@ registry = kopf.OperatorRegistry()
 
 NETWORKS = dict(group=naming.GROUP, version=naming.VERSION, plural=naming.NETWORKS)
 OURS = {naming.MANAGED_BY: naming.FIELD_MANAGER}
-# Catches children changed or deleted behind the operator's back (it watches
-# only NeuralNetworks, Partitions, StatefulSets, claims and Jobs).
-RESYNC_SECONDS = 300
-# First retry delay after a failed reconcile (the Degraded condition says why); it doubles with
-# every further failure, up to RESYNC_SECONDS.
-RETRY_SECONDS = 10
 
 
 def retry_delay(retry: int) -> float:
     """Seconds before retry number ``retry`` (0-based) of a failed reconcile: 10, 20, 40, ... 300."""
-    return float(min(RETRY_SECONDS * 2 ** min(retry, 16), RESYNC_SECONDS))
+    return backoff(retry)
 
 
 def transient(exc: DynamicApiError) -> bool:
@@ -62,8 +58,8 @@ def run(call: Callable[[], None], retry: int) -> None:
     """
     try:
         call()
-    except RetryLater as exc:
-        raise kopf.TemporaryError(str(exc), delay=retry_delay(retry)) from exc
+    except RetryLater as exc:  # after exc.delay when it asks for one, else retry_delay; doubling
+        raise kopf.TemporaryError(str(exc), delay=backoff(retry, exc.delay)) from exc
     except DynamicApiError as exc:
         message = f"HTTP {exc.status}: {exc.summary()}"
         if transient(exc):
@@ -72,13 +68,25 @@ def run(call: Callable[[], None], retry: int) -> None:
                                   f"{RESYNC_SECONDS} s)") from exc
 
 
-def run_for_event(call: Callable[[], None]) -> None:
-    """Run a reconcile for a watch event, which kopf never retries: what failed is in the
-    NeuralNetwork's status, and the create/update/timer handlers retry it."""
+def run_for_event(call: Callable[[], None], *, memo: Any, namespace: str | None, network: str | None) -> None:
+    """Run a reconcile for a watch event, which kopf never retries.
+
+    A deferred one (:class:`RetryLater`: a volume still being deleted, ...) runs again on
+    ``memo.later`` (a :class:`~mpnn_operator.retry.Later`), as a full reconcile of
+    ``namespace/network``: nothing but the event would bring it back soon. A failed API call
+    is logged: what failed is in the NeuralNetwork's status, and the create/update/timer
+    handlers retry it.
+    """
     try:
         call()
     except RetryLater as exc:
-        log.info("reconcile deferred: %s", exc)
+        later: Later | None = getattr(memo, "later", None)
+        if later is None or not namespace or not network:
+            log.info("reconcile deferred: %s", exc)
+            return
+        delay = later.defer((namespace, network), lambda: memo.reconciler.reconcile(namespace, network), exc)
+        log.info("reconcile of %s/%s deferred%s: %s", namespace, network,
+                 f" by {delay:g} s" if delay is not None else " (a retry is pending)", exc)
     except DynamicApiError as exc:
         log.warning("reconcile failed (HTTP %s): %s", exc.status, exc.summary())
 
@@ -109,7 +117,10 @@ def delete_network(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PARTITIONS, labels=OURS, registry=registry)
 def partition_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    run_for_event(lambda: memo.reconciler.partition_changed(dict(body), deleted=event.get("type") == "DELETED"))
+    meta = body.get("metadata") or {}
+    network = (body.get("spec") or {}).get("network") or (meta.get("labels") or {}).get(naming.NETWORK)
+    run_for_event(lambda: memo.reconciler.partition_changed(dict(body), deleted=event.get("type") == "DELETED"),
+                  memo=memo, namespace=meta.get("namespace"), network=network)
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels=OURS, registry=registry)
@@ -118,7 +129,9 @@ def statefulset_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
     if not network:
         return
     if event.get("type") == "DELETED":  # recreate it, unless its network is going away too
-        run_for_event(lambda: memo.reconciler.reconcile(body.metadata.namespace, network))
+        namespace = body.metadata.namespace
+        run_for_event(lambda: memo.reconciler.reconcile(namespace, network), memo=memo, namespace=namespace,
+                      network=network)
     else:
         memo.reconciler.refresh_status(body.metadata.namespace, network)
 
@@ -127,9 +140,10 @@ def statefulset_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **
 def claim_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """The NFS claim deleted (made again, with its volume), bound, or lost: reconcile, which
     reports a claim that does not bind."""
-    network = body.metadata.labels.get(naming.NETWORK)
+    network, namespace = body.metadata.labels.get(naming.NETWORK), body.metadata.namespace
     if network:
-        run_for_event(lambda: memo.reconciler.reconcile(body.metadata.namespace, network))
+        run_for_event(lambda: memo.reconciler.reconcile(namespace, network), memo=memo, namespace=namespace,
+                      network=network)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS, registry=registry)

@@ -17,9 +17,15 @@ from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 from .naming import FIELD_MANAGER
 
+__all__ = ["Kube"]
+
 
 class Kube:
-    """Get, list, apply, create, delete and patch status of objects given as plain dicts."""
+    """Get, list, apply, create, delete and patch status of objects given as plain dicts.
+
+    An object's type is ``(api_version, kind)``, given first; which object (``name``,
+    ``namespace``: None for cluster-scoped) is given by keyword.
+    """
 
     def __init__(self, api_client: k8s_client.ApiClient | None = None):
         if api_client is None:
@@ -37,14 +43,15 @@ class Kube:
                 self._resources[key] = self._dyn.resources.get(api_version=api_version, kind=kind)
             return self._resources[key]
 
-    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    def get(self, api_version: str, kind: str, *, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         """The object, or None if it does not exist."""
         try:
             return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
         except NotFoundError:
             return None
 
-    def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
+    def list(self, api_version: str, kind: str, *, namespace: str | None, label_selector: str
+             ) -> list[dict[str, Any]]:
         """Objects matching ``label_selector`` (in ``namespace``; cluster-wide for None)."""
         res = self._resource(api_version, kind)
         return res.get(namespace=namespace, label_selector=label_selector).to_dict()["items"]
@@ -65,7 +72,7 @@ class Kube:
         except ConflictError:
             return None
 
-    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None,
+    def delete(self, api_version: str, kind: str, *, name: str, namespace: str | None = None,
                propagation: str = "Background") -> bool:
         """Delete (dependents: ``Background`` or ``Foreground``); False if it was already gone."""
         try:
@@ -75,7 +82,7 @@ class Kube:
         except NotFoundError:
             return False
 
-    def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None,
+    def patch_status(self, api_version: str, kind: str, *, name: str, namespace: str | None,
                      status: Mapping[str, Any]) -> dict[str, Any] | None:
         """JSON-merge-patch ``status`` into the status subresource; None if the object is gone."""
         res = self._resource(api_version, kind)

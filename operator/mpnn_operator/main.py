@@ -18,6 +18,9 @@ from partition_server.api.errors import FieldError
 from . import handlers, naming
 from .kube import Kube
 from .reconcile import Reconciler
+from .retry import Later
+
+__all__ = ["LOG_LEVELS", "main", "settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -56,8 +59,12 @@ def main(args: argparse.Namespace) -> int:
     kopf.configure(debug=level == "debug", log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(level.upper())
     reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt, server_image=args.server_image)
+    later = Later()  # reconciles that watch events deferred (handlers.run_for_event)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
-    kopf.run(registry=handlers.registry, settings=settings(), standalone=True,
-             clusterwide=not args.namespaces, namespaces=args.namespaces or (),
-             liveness_endpoint=liveness, memo=kopf.Memo(reconciler=reconciler))
+    try:
+        kopf.run(registry=handlers.registry, settings=settings(), standalone=True,
+                 clusterwide=not args.namespaces, namespaces=args.namespaces or (),
+                 liveness_endpoint=liveness, memo=kopf.Memo(reconciler=reconciler, later=later))
+    finally:
+        later.cancel()
     return 0

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import hashlib
 
-GROUP = "mpnn.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from partition_server.api.manifest import API_VERSION, RESERVED_NAME_SUFFIX
+
+__all__ = ["API_VERSION", "COMPONENT", "FIELD_MANAGER", "GROUP", "INFERENCE", "LOOKUP", "MANAGED_BY",
+           "MAX_LABEL_VALUE", "NAMESPACE", "NETWORK", "NETWORKS", "PARTITION", "PARTITIONS", "PARTITION_COMPONENT",
+           "POD_INDEX_LABEL", "RUN", "SERVER", "STORAGE", "TRAINING", "children_selector", "claim_name",
+           "inference_service_name", "job_name", "labels", "lookup_name", "partition_name", "pod_name", "selector",
+           "selector_string", "volume_name", "VERSION"]
+
+# The NeuralNetwork API's coordinates are the manifest's (partition_server.api.manifest).
+GROUP, VERSION = API_VERSION.split("/")
 NETWORKS = "neuralnetworks"
 PARTITIONS = "partitions"
 
@@ -70,7 +77,9 @@ def lookup_name(network: str) -> str:
 
 
 def inference_service_name(network: str) -> str:
-    return f"{network}-inference"
+    """``<network>-inference``: the manifest refuses network names with this suffix, so it
+    never names another network's headless Service."""
+    return f"{network}{RESERVED_NAME_SUFFIX}"
 
 
 def job_name(network: str, run_id: str) -> str:

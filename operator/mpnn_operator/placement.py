@@ -19,6 +19,9 @@ from partition_server.api.distributor import (Assignment, DistributionError, Ran
                                           normalize, parse_neuron_ids)
 from partition_server.api.manifest import NeuralNetwork
 
+__all__ = ["MANUAL", "STRATEGY", "Placement", "distribution_hash", "owners_from_partitions", "parse_ranges",
+           "partition_index", "plan"]
+
 STRATEGY, MANUAL = "strategy", "manual"
 
 
@@ -49,6 +52,7 @@ def distribution_hash(net: NeuralNetwork) -> str:
 
 
 def partition_index(obj: Mapping[str, Any]) -> int | None:
+    """A Partition's ``spec.index``, or None unless it is an integer."""
     index = (obj.get("spec") or {}).get("index")
     return index if isinstance(index, int) and not isinstance(index, bool) else None
 

@@ -3,48 +3,41 @@
 Every entry point takes a per-network lock and reads the NeuralNetwork afresh, so
 the kopf handlers (create/update/resume/timer, Partition and StatefulSet events)
 may all call in at any time and in any order: the last call wins with the latest
-state, and a call with nothing to change writes nothing.
+state, and a call with nothing to change writes nothing. No call waits under the lock
+for the cluster to catch up: it raises :class:`~mpnn_operator.retry.RetryLater` and is
+run again (the model volume's part is :mod:`mpnn_operator.volumes`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import threading
-import time
 from collections import defaultdict
 from typing import Any, Callable, Mapping
 
 from kubernetes.dynamic.exceptions import DynamicApiError
 
 from partition_server.api.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
-from partition_server.api.manifest import DEFAULT_IMAGE, ManifestError, NeuralNetwork, parse_neural_network
+from partition_server.api.manifest import DEFAULT_IMAGE, KIND, ManifestError, NeuralNetwork, parse_neural_network
 
 from . import builders, naming
 from .conditions import HEALTHY, Finding, network_status
 from .kube import Kube
 from .placement import Placement, STRATEGY, parse_ranges, partition_index, plan
+from .retry import RetryLater
 from .training import Training
+from .volumes import PVC_KIND, Volumes
+
+__all__ = ["Adopt", "Emit", "Reconciler", "RetryLater", "controlled_by", "manifest_view"]
 
 log = logging.getLogger(__name__)
 
-NN_KIND, PARTITION_KIND = "NeuralNetwork", "Partition"
-PV_KIND, PVC_KIND = "PersistentVolume", "PersistentVolumeClaim"
-# A new claim gets this long to bind before the NeuralNetwork reports it as Degraded.
-CLAIM_BIND_GRACE_SECONDS = 30
-# How long a reconcile waits for a released PersistentVolume to be deleted before re-creating it.
-VOLUME_DELETE_WAIT_SECONDS = 20
+NN_KIND, PARTITION_KIND = KIND, "Partition"
 
 # (object, type "Normal"/"Warning", reason, message)
 Emit = Callable[[Mapping[str, Any], str, str, str], None]
 # Adds the NeuralNetwork as controlling owner of a namespaced child, in place.
 Adopt = Callable[[dict[str, Any], Mapping[str, Any]], None]
-
-
-class RetryLater(Exception):
-    """Raised after the status recorded a problem that may clear without any change to the
-    NeuralNetwork (a name held by an object being garbage-collected, ...): reconcile again soon."""
 
 
 class _Refused(Exception):
@@ -69,15 +62,6 @@ def _held_by(obj: Mapping[str, Any]) -> str:
     return f"is controlled by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
 
 
-def _age_seconds(obj: Mapping[str, Any]) -> float:
-    """Seconds since ``metadata.creationTimestamp`` (0 if unknown)."""
-    stamp = (obj.get("metadata") or {}).get("creationTimestamp")
-    if not stamp:
-        return 0.0
-    created = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-    return (dt.datetime.now(dt.timezone.utc) - created).total_seconds()
-
-
 def manifest_view(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a NeuralNetwork object that :func:`parse_neural_network` reads."""
     meta = body.get("metadata") or {}
@@ -98,14 +82,15 @@ class Reconciler:
             sets no ``spec.server.image`` (``mpnn operator --server-image``).
     """
 
-    def __init__(self, kube: Kube, cluster_domain: str, emit: Emit, adopt: Adopt,
+    def __init__(self, kube: Kube, cluster_domain: str, *, emit: Emit, adopt: Adopt,
                  server_image: str = DEFAULT_IMAGE):
         self.kube = kube
         self.cluster_domain = cluster_domain
         self.emit = emit
         self.adopt = adopt
         self.server_image = server_image
-        self.training = Training(kube, emit, adopt, server_image)
+        self.training = Training(kube, emit=emit, adopt=adopt, server_image=server_image)
+        self.volumes = Volumes(kube, emit=emit, adopt=adopt)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
 
@@ -121,6 +106,9 @@ class Reconciler:
         Raises:
             kubernetes.dynamic.exceptions.DynamicApiError: an API call failed (after
                 recording a Degraded condition for a rejected write); callers retry.
+            RetryLater: something that clears by itself is in the way (a name held by another
+                owner, recorded as Degraded; the model volume still being deleted); callers
+                reconcile again after ``delay``.
         """
         with self._lock(namespace, name):
             body = self._network(namespace, name)
@@ -170,30 +158,26 @@ class Reconciler:
             table = self._lookup_in_force(namespace, network)
             index = partition_index(partition)
             if (table is not None and index is not None and index < table.num_partitions
-                    and builders.partition_ranges(table.owners_by_layer, table.num_partitions)[index]
-                    == list((partition.get("spec") or {}).get("ranges") or [])):
+                    and table.range_texts(index) == list((partition.get("spec") or {}).get("ranges") or [])):
                 return
         self.reconcile(namespace, network)
 
     def cleanup(self, body: Mapping[str, Any]) -> None:
         """On NeuralNetwork deletion: delete its PersistentVolume, which no ownerReference can
         reach (cluster-scoped). Reclaim policy Retain keeps the data on the NFS export."""
-        meta = body["metadata"]
-        selector = f"{naming.children_selector(meta['name'])},{naming.NAMESPACE}={meta['namespace']}"
-        for pv in self.kube.list("v1", "PersistentVolume", None, selector):
-            if self.kube.delete("v1", "PersistentVolume", pv["metadata"]["name"]):
-                log.info("deleted PersistentVolume %s (the NFS data is kept)", pv["metadata"]["name"])
+        self.volumes.cleanup(body)
 
     # -- the reconcile -------------------------------------------------------
 
     def _network(self, namespace: str, name: str) -> dict[str, Any] | None:
-        body = self.kube.get(naming.API_VERSION, NN_KIND, name, namespace)
+        body = self.kube.get(naming.API_VERSION, NN_KIND, name=name, namespace=namespace)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         return body
 
     def _partitions(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        items = self.kube.list(naming.API_VERSION, PARTITION_KIND, namespace, naming.children_selector(name))
+        items = self.kube.list(naming.API_VERSION, PARTITION_KIND, namespace=namespace,
+                               label_selector=naming.children_selector(name))
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
     def _reconcile(self, body: dict[str, Any]) -> None:
@@ -252,20 +236,17 @@ class Reconciler:
         Raises:
             _Refused: before any write: the lookup ConfigMap would exceed the API server's
                 limit, or a child's name is held by an object this NeuralNetwork does not control.
+            RetryLater: the model volume, released by a deleted claim, is still being deleted
+                (before any write but its deletion).
         """
-        pv, pvc = builders.persistent_volume(net), builders.volume_claim(net)
         wanted = builders.partitions(net, placement.assignment) if placement.redistribute else []
         configmap = None
         if placement.assignment is not None:
             table = builders.lookup_table(net, placement.assignment, self.cluster_domain)
             configmap = builders.lookup_configmap(net, table)
             self._check_size(net, configmap)
-        claim = self._check_names(owner, net, [pvc] if pvc is not None else [], wanted)
-        claim_problem = None
-        if pv is not None:
-            claim_problem = self._apply_storage(owner, pv, pvc, claim)
-        else:
-            self._prune_storage(net)
+        claim = self._check_names(owner, net, self.volumes.claims(net), wanted)
+        claim_problem = self.volumes.sync(owner, net, claim)
         self.kube.apply(self._owned(builders.headless_service(net), owner))
         self.kube.apply(self._owned(builders.inference_service(net), owner))
         if configmap is not None:
@@ -278,20 +259,25 @@ class Reconciler:
             keep = {o["metadata"]["name"] for o in wanted}
             for stale in partitions:
                 if stale["metadata"]["name"] not in keep:
-                    self.kube.delete(naming.API_VERSION, PARTITION_KIND, stale["metadata"]["name"], net.namespace)
+                    self.kube.delete(naming.API_VERSION, PARTITION_KIND, name=stale["metadata"]["name"],
+                                     namespace=net.namespace)
             partitions = self._partitions(net.namespace, net.name)
         self.kube.apply(self._owned(builders.statefulset(net, self.server_image), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table, claim_problem
 
     def _check_size(self, net: NeuralNetwork, configmap: Mapping[str, Any]) -> None:
-        """Refuse a lookup ConfigMap the API server would refuse (over 1 MiB of data).
+        """Refuse a lookup ConfigMap the API server would refuse (over 1 MiB of data): the last
+        guard, since the lookup is O(spec + partitions) and gzip-compressed when large.
 
         Raises:
             _Refused: ``LookupTooLarge``, with the sizes and the limit; not retried, since only
                 a change of the NeuralNetwork can change the table.
         """
-        sizes = {key: len(value.encode()) for key, value in configmap["data"].items()}
+        sizes = {key: len(value.encode()) for key, value in (configmap.get("data") or {}).items()}
+        # binaryData counts decoded (the API server's rule): 3 bytes per 4 base64 characters, less padding.
+        sizes.update({key: len(value) // 4 * 3 - value.count("=")
+                      for key, value in (configmap.get("binaryData") or {}).items()})
         total = sum(sizes.values())
         if total <= CONFIGMAP_LIMIT:
             return
@@ -299,9 +285,10 @@ class Reconciler:
         raise _Refused(Finding(True, "LookupTooLarge", (
             f"the lookup ConfigMap {configmap['metadata']['name']} would hold {total} bytes "
             f"({', '.join(f'{k} {v}' for k, v in sorted(sizes.items()))}), over the ConfigMap limit of "
-            f"{CONFIGMAP_LIMIT} bytes: {net.partitions} partitions of {len(net.model.layers)} layers under strategy "
-            f"{net.distribution.strategy} make too many ranges (balanced cuts every layer into one range per "
-            "partition; count, percentage and layers make far fewer). Nothing was applied: "
+            f"{CONFIGMAP_LIMIT} bytes even with the table gzip-compressed: the assignment of {net.partitions} "
+            f"partitions over {len(net.model.layers)} layers (strategy {net.distribution.strategy}, placement "
+            "from the Partitions when edited by hand) has too many distinct runs; a shorter "
+            "spec.distribution.ids list or less fragmented Partition ranges make it fit. Nothing was applied: "
             + (f"lookup table {kept.version} stays in force" if kept else "no lookup table is published"))))
 
     def _check_names(self, owner: Mapping[str, Any], net: NeuralNetwork, claims: list[dict[str, Any]],
@@ -319,10 +306,11 @@ class Reconciler:
         singles = [("v1", "Service", net.name), ("v1", "Service", naming.inference_service_name(net.name)),
                    ("v1", "ConfigMap", naming.lookup_name(net.name)), ("apps/v1", "StatefulSet", net.name),
                    *(("v1", PVC_KIND, c["metadata"]["name"]) for c in claims)]
-        existing = [(kind, self.kube.get(api, kind, name, ns)) for api, kind, name in singles]
+        existing = [(kind, self.kube.get(api, kind, name=name, namespace=ns)) for api, kind, name in singles]
         if partitions:  # one list rather than a get per Partition
             names = {p["metadata"]["name"] for p in partitions}
-            existing += [(PARTITION_KIND, p) for p in self.kube.list(naming.API_VERSION, PARTITION_KIND, ns, "")
+            existing += [(PARTITION_KIND, p)
+                         for p in self.kube.list(naming.API_VERSION, PARTITION_KIND, namespace=ns, label_selector="")
                          if p["metadata"]["name"] in names]
         taken = [f"{kind} {obj['metadata']['name']} {_held_by(obj)}" for kind, obj in existing
                  if obj is not None and not controlled_by(obj, uid)]
@@ -333,75 +321,15 @@ class Reconciler:
                 "or rename them, and the operator retries")), retry=True)
         return next((obj for kind, obj in existing if kind == PVC_KIND), None)
 
-    def _apply_storage(self, owner: Mapping[str, Any], pv: dict[str, Any], pvc: dict[str, Any],
-                       claim: Mapping[str, Any] | None) -> str | None:
-        """Apply the NFS volume and its claim; returns what keeps the claim from being bound.
-
-        A claim deleted by hand leaves the volume ``Released`` (reclaim policy Retain), its
-        ``claimRef`` naming the old claim's uid, where no new claim can bind it: such a volume
-        is deleted and made again (the data on the export stays; the deletion completes once
-        the volume is no longer Bound). A new volume is created bound in advance to
-        ``<name>-model`` (``claimRef`` without uid), so no other claim can take it; created
-        rather than applied, so that later applies (which leave the ``claimRef`` out) never
-        own, and so never change, the binding.
-        """
-        name, claim_name = pv["metadata"]["name"], pvc["metadata"]["name"]
-        selector = (f"{naming.children_selector(owner['metadata']['name'])},"
-                    f"{naming.NAMESPACE}={pvc['metadata']['namespace']}")
-        current = next((v for v in self.kube.list("v1", PV_KIND, None, selector) if v["metadata"]["name"] == name),
-                       None)
-        bound_to = ((current or {}).get("spec") or {}).get("claimRef") or {}
-        # Bound (or released) to a claim of our claim's name that no longer exists: the
-        # volume shows Released once the PersistentVolume controller has noticed.
-        if ((bound_to.get("namespace"), bound_to.get("name")) == (pvc["metadata"]["namespace"], claim_name)
-                and bound_to.get("uid") not in (None, ((claim or {}).get("metadata") or {}).get("uid"))):
-            self.kube.delete("v1", PV_KIND, name)
-            if not self._gone("v1", PV_KIND, name, selector):
-                raise RetryLater(f"PersistentVolume {name} (released by a deleted claim) is still being deleted")
-            self.emit(owner, "Normal", "VolumeRecreated", (
-                f"PersistentVolume {name} was released by the deleted claim {claim_name} (uid {bound_to.get('uid')}), "
-                "so no new claim could bind it: made it again, bound in advance to the new claim (the data on "
-                "the NFS export is kept)"))
-            current = None
-        if current is None:
-            self.kube.create(pv)  # None if made meanwhile: applied like any existing volume
-        # Also right after creating it, so that the next apply is a no-op, like every later one.
-        current = self.kube.apply(builders.without_claim_ref(pv))
-        claim = self.kube.apply(self._owned(pvc, owner))
-        phase = (claim.get("status") or {}).get("phase") or "Pending"
-        if phase == "Bound" or _age_seconds(claim) < CLAIM_BIND_GRACE_SECONDS:
-            return None
-        volume = (current.get("status") or {}).get("phase") or "not yet available"
-        return (f"PersistentVolumeClaim {claim_name} is {phase}, not Bound, {CLAIM_BIND_GRACE_SECONDS} s or more "
-                f"after its creation ({claim['metadata'].get('creationTimestamp')}); its PersistentVolume {name} is "
-                f"{volume}")
-
-    def _gone(self, api_version: str, kind: str, name: str, selector: str) -> bool:
-        """Wait up to :data:`VOLUME_DELETE_WAIT_SECONDS` for a cluster-scoped object to be gone."""
-        deadline = time.monotonic() + VOLUME_DELETE_WAIT_SECONDS
-        while any(o["metadata"]["name"] == name for o in self.kube.list(api_version, kind, None, selector)):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.25)
-        return True
-
-    def _prune_storage(self, net: NeuralNetwork) -> None:
-        """Without ``spec.storage.nfs`` no claim or volume of ours may remain (storage removed)."""
-        selector = f"{naming.children_selector(net.name)},{naming.COMPONENT}={naming.STORAGE}"
-        for pvc in self.kube.list("v1", "PersistentVolumeClaim", net.namespace, selector):
-            self.kube.delete("v1", "PersistentVolumeClaim", pvc["metadata"]["name"], net.namespace)
-        for pv in self.kube.list("v1", "PersistentVolume", None, f"{selector},{naming.NAMESPACE}={net.namespace}"):
-            self.kube.delete("v1", "PersistentVolume", pv["metadata"]["name"])
-
     def _owned(self, obj: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
         self.adopt(obj, owner)
         return obj
 
     def _lookup_in_force(self, namespace: str, network: str) -> LookupTable | None:
-        cm = self.kube.get("v1", "ConfigMap", naming.lookup_name(network), namespace)
+        cm = self.kube.get("v1", "ConfigMap", name=naming.lookup_name(network), namespace=namespace)
         try:
-            return LookupTable.from_dict(json.loads(((cm or {}).get("data") or {})["lookup.json"]))
-        except (KeyError, ValueError, LookupTableError):
+            return LookupTable.from_configmap(cm) if cm is not None else None
+        except LookupTableError:
             return None
 
     def _partition_statuses(self, namespace: str, name: str, net: NeuralNetwork | None,
@@ -412,7 +340,7 @@ class Reconciler:
         spec). A refused write is logged and the others go on: one Partition's status, however
         odd its hand-edited ranges, never fails the reconcile of its network.
         """
-        pods = self.kube.list("v1", "Pod", namespace, naming.selector_string(name))
+        pods = self.kube.list("v1", "Pod", namespace=namespace, label_selector=naming.selector_string(name))
         ready = {p["metadata"]["name"]: any(c.get("type") == "Ready" and c.get("status") == "True"
                                             for c in (p.get("status") or {}).get("conditions") or [])
                  for p in pods}
@@ -429,8 +357,8 @@ class Reconciler:
             current = part.get("status") or {}
             if any(current.get(k) != v for k, v in status.items()):
                 try:
-                    self.kube.patch_status(naming.API_VERSION, PARTITION_KIND, part["metadata"]["name"],
-                                           namespace, status)
+                    self.kube.patch_status(naming.API_VERSION, PARTITION_KIND, name=part["metadata"]["name"],
+                                           namespace=namespace, status=status)
                 except DynamicApiError as exc:
                     log.warning("the status of Partition %s/%s was refused: %s", namespace,
                                 part["metadata"]["name"], exc.summary())
@@ -471,11 +399,12 @@ class Reconciler:
     def _statefulset(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """The network's StatefulSet, if it is this NeuralNetwork's (not one of the same name)."""
         meta = body["metadata"]
-        sts = self.kube.get("apps/v1", "StatefulSet", meta["name"], meta["namespace"])
+        sts = self.kube.get("apps/v1", "StatefulSet", name=meta["name"], namespace=meta["namespace"])
         return sts if controlled_by(sts, meta["uid"]) else None
 
     def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         status = body.get("status") or {}
         if any(status.get(k) != v for k, v in new.items()):
             meta = body["metadata"]
-            self.kube.patch_status(naming.API_VERSION, NN_KIND, meta["name"], meta["namespace"], new)
+            self.kube.patch_status(naming.API_VERSION, NN_KIND, name=meta["name"], namespace=meta["namespace"],
+                                   status=new)

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from typing import Any
 
 import yaml
 
 from partition_server.api.distributor import distribute
-from partition_server.api.manifest import DEFAULT_IMAGE, ManifestError, load_manifest
+from partition_server.api.manifest import DEFAULT_IMAGE, NAMESPACE_RE, ManifestError, load_manifest
 
 from . import builders
 
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+__all__ = ["main", "render", "to_yaml"]
 
 
-def render(manifest: str, cluster_domain: str = "cluster.local", namespace: str | None = None,
+def render(manifest: str, *, cluster_domain: str = "cluster.local", namespace: str | None = None,
            server_image: str | None = None) -> list[dict[str, Any]]:
     """The children of the NeuralNetwork in ``manifest``, in apply order; ``server_image`` stands
     for the operator's ``--server-image`` (default: :data:`DEFAULT_IMAGE`).
@@ -34,11 +33,12 @@ def render(manifest: str, cluster_domain: str = "cluster.local", namespace: str 
     """
     net = load_manifest(manifest)
     if namespace:
-        if not _NAMESPACE.fullmatch(namespace):
+        if not NAMESPACE_RE.fullmatch(namespace):
             raise ManifestError("--namespace", namespace, "must be a DNS-1123 label (lowercase letters, digits, '-')")
         net = dataclasses.replace(net, namespace=namespace)
     assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
-    return builders.children(net, assignment, cluster_domain, server_image or DEFAULT_IMAGE)
+    return builders.children(net, assignment, cluster_domain=cluster_domain,
+                             default_image=server_image or DEFAULT_IMAGE)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -59,5 +59,7 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    sys.stdout.write(to_yaml(render(args.manifest, args.cluster_domain, args.namespace, args.server_image)))
+    """``mpnn render``: the objects as YAML on stdout; returns the exit code."""
+    sys.stdout.write(to_yaml(render(args.manifest, cluster_domain=args.cluster_domain, namespace=args.namespace,
+                                    server_image=args.server_image)))
     return 0

@@ -15,13 +15,16 @@ so a crash between creating the Job and recording it finds the Job again.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from partition_server.api.manifest import DEFAULT_IMAGE, NeuralNetwork
+from partition_server.api.manifest import DEFAULT_IMAGE, KIND, NeuralNetwork
 
 from . import builders, naming
 from .conditions import get_condition, now
 from .kube import Kube
+
+__all__ = ["BLOCKED", "FAILED", "JOB_API", "JOB_KIND", "NO_STORAGE", "PENDING", "RUNNING", "RUN_FIELDS", "STOPPED",
+           "SUCCEEDED", "Training", "UNFINISHED"]
 
 JOB_API, JOB_KIND = "batch/v1", "Job"
 PENDING, BLOCKED, RUNNING, SUCCEEDED, FAILED, STOPPED = ("Pending", "Blocked", "Running", "Succeeded", "Failed",
@@ -51,7 +54,8 @@ class Training:
         server_image: the Job's image unless ``spec.server.image`` is set.
     """
 
-    def __init__(self, kube: Kube, emit, adopt, server_image: str = DEFAULT_IMAGE):
+    def __init__(self, kube: Kube, *, emit: Callable[[Mapping[str, Any], str, str, str], None],
+                 adopt: Callable[[dict[str, Any], Mapping[str, Any]], None], server_image: str = DEFAULT_IMAGE):
         self.kube, self.emit, self.adopt, self.server_image = kube, emit, adopt, server_image
 
     def sync(self, body: Mapping[str, Any], net: NeuralNetwork) -> None:
@@ -62,7 +66,8 @@ class Training:
             kubernetes.dynamic.exceptions.DynamicApiError: an API call failed; callers retry.
         """
         current = dict(((body.get("status") or {}).get("training")) or {})
-        jobs = self.kube.list(JOB_API, JOB_KIND, net.namespace, naming.children_selector(net.name))
+        jobs = self.kube.list(JOB_API, JOB_KIND, namespace=net.namespace,
+                              label_selector=naming.children_selector(net.name))
         if net.training is None:
             for job in jobs:
                 self._stop(body, job, "spec.training was removed")
@@ -126,7 +131,7 @@ class Training:
         if current.get("phase") not in (PENDING, BLOCKED):
             return  # the trainer has reported: its pod exists
         account = net.training.service_account_name
-        if self.kube.get("v1", "ServiceAccount", account, net.namespace) is None:
+        if self.kube.get("v1", "ServiceAccount", name=account, namespace=net.namespace) is None:
             self._set(body, current, run, {"phase": BLOCKED, "message": (
                 f"ServiceAccount {account} (spec.training.serviceAccountName) does not exist in namespace "
                 f"{net.namespace}, so Job {name} cannot create its pod: create it and bind the ClusterRole "
@@ -140,7 +145,8 @@ class Training:
         if meta.get("deletionTimestamp"):
             return
         # Foreground: the Job object stays until its pods are gone, so "no Job left" means no trainer left.
-        if self.kube.delete(JOB_API, JOB_KIND, meta["name"], meta["namespace"], propagation="Foreground"):
+        if self.kube.delete(JOB_API, JOB_KIND, name=meta["name"], namespace=meta["namespace"],
+                            propagation="Foreground"):
             run = (meta.get("labels") or {}).get(naming.RUN, "?")
             self.emit(body, "Normal", "TrainingStopped", f"run {run}: Job {meta['name']} deleted ({why})")
 
@@ -158,7 +164,7 @@ class Training:
         if warn and fields.get("message") != current.get("message"):
             self.emit(body, "Warning", "TrainingBlocked", fields["message"])
         meta = body["metadata"]
-        self.kube.patch_status(naming.API_VERSION, "NeuralNetwork", meta["name"], meta["namespace"],
-                               {"training": patch})
+        self.kube.patch_status(naming.API_VERSION, KIND, name=meta["name"], namespace=meta["namespace"],
+                               status={"training": patch})
         merged = {**current, **patch}
         return {k: v for k, v in merged.items() if v is not None}

@@ -84,11 +84,11 @@ def test_a_missing_partition_redistributes():
 
 
 def test_condition_transition_time_moves_only_on_a_status_change():
-    conds = set_condition([], "Ready", False, "A", "a", 1, "t1")
-    conds = set_condition(conds, "Ready", False, "B", "b", 2, "t2")
+    conds = set_condition([], "Ready", status=False, reason="A", message="a", generation=1, timestamp="t1")
+    conds = set_condition(conds, "Ready", status=False, reason="B", message="b", generation=2, timestamp="t2")
     assert conds == [{"type": "Ready", "status": "False", "reason": "B", "message": "b",
                       "lastTransitionTime": "t1", "observedGeneration": 2}]
-    conds = set_condition(conds, "Ready", True, "C", "c", 2, "t3")
+    conds = set_condition(conds, "Ready", status=True, reason="C", message="c", generation=2, timestamp="t3")
     assert conds[0]["lastTransitionTime"] == "t3" and conds[0]["status"] == "True"
 
 

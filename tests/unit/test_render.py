@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -11,10 +12,12 @@ import yaml
 
 from mpnn_operator import builders, naming
 from partition_server import cli
+from mpnn_operator.reconcile import Reconciler
 from mpnn_operator.render import render
-from partition_server.api.distributor import check_coverage, distribute, parse_neuron_ids, Range
+from partition_server.api.distributor import check_coverage, parse_neuron_ids, Range
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import DEFAULT_IMAGE, LayerSpec, ModelSpec, load_manifest, parse_training
+from tests.support.fake_kube import FakeKube
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "examples" / "digits.yaml"
@@ -176,7 +179,7 @@ def test_parameters_count_weights_and_biases():
 def test_cli_render_prints_the_same_objects_as_yaml(capsys):
     assert cli.main(["render", str(DIGITS), "--namespace", "ml", "--cluster-domain", "example.org"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert docs == render(str(DIGITS), "example.org", "ml")
+    assert docs == render(str(DIGITS), cluster_domain="example.org", namespace="ml")
     table = LookupTable.from_dict(json.loads(_by_kind(docs)["ConfigMap"][0]["data"]["lookup.json"]))
     assert table.addresses[0] == "digits-0.digits.ml.svc.example.org:50051"
 
@@ -196,10 +199,48 @@ def test_cli_render_rejects_an_invalid_manifest(tmp_path, capsys):
     assert "spec.distribution.percentages" in err
 
 
-def test_same_builders_serve_render_and_operator():
-    net = load_manifest(DIGITS)
-    assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
-    assert builders.children(net, assignment) == render(str(DIGITS))
+def test_render_prints_what_the_operator_applies(tmp_path):
+    """For one manifest (NFS storage and training, so every kind of child), the objects the
+    reconciler sends to the API server, in the order it sends them, are those ``mpnn render``
+    prints, but for the owner reference to the NeuralNetwork that only the operator can add."""
+    path = _trained(tmp_path, runId="run-7")
+    doc = yaml.safe_load(path.read_text())
+    kube = FakeKube()
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "mpnn-trainer", "namespace": "ns"}})
+    kube.create_network(doc)
+    kube.sent.clear()
+    events = []
+    reconciler = Reconciler(kube, "example.org", emit=lambda *event: events.append(event), adopt=_adopt,
+                            server_image="registry.example.com/mpnn:7")
+    reconciler.reconcile("ns", "digits")
+    assert not [e for e in events if e[1] == "Warning"], events
+    applied, owners = [], []
+    for obj in kube.sent:
+        obj = copy.deepcopy(obj)
+        owners.append((obj["kind"], obj["metadata"].pop("ownerReferences", None)))
+        if not applied or (obj["kind"], obj["metadata"]["name"]) != (applied[-1]["kind"],
+                                                                     applied[-1]["metadata"]["name"]):
+            applied.append(obj)  # the volume is created, then applied without its claimRef: keep the first
+    rendered = render(str(path), cluster_domain="example.org", namespace="ns",
+                      server_image="registry.example.com/mpnn:7")
+    assert [(o["kind"], o["metadata"]["name"]) for o in applied] == \
+        [(o["kind"], o["metadata"]["name"]) for o in rendered]
+    assert applied == rendered
+    nn = kube.get(naming.API_VERSION, "NeuralNetwork", name="digits", namespace="ns")
+    for kind, refs in owners:
+        if kind == "PersistentVolume":  # cluster-scoped: no owner in a namespace can own it
+            assert refs is None
+        else:
+            assert refs == [_owner_ref(nn)], kind
+
+
+def _owner_ref(owner: dict) -> dict:
+    return {"apiVersion": naming.API_VERSION, "kind": "NeuralNetwork", "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def _adopt(child: dict, owner: dict) -> None:
+    child["metadata"]["ownerReferences"] = [_owner_ref(owner)]
 
 
 def test_inference_service_exposes_both_protocols_of_the_servers(tmp_path):

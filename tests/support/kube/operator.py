@@ -162,7 +162,7 @@ def condition(obj: dict, type_: str) -> dict:
 
 def lookup(kubectl, ns: str) -> LookupTable:
     cm = kubectl.json("get", "configmap", "digits-lookup", namespace=ns)
-    return LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
+    return LookupTable.from_configmap(cm)  # data["lookup.json"], or binaryData["lookup.json.gz"] when large
 
 
 def partitions(kubectl, ns: str) -> list[dict]:

@@ -43,6 +43,7 @@ clean:
 
 include mk/cluster.mk
 include mk/install.mk
+include mk/node.mk
 
 # The control plane's scripts run on the project's Python.
 cluster cluster-down cluster-status: install

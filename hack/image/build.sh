@@ -55,7 +55,7 @@ KEY=$( {
 OUT="$IMAGE_CACHE/mpnn-$KEY.oci.tar"
 if (( PRINT_PATH )); then echo "$OUT"; exit 0; fi
 
-mkdir -p "$IMAGE_CACHE/base"
+mkdir -p "$IMAGE_CACHE/base" "$IMAGE_CACHE/pip"
 exec 9>"$IMAGE_CACHE/.lock"
 flock 9
 if [[ -f $OUT ]]; then
@@ -93,20 +93,22 @@ CA=""
 if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then
   cp /etc/ssl/certs/ca-certificates.crt "$R/tmp/ca.crt"; CA=/tmp/ca.crt
 fi
+# pip's download cache persists in $IMAGE_CACHE/pip (wheels only; the image gets none of it).
 # Mounts live in a private mount namespace: they vanish with it, whatever happens.
 nice -n 19 unshare --mount --propagation private --fork bash -euo pipefail -c '
   R=$1 CA=$2
   mount -t proc proc "$R/proc"
   mount --bind /dev "$R/dev"
+  mkdir -p "$R/root/.cache/pip" && mount --bind "$3" "$R/root/.cache/pip"
   env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-      PIP_NO_CACHE_DIR=1 ${CA:+PIP_CERT=$CA} chroot "$R" /bin/sh -euc "
+      ${CA:+PIP_CERT=$CA} chroot "$R" /bin/sh -euc "
     python3 -m venv /opt/mpnn
     /opt/mpnn/bin/pip install --quiet --no-compile \"/src[operator]\"
     /opt/mpnn/bin/mpnn --help >/dev/null
     groupadd --system --gid 65532 mpnn
     useradd --system --uid 65532 --gid 65532 --home-dir /home/mpnn --create-home --shell /usr/sbin/nologin mpnn
   "
-' _ "$R" "$CA" > "$TMP/install.log" 2>&1 || { tail -40 "$TMP/install.log" >&2; exit 1; }
+' _ "$R" "$CA" "$IMAGE_CACHE/pip" > "$TMP/install.log" 2>&1 || { tail -40 "$TMP/install.log" >&2; exit 1; }
 rm -rf "$R/src" "$R/root/.cache" "$R/tmp/"* "$R/var/log/"* "$R/var/cache/ldconfig/aux-cache" \
        "$R/usr/share/doc/"* "$R/usr/share/man/"* "$R/usr/share/info/"*
 find "$R/opt/mpnn" -name __pycache__ -prune -exec rm -rf {} +
@@ -117,7 +119,7 @@ log "project installed in $((SECONDS - start))s (python $PYVER)"
 
 start=$SECONDS
 nice -n 19 python3 "$HERE/oci.py" "$R" "$TMP/image.tar" --name "$IMAGE_NAME" \
-  --entrypoint mpnn --cmd --help --user 65532:65532 --workdir /home/mpnn \
+  --entrypoint mpnn --cmd=--help --user 65532:65532 --workdir /home/mpnn \
   --env PATH=/opt/mpnn/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --env PYTHONUNBUFFERED=1 --env PYTHONDONTWRITEBYTECODE=1 \
   --label org.opencontainers.image.title=mpnn --label org.opencontainers.image.version="$VERSION" \

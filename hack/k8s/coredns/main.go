@@ -7,17 +7,17 @@ import (
 	"github.com/coredns/coredns/core/dnsserver"
 	"github.com/coredns/coredns/coremain"
 
+	_ "github.com/coredns/coredns/plugin/bind"
 	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/health"
 	_ "github.com/coredns/coredns/plugin/kubernetes"
 	_ "github.com/coredns/coredns/plugin/log"
-	_ "github.com/coredns/coredns/plugin/loop"
 	_ "github.com/coredns/coredns/plugin/ready"
 )
 
 // The order plugins run in (a subset of CoreDNS's plugin.cfg, in its order).
-var directives = []string{"errors", "log", "health", "ready", "kubernetes", "cache", "loop"}
+var directives = []string{"bind", "errors", "log", "health", "ready", "cache", "kubernetes"}
 
 func init() { dnsserver.Directives = directives }
 

@@ -219,13 +219,14 @@ class RealNode:
 
     # -- start (after the control plane is up)
     def start(self, deadline: float, die_with_parent: bool) -> None:
+        from .cluster import _new_cert, free_ports, kubeconfig_text
+
         c = self.c
         ports = dict(zip(("kubelet-healthz", "proxy-healthz", "proxy-metrics", "dns-health", "dns-ready"),
                          free_ports(5)))
         c.ports.update(ports)
         c._write_info()
         pki = c.pki
-        from .cluster import _new_cert, free_ports, kubeconfig_text
 
         _new_cert(pki, "kubelet", f"/O=system:nodes/CN=system:node:{NODE_NAME}", "client")
         _new_cert(pki, "kube-proxy", "/CN=system:kube-proxy", "client")

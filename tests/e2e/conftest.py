@@ -47,6 +47,10 @@ def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
 
 @pytest.fixture(scope="session")
 def real_cluster(k8s_bin_dir: Path) -> Iterator[kube_cluster.Cluster]:
+    external = os.environ.get("MPNN_E2E_CLUSTER")  # the state dir of `make cluster NODE=real`
+    if external:
+        yield kube_cluster.Cluster.load(external)
+        return
     reason = kube_node.unavailable()
     if reason:
         _unavailable(reason)

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/mpnn run examples/digits.yaml
 
-test: install k8s-binaries
+test: install k8s-binaries e2e-prereqs
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # Data-plane tests only: no control plane needed.

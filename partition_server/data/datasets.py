@@ -352,7 +352,11 @@ def load_mnist_idx(
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise DatasetError(f"MNIST directory {directory} does not exist")
+        raise DatasetError(
+            f"MNIST directory {directory} does not exist. Point at a directory holding the four "
+            "IDX files (train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte, optionally .gz): "
+            "`mpnn run MANIFEST --data DIR`, or spec.training.dataset.path; to fetch them, "
+            "python -c 'from partition_server.data.datasets import download_mnist; download_mnist(\"DIR\")'")
     train_images = _find(directory, "train-images-idx3-ubyte")
     train_labels = _find(directory, "train-labels-idx1-ubyte")
     test_images = _find(directory, "t10k-images-idx3-ubyte")

@@ -19,7 +19,7 @@ demo: install
 	$(VENV)/bin/mpnn run examples/digits.yaml
 
 # lint-imports first: the layer contracts in pyproject.toml ([tool.importlinter]).
-test: install k8s-binaries
+test: install k8s-binaries e2e-prereqs
 	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
@@ -46,6 +46,7 @@ clean:
 
 include mk/cluster.mk
 include mk/install.mk
+include mk/node.mk
 
 # The control plane's scripts run on the project's Python.
 cluster cluster-down cluster-status: install

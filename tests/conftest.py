@@ -69,6 +69,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "k8s: needs the local Kubernetes control plane (tests/support/kube); skipped when its "
         "binaries are unavailable (failed instead when CI=true)",
     )
+    config.addinivalue_line(
+        "markers",
+        "e2e: the user story on a real node (tests/e2e; root, cgroups, overlayfs); skipped with the "
+        "reason where those are missing (failed instead when CI=true)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -6,6 +6,12 @@
 #   etcd                                                     go.etcd.io/etcd     (hack/k8s/etcd)
 #   kwok                                                     sigs.k8s.io/kwok    (hack/k8s/kwok)
 #
+# With --node, also the binaries of the local real node (docs/local-control-plane.md):
+#
+#   kubelet, kube-proxy   k8s.io/kubernetes, same version and replace block   (hack/k8s/node)
+#   coredns               github.com/coredns/coredns, a minimal plugin set     (hack/k8s/coredns)
+#   pause                 the pods' sandbox process, a few lines of Go         (hack/k8s/pause)
+#
 # Versions are pinned by the go.mod/go.sum files next to this script. The
 # binaries land in $K8S_CACHE/<key>/ (key = pinned versions) and
 # $K8S_CACHE/current points at that directory. Every binary has a stamp
@@ -13,8 +19,9 @@
 # only when it is missing, its stamp differs, or it does not report the
 # expected version, so a second run is a no-op.
 #
-# Usage: hack/k8s/build.sh [--force] [--print-dir]
+# Usage: hack/k8s/build.sh [--force] [--print-dir] [--node]
 #   --force      rebuild everything
+#   --node       also build the real node's binaries (kubelet, kube-proxy, coredns, pause)
 #   --print-dir  only print the directory the pinned binaries live in
 # Env:   K8S_CACHE (default: .cache/k8s; relative paths are relative to the
 #        repository root), GO (default: go).
@@ -28,11 +35,13 @@ GO=${GO:-go}
 
 FORCE=0
 PRINT_DIR=0
+NODE=0
 for arg in "$@"; do
   case $arg in
     --force) FORCE=1 ;;
     --print-dir) PRINT_DIR=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --node) NODE=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -49,12 +58,17 @@ KUBE_VERSION=$(modver "$HERE/kube/go.mod" k8s.io/kubernetes)
 KUBECTL_VERSION=$(modver "$HERE/kube/go.mod" k8s.io/kubectl)
 ETCD_VERSION=$(modver "$HERE/etcd/go.mod" go.etcd.io/etcd/server/v3)
 KWOK_VERSION=$(modver "$HERE/kwok/go.mod" sigs.k8s.io/kwok)
-for v in KUBE_VERSION KUBECTL_VERSION ETCD_VERSION KWOK_VERSION; do
+NODE_KUBE_VERSION=$(modver "$HERE/node/go.mod" k8s.io/kubernetes)
+COREDNS_VERSION=$(modver "$HERE/coredns/go.mod" github.com/coredns/coredns)
+for v in KUBE_VERSION KUBECTL_VERSION ETCD_VERSION KWOK_VERSION NODE_KUBE_VERSION COREDNS_VERSION; do
   [[ -n ${!v} ]] || { log "cannot read $v from go.mod"; exit 1; }
 done
 # kubectl v0.X.Y belongs to Kubernetes v1.X.Y.
 if [[ ${KUBECTL_VERSION#v0.} != "${KUBE_VERSION#v1.}" ]]; then
   log "k8s.io/kubectl $KUBECTL_VERSION does not match k8s.io/kubernetes $KUBE_VERSION"; exit 1
+fi
+if [[ $NODE_KUBE_VERSION != "$KUBE_VERSION" ]]; then
+  log "hack/k8s/node pins k8s.io/kubernetes $NODE_KUBE_VERSION, hack/k8s/kube $KUBE_VERSION"; exit 1
 fi
 
 KEY="${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}"
@@ -69,7 +83,9 @@ srchash() { # <module dir>
 # Expected version string in each binary's version output.
 expected_version() {
   case $1 in
-    kube-apiserver|kube-controller-manager|kube-scheduler) echo "Kubernetes $KUBE_VERSION" ;;
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kube-proxy) echo "Kubernetes $KUBE_VERSION" ;;
+    coredns) echo "CoreDNS-${COREDNS_VERSION#v}" ;;
+    pause) echo "pause" ;;
     kubectl) echo "Client Version: $KUBE_VERSION" ;;
     etcd) echo "etcd Version: ${ETCD_VERSION#v}" ;;
     kwok) echo "$KWOK_VERSION" ;;
@@ -78,6 +94,8 @@ expected_version() {
 version_cmd() {
   case $1 in
     kubectl) "$DEST/kubectl" version --client 2>/dev/null ;;
+    coredns) "$DEST/coredns" -version 2>/dev/null ;;
+    pause) [[ -x $DEST/pause ]] && echo pause ;;
     *) "$DEST/$1" --version 2>/dev/null ;;
   esac
 }
@@ -87,6 +105,9 @@ stamp_for() { # <bin>
       echo "k8s.io/kubernetes@$KUBE_VERSION k8s.io/kubectl@$KUBECTL_VERSION $(srchash "$HERE/kube")" ;;
     etcd) echo "go.etcd.io/etcd/server/v3@$ETCD_VERSION $(srchash "$HERE/etcd")" ;;
     kwok) echo "sigs.k8s.io/kwok@$KWOK_VERSION $(srchash "$HERE/kwok")" ;;
+    kubelet|kube-proxy) echo "k8s.io/kubernetes@$KUBE_VERSION $(srchash "$HERE/node")" ;;
+    coredns) echo "github.com/coredns/coredns@$COREDNS_VERSION $(srchash "$HERE/coredns")" ;;
+    pause) echo "pause $(srchash "$HERE/pause")" ;;
   esac
 }
 up_to_date() { # <bin>
@@ -110,6 +131,7 @@ set_current() {
 }
 
 ALL=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
+if (( NODE )); then ALL+=(kubelet kube-proxy coredns pause); fi
 TODO=()
 for bin in "${ALL[@]}"; do
   if (( FORCE )) || ! up_to_date "$bin"; then TODO+=("$bin"); fi
@@ -128,18 +150,22 @@ BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 TMP=$(mktemp -d "$K8S_CACHE/.build.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 
-want() { local b; for b in "$@"; do [[ " ${TODO[*]} " == *" $b "* ]] && return 0; done; return 1; }
-
-# k8s.io/kubernetes + kubectl: one `go build` shares the common packages.
-if want kube-apiserver kube-controller-manager kube-scheduler kubectl; then
-  ver=${KUBE_VERSION#v}; major=${ver%%.*}; minor=${ver#*.}; minor=${minor%%.*}
-  ldflags="-s -w"
+kube_ldflags() {
+  local ver=${KUBE_VERSION#v} major minor pkg ldflags="-s -w"
+  major=${ver%%.*}; minor=${ver#*.}; minor=${minor%%.*}
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$BUILD_DATE"
   done
+  echo "$ldflags"
+}
+
+want() { local b; for b in "$@"; do [[ " ${TODO[*]} " == *" $b "* ]] && return 0; done; return 1; }
+
+# k8s.io/kubernetes + kubectl: one `go build` shares the common packages.
+if want kube-apiserver kube-controller-manager kube-scheduler kubectl; then
   start=$SECONDS
-  (cd "$HERE/kube" && "$GO" build -ldflags "$ldflags" -o "$TMP/" \
+  (cd "$HERE/kube" && "$GO" build -ldflags "$(kube_ldflags)" -o "$TMP/" \
       k8s.io/kubernetes/cmd/kube-apiserver \
       k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler \
@@ -164,6 +190,28 @@ if want kwok; then
       -o "$TMP/kwok" sigs.k8s.io/kwok/cmd/kwok)
   log "kwok $KWOK_VERSION built in $((SECONDS - start))s"
   mv -f "$TMP/kwok" "$DEST/kwok"; stamp_for kwok > "$DEST/.stamps/kwok"
+fi
+
+if want kubelet kube-proxy; then
+  start=$SECONDS
+  (cd "$HERE/node" && "$GO" build -ldflags "$(kube_ldflags)" -o "$TMP/" \
+      k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
+  log "kubelet, kube-proxy $KUBE_VERSION built in $((SECONDS - start))s"
+  for b in kubelet kube-proxy; do
+    mv -f "$TMP/$b" "$DEST/$b"; stamp_for "$b" > "$DEST/.stamps/$b"
+  done
+fi
+
+if want coredns; then
+  start=$SECONDS
+  (cd "$HERE/coredns" && "$GO" build -ldflags "-s -w" -o "$TMP/coredns" .)
+  log "coredns $COREDNS_VERSION built in $((SECONDS - start))s"
+  mv -f "$TMP/coredns" "$DEST/coredns"; stamp_for coredns > "$DEST/.stamps/coredns"
+fi
+
+if want pause; then
+  (cd "$HERE/pause" && "$GO" build -ldflags "-s -w" -o "$TMP/pause" .)
+  mv -f "$TMP/pause" "$DEST/pause"; stamp_for pause > "$DEST/.stamps/pause"
 fi
 
 for bin in "${ALL[@]}"; do

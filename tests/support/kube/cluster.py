@@ -61,6 +61,7 @@ POD_CIDR = "10.244.0.0/16"
 NODE_IP = "10.240.0.1"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 CLUSTER_NAME = "mpnn-local"
+REAL_NODE_IP = "10.244.0.1"  # tests/support/kube/node.py: the bridge's address
 
 T = TypeVar("T")
 
@@ -173,6 +174,7 @@ DNS.4 = kubernetes.default.svc
 DNS.5 = kubernetes.default.svc.cluster.local
 IP.1 = 127.0.0.1
 IP.2 = {service_ip}
+IP.3 = {node_ip}
 """
 
 
@@ -203,7 +205,7 @@ def _new_cert(pki: Path, name: str, subject: str, ext: str, ca: str = "ca") -> N
 def make_pki(pki: Path) -> None:
     """CA, apiserver serving cert, client certs, service-account key pair."""
     pki.mkdir(parents=True, exist_ok=True)
-    (pki / "openssl.cnf").write_text(_OPENSSL_CNF.format(service_ip=SERVICE_IP))
+    (pki / "openssl.cnf").write_text(_OPENSSL_CNF.format(service_ip=SERVICE_IP, node_ip=REAL_NODE_IP))
     _new_key(pki, "ca")
     _openssl("req", "-x509", "-new", "-config", "openssl.cnf", "-key", "ca.key",
              "-subj", f"/CN={CLUSTER_NAME}-ca", "-days", "3650", "-sha256",
@@ -213,6 +215,8 @@ def make_pki(pki: Path) -> None:
     _new_cert(pki, "controller-manager", "/CN=system:kube-controller-manager", "client")
     _new_cert(pki, "scheduler", "/CN=system:kube-scheduler", "client")
     _new_cert(pki, "kwok", "/O=system:masters/CN=kwok-controller", "client")
+    # The API server's client certificate towards kubelets (logs, exec, port-forward).
+    _new_cert(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", "client")
     # Front proxy (request-header authentication for the aggregation layer;
     # also read by the controller manager's and scheduler's delegated authn).
     _new_key(pki, "front-proxy-ca")
@@ -293,8 +297,16 @@ class Cluster:
     """One local control plane rooted at ``state_dir``."""
 
     def __init__(self, state_dir: str | os.PathLike, bin_dir: str | os.PathLike | None = None,
-                 nodes: int = 2, log: Callable[[str], None] | None = None):
+                 nodes: int = 2, log: Callable[[str], None] | None = None,
+                 real_node: bool = False, images: list[str] | tuple[str, ...] = ()):
         self.state_dir = Path(state_dir).resolve()
+        self.real_node = real_node
+        self.images = [str(Path(i).resolve()) for i in images]
+        self.node = None
+        if real_node:
+            from .node import RealNode
+
+            self.node = RealNode(self)
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else None
         self.nodes = nodes
         self.ports: dict[str, int] = {}
@@ -313,8 +325,21 @@ class Cluster:
         return self.state_dir / "pki"
 
     @property
+    def host(self) -> str:
+        """The API server's address: loopback, or the real node's bridge address (pods reach it)."""
+        return REAL_NODE_IP if self.real_node else "127.0.0.1"
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.host}:{self.ports['apiserver']}"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        if self.real_node:
+            from .node import NODE_COMPONENTS
+
+            return COMPONENTS + NODE_COMPONENTS
+        return COMPONENTS
 
     @property
     def kubectl_path(self) -> Path:
@@ -331,7 +356,8 @@ class Cluster:
     @classmethod
     def start(cls, state_dir: str | os.PathLike, bin_dir: str | os.PathLike | None = None,
               nodes: int = 2, timeout: float = 240.0, die_with_parent: bool = False,
-              log: Callable[[str], None] | None = None) -> "Cluster":
+              log: Callable[[str], None] | None = None, real_node: bool = False,
+              images: list[str] | tuple[str, ...] = ()) -> "Cluster":
         """Start a fresh control plane and wait until it is usable.
 
         ``state_dir`` must not hold a running cluster (it is wiped). With
@@ -340,15 +366,16 @@ class Cluster:
         On failure everything started is stopped again and ClusterError
         carries the failing component's log tail.
         """
-        c = cls(state_dir, bin_dir or default_bin_dir(), nodes=nodes, log=log)
+        c = cls(state_dir, bin_dir or default_bin_dir(), nodes=nodes, log=log, real_node=real_node,
+                images=images)
         c._start(timeout, die_with_parent)
         return c
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike) -> "Cluster":
         """A handle on a cluster started earlier (e.g. by ``make cluster``)."""
-        c = cls(state_dir)
-        info = json.loads((c.state_dir / "cluster.json").read_text())
+        info = json.loads((Path(state_dir) / "cluster.json").read_text())
+        c = cls(state_dir, real_node=info.get("real_node", False), images=info.get("images", []))
         c.bin_dir = Path(info["bin_dir"])
         c.ports = info["ports"]
         c.nodes = info.get("nodes", 2)
@@ -356,7 +383,7 @@ class Cluster:
 
     def pids(self) -> dict[str, int]:
         out = {}
-        for comp in COMPONENTS:
+        for comp in self.components:
             try:
                 out[comp] = int(self.pid_path(comp).read_text().strip())
             except (OSError, ValueError):
@@ -387,6 +414,10 @@ class Cluster:
         deadline = t0 + timeout
         assert self.bin_dir is not None
         missing = missing_binaries(self.bin_dir)
+        if self.real_node:
+            from .node import NODE_BINARIES
+
+            missing += [b for b in NODE_BINARIES if not os.access(self.bin_dir / b, os.X_OK)]
         if missing:
             raise ClusterError(
                 f"missing binaries in {self.bin_dir}: {', '.join(missing)} (run `make k8s-binaries`)")
@@ -399,6 +430,8 @@ class Cluster:
         os.chmod(self.state_dir, 0o700)
         os.chmod(self.state_dir / "etcd", 0o700)
         try:
+            if self.node is not None:
+                self.node.prepare_host()
             make_pki(self.pki)
             names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"]
             self.ports = dict(zip(names, free_ports(len(names))))
@@ -425,6 +458,8 @@ class Cluster:
                        lambda: self._healthz(self.ports["controller-manager"]), deadline, 90)
             self._wait("kube-scheduler", lambda: self._healthz(self.ports["scheduler"]), deadline, 90)
             self._wait("kwok", self._nodes_ready, deadline, 90, what="kwok nodes Ready")
+            if self.node is not None:
+                self.node.start(deadline, die_with_parent)
             # The serviceaccount controller works (pods can be created in "default").
             self._wait("kube-controller-manager",
                        lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
@@ -439,39 +474,54 @@ class Cluster:
         self.startup_seconds = time.monotonic() - t0
         self._write_info()
         self._log(f"control plane ready in {self.startup_seconds:.1f}s: {self.server} "
-                  f"({self.nodes} kwok nodes), kubeconfig {self.kubeconfig}")
+                  f"({self.nodes} kwok nodes{', a real node' if self.real_node else ''}), "
+                  f"kubeconfig {self.kubeconfig}")
 
-    def stop(self, remove_state: bool = True, grace: float = 15.0) -> None:
+    def stop(self, remove_state: bool = True, grace: float = 15.0) -> list[str]:
         """Stop every component recorded in the pid files (reverse start
-        order; SIGTERM, then SIGKILL after ``grace`` seconds) and, by
-        default, remove the state directory."""
-        pids = self.pids()
+        order; SIGTERM, then SIGKILL after ``grace`` seconds), undo the real
+        node's host changes and, by default, remove the state directory.
+        Returns what the real node could not undo (empty: nothing left)."""
+        errors: list[str] = []
+        if self.node is not None:
+            self.node.stop_workloads()
         for comp in reversed(COMPONENTS):
-            pid = pids.get(comp)
-            if pid is None:
-                continue
-            proc = self._procs.get(comp)
-            if self._owns(pid):
-                self._signal(pid, signal.SIGTERM)
-                end = time.monotonic() + grace
-                while time.monotonic() < end and self._owns(pid):
-                    if proc is not None and proc.poll() is not None:
-                        break
-                    time.sleep(0.1)
-                if self._owns(pid):
-                    self._log(f"{comp} (pid {pid}) ignored SIGTERM; killing")
-                    self._signal(pid, signal.SIGKILL)
-                    wait_for(lambda: not self._owns(pid), timeout=10, interval=0.1,
-                             message=f"{comp} (pid {pid}) to exit")
-            if proc is not None:
-                try:
-                    proc.wait(timeout=5)  # reap our child
-                except subprocess.TimeoutExpired:
-                    pass
-            self.pid_path(comp).unlink(missing_ok=True)
+            self._stop_component(comp, grace)
         self._procs.clear()
+        if self.node is not None:
+            errors = self.node.restore_host()
+            errors += self.node.leftovers()
         if remove_state and self.state_dir.exists():
+            if self.node is not None:
+                left = self.node.leftovers()
+                if left:  # never rm -rf through a live mount
+                    return errors + left
             shutil.rmtree(self.state_dir, ignore_errors=True)
+        return errors
+
+    def _stop_component(self, comp: str, grace: float) -> None:
+        pid = self.pids().get(comp)
+        if pid is None:
+            return
+        proc = self._procs.get(comp)
+        if self._owns(pid):
+            self._signal(pid, signal.SIGTERM)
+            end = time.monotonic() + grace
+            while time.monotonic() < end and self._owns(pid):
+                if proc is not None and proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            if self._owns(pid):
+                self._log(f"{comp} (pid {pid}) ignored SIGTERM; killing")
+                self._signal(pid, signal.SIGKILL)
+                wait_for(lambda: not self._owns(pid), timeout=10, interval=0.1,
+                         message=f"{comp} (pid {pid}) to exit")
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)  # reap our child
+            except subprocess.TimeoutExpired:
+                pass
+        self.pid_path(comp).unlink(missing_ok=True)
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -492,17 +542,19 @@ class Cluster:
             "server": self.server if self.ports else None,
             "kubeconfig": str(self.kubeconfig),
             "startup_seconds": self.startup_seconds,
+            "real_node": self.real_node,
+            "images": self.images,
         }
         (self.state_dir / "cluster.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    def _spawn(self, comp: str, args: list[str], tie_to_parent: bool) -> None:
+    def _spawn(self, comp: str, args: list[str], tie_to_parent: bool, binary: str | None = None) -> None:
         assert self.bin_dir is not None
         env = dict(os.environ)
         env.pop("KUBECONFIG", None)
         if comp == "kwok":
             env["HOME"] = str(self.state_dir / "kwok-home")  # ignore ~/.kwok/kwok.yaml
         with open(self.log_path(comp), "ab") as logf, open(os.devnull, "rb") as devnull:
-            cmd = [str(self.bin_dir / comp), *args]
+            cmd = [binary or str(self.bin_dir / comp), *args]
             proc = subprocess.Popen(
                 tied_to_parent(cmd) if tie_to_parent else cmd,
                 stdin=devnull, stdout=logf, stderr=subprocess.STDOUT,
@@ -637,8 +689,8 @@ class Cluster:
         pki = self.pki
         return [
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.host}",
+            f"--advertise-address={self.host}",
             f"--secure-port={self.ports['apiserver']}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -657,8 +709,12 @@ class Cluster:
             f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
             f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             "--allow-privileged=true",
-            # The loopback advertise address cannot be an Endpoints address.
-            "--endpoint-reconciler-type=none",
+            # The loopback advertise address cannot be an Endpoints address; with a real node
+            # the bridge address can, and pods reach the `kubernetes` Service through it.
+            f"--endpoint-reconciler-type={'lease' if self.real_node else 'none'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
             "--profiling=false",
             f"--cert-dir={self.state_dir / 'apiserver-certs'}",
         ]
@@ -729,7 +785,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"removing stale cluster state in {state}", file=sys.stderr)
         existing.stop()
     try:
-        c = Cluster.start(state, Path(args.bin_dir).resolve(), nodes=args.nodes, timeout=args.timeout)
+        c = Cluster.start(state, Path(args.bin_dir).resolve(), nodes=args.nodes, timeout=args.timeout,
+                          real_node=args.real_node, images=args.image)
     except ClusterError as e:
         print(f"cluster failed to start: {e}", file=sys.stderr)
         print(f"logs kept in {state / 'logs'}; remove them with `python -m tests.support.kube.cluster down --state-dir {state}` (or `make cluster-down`)", file=sys.stderr)
@@ -744,8 +801,13 @@ def _down(args: argparse.Namespace) -> int:
         print(f"no cluster state in {state}")
         return 0
     c = Cluster.load(state) if (state / "cluster.json").exists() else Cluster(state)
-    c.stop()
-    print(f"cluster stopped, {state} removed")
+    if c.bin_dir is None:
+        c.bin_dir = default_bin_dir()
+    left = c.stop()
+    if left:
+        print("cluster stopped, but these are left behind:\n  " + "\n  ".join(left), file=sys.stderr)
+        return 1
+    print(f"cluster stopped, {state} removed" + (", host changes undone" if c.real_node else ""))
     return 0
 
 
@@ -774,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
                             help="binaries (default: $K8S_BIN or $K8S_CACHE/current)")
             sp.add_argument("--nodes", type=int, default=2, help="number of kwok nodes (default 2)")
             sp.add_argument("--timeout", type=float, default=240, help="startup timeout, seconds")
+            sp.add_argument("--real-node", action="store_true",
+                            help="add a real node (containerd, kubelet, kube-proxy, CoreDNS; needs root)")
+            sp.add_argument("--image", action="append", default=[],
+                            help="OCI archive to import into the real node's containerd (repeatable)")
     args = p.parse_args(argv)
     return {"up": _up, "down": _down, "status": _status}[args.cmd](args)
 

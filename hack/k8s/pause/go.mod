@@ -1,0 +1,3 @@
+module mpnn.local/hack/k8s/pause
+
+go 1.24.0

@@ -90,7 +90,7 @@ def test_mpnn_train_command_against_running_servers(tmp_path, data):
         out = subprocess.run(
             [sys.executable, "-m", "partition_server.cli", "train", "--training", json.dumps(training_document(NET.training)),
              "--lookup", str(tmp_path / "lookup.json"), "--network", str(tmp_path / "network.json"),
-             "--model-dir", str(dep.model_dir), "--log-level", "warning"],
+             "--model-dir", str(dep.model_dir), "--peer-key-file", str(dep.key_path), "--log-level", "warning"],
             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)

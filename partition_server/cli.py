@@ -12,6 +12,7 @@ import os
 import sys
 from importlib import import_module
 
+from partition_server.api.environment import PEER_KEY_FILE_ENV
 from partition_server.api.manifest import DEFAULT_IMAGE
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "distribute", "main"]
@@ -47,9 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(target="partition_server.client.local:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
-                       description="Serve one partition over gRPC, and the whole network over the Open Inference "
-                                   "Protocol v2 (gRPC on --port, REST on --http-port). Settings come from flags "
-                                   "or MPNN_* variables.")
+                       description="Serve one partition to its peers (mpnn.v1.Partition on --peer-port, calls "
+                                   "signed with the network's key only), and the whole network over the Open "
+                                   "Inference Protocol v2 (gRPC on --port, REST on --http-port). Settings come from "
+                                   "flags or MPNN_* variables.")
     s.add_argument("--partition", type=_index, default=os.environ.get("MPNN_PARTITION") or None,
                    help="partition index (env MPNN_PARTITION; default: the hostname's ordinal suffix)")
     s.add_argument("--lookup", default=os.environ.get("MPNN_LOOKUP", "/etc/mpnn/lookup.json"),
@@ -59,7 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-dir", default=os.environ.get("MPNN_MODEL_DIR", "/var/lib/mpnn/model"),
                    help="the network's directory on the shared volume (env MPNN_MODEL_DIR; default: %(default)s)")
     s.add_argument("--host", default=os.environ.get("MPNN_HOST", "0.0.0.0"), help="bind address (default: %(default)s)")
-    s.add_argument("--port", type=_port, default=os.environ.get("MPNN_PORT", "50051"), help="gRPC port (default: %(default)s)")
+    s.add_argument("--port", type=_port, default=os.environ.get("MPNN_PORT", "50051"),
+                   help="public gRPC port: Open Inference Protocol, health (env MPNN_PORT; default: %(default)s)")
+    s.add_argument("--peer-port", type=_port, default=os.environ.get("MPNN_PEER_PORT", "50052"),
+                   help="peer port: mpnn.v1.Partition, the port lookup.json names (env MPNN_PEER_PORT; "
+                        "default: %(default)s)")
+    _peer_security(s)
     s.add_argument("--http-port", type=_port, default=os.environ.get("MPNN_HTTP_PORT", "8000"),
                    help="Open Inference Protocol v2 REST port; 0 disables REST "
                         "(env MPNN_HTTP_PORT; default: %(default)s)")
@@ -78,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--report", action="store_true", help="patch status.training of the NeuralNetwork")
     t.add_argument("--timeout", type=float, default=120.0, help="deadline of each step, seconds")
     t.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every partition")
+    _peer_security(t)
     t.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     t.set_defaults(target="partition_server.client.trainer:main")
 
@@ -89,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--server-image", default=os.environ.get("MPNN_SERVER_IMAGE") or DEFAULT_IMAGE,
                    help="image of partition servers and training Jobs whose NeuralNetwork sets no "
                         "spec.server.image (env MPNN_SERVER_IMAGE; default: %(default)s)")
+    o.add_argument("--server-resources", default=os.environ.get("MPNN_SERVER_RESOURCES") or "{}",
+                   help="JSON {requests, limits} of partition servers whose NeuralNetwork sets no "
+                        "spec.server.resources (env MPNN_SERVER_RESOURCES; the chart's serverResources)")
     o.add_argument("--liveness-port", type=_port, default=os.environ.get("MPNN_LIVENESS_PORT", "8080"),
                    help="serve /healthz on this port (default: %(default)s)")
     o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
@@ -102,8 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--server-image", default=DEFAULT_IMAGE,
                    help="image of the servers and the training Job unless spec.server.image is set, as the "
                         "operator's --server-image (default: %(default)s)")
+    n.add_argument("--server-resources", default="{}",
+                   help="JSON {requests, limits} standing for the operator's --server-resources")
     n.set_defaults(target="mpnn_operator.render:main")
     return p
+
+
+def _peer_security(p: argparse.ArgumentParser) -> None:
+    """The peer key and TLS flags that ``mpnn serve`` and ``mpnn train`` share."""
+    p.add_argument("--peer-key-file", default=os.environ.get(PEER_KEY_FILE_ENV),
+                   help=f"file holding the network's peer key, 256 random bits (env {PEER_KEY_FILE_ENV}; "
+                        "required: the mounted Secret <name>-peer-key)")
+    p.add_argument("--tls-dir", default=os.environ.get("MPNN_TLS_DIR") or None,
+                   help="directory of a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt): mutual TLS between "
+                        "peers, TLS on the public ports (env MPNN_TLS_DIR; default: plaintext)")
 
 
 def _port(text: str) -> int:
@@ -138,7 +161,7 @@ def distribute(args: argparse.Namespace) -> int:
     if args.partitions is not None:
         net = net.with_partitions(args.partitions)
     assignment = assign(net.model.layer_units, net.partitions, net.distribution)
-    addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.port, args.cluster_domain)
+    addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.peer_port, args.cluster_domain)
     sys.stdout.write(LookupTable.build(net.name, net.model.layer_units, assignment, addresses).to_json(indent=2))
     return EXIT_OK
 

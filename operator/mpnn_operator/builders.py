@@ -8,31 +8,40 @@ Objects per network ``N`` in namespace ``NS`` (see ``docs/operator.md``):
 
 - ``Partition`` ``N-<i>`` per partition (``spec.ranges``: ``L:A-B`` strings),
 - ``ConfigMap`` ``N-lookup`` (``lookup.json`` or, when large, ``lookup.json.gz`` in ``binaryData``; ``network.json``),
-- headless ``Service`` ``N``, ``StatefulSet`` ``N``, ClusterIP ``Service`` ``N-inference``,
+- headless ``Service`` ``N`` (the peer port only), ``StatefulSet`` ``N``, ClusterIP ``Service``
+  ``N-inference`` (the public gRPC and REST ports only),
+- ``NetworkPolicy`` ``N-peers`` unless ``spec.server.networkPolicy`` is false,
+- ``Secret`` ``N-peer-key`` (:func:`peer_key_secret`, created once by the reconciler with a random
+  key, never applied or rendered; the pods mount it),
 - with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``,
 - with ``spec.training`` and ``spec.storage``: the training ``Job`` of ``spec.training.runId``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any, Sequence
 
 from partition_server.api.distributor import Assignment, Range, shares
+from partition_server.api.environment import PEER_KEY_FILE_ENV, PEER_KEY_ITEM
 from partition_server.api.lookup import LookupTable, service_addresses
 from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, TrainingSpec, network_document,
                                        training_document)
 
 from . import naming
 
-__all__ = ["CONFIG_DIR", "EXIT_USAGE", "MODEL_ROOT", "RUN_AS", "TRAIN_BACKOFF_LIMIT", "children", "headless_service",
-           "inference_service", "lookup_configmap", "lookup_table", "model_volume", "network_json", "owned_neurons",
-           "partition_parameters", "partition_ranges", "partitions", "persistent_volume", "server_image",
+__all__ = ["CONFIG_DIR", "EXIT_USAGE", "MODEL_ROOT", "PEER_KEY_DIR", "RUN_AS", "TLS_DIR", "TRAIN_BACKOFF_LIMIT",
+           "children", "headless_service", "inference_service", "lookup_configmap", "lookup_table", "model_volume",
+           "network_json", "network_policy", "owned_neurons", "partition_parameters", "partition_ranges",
+           "partitions", "peer_key_secret", "persistent_volume", "server_image", "server_resources",
            "statefulset", "training_job", "training_json", "volume_claim", "without_claim_ref"]
 
 CONFIG_DIR = "/etc/mpnn"
 MODEL_ROOT = "/var/lib/mpnn"
+PEER_KEY_DIR = "/var/run/mpnn/peer-key"  # the Secret <name>-peer-key
+TLS_DIR = "/var/run/mpnn/tls"            # spec.server.tls.secretName
 # Must be numeric so the kubelet can verify runAsNonRoot without reading the image.
 RUN_AS = 65532
 # Failed training pods the Job replaces before it fails; each retry resumes from the
@@ -50,7 +59,7 @@ def lookup_table(net: NeuralNetwork, assignment: Assignment, cluster_domain: str
     Raises:
         LookupTableError: the assignment misses or doubles a neuron.
     """
-    addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.port, cluster_domain)
+    addresses = service_addresses(net.name, net.namespace, net.partitions, net.server.peer_port, cluster_domain)
     return LookupTable.build(net.name, net.model.layer_units, assignment, addresses)
 
 
@@ -116,7 +125,8 @@ def network_json(net: NeuralNetwork) -> str:
 
 
 def headless_service(net: NeuralNetwork) -> dict[str, Any]:
-    """Headless ``Service`` giving each pod the DNS name used in the lookup table.
+    """Headless ``Service`` giving each pod the DNS name used in the lookup table; it lists the
+    peer port only (``mpnn.v1.Partition``), which no other Service publishes.
 
     Not-ready pods are published too: servers dial their peers while starting.
     """
@@ -124,13 +134,13 @@ def headless_service(net: NeuralNetwork) -> dict[str, Any]:
             "metadata": _meta(net, net.name, naming.SERVER),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                      "selector": naming.selector(net.name),
-                     "ports": [{"name": "grpc", "port": net.server.port, "targetPort": "grpc",
+                     "ports": [{"name": "peer", "port": net.server.peer_port, "targetPort": "peer",
                                 "protocol": "TCP"}]}}
 
 
 def inference_service(net: NeuralNetwork) -> dict[str, Any]:
     """ClusterIP ``Service`` ``<name>-inference``: the Open Inference Protocol (gRPC and REST)
-    of the ready partition servers, any of which answers for the whole network."""
+    of the ready partition servers, any of which answers for the whole network. Never the peer port."""
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": _meta(net, naming.inference_service_name(net.name), naming.INFERENCE),
             "spec": {"type": "ClusterIP", "selector": naming.selector(net.name),
@@ -195,18 +205,54 @@ def server_image(net: NeuralNetwork, default: str = DEFAULT_IMAGE) -> str:
     return net.server.image or default
 
 
-def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+def peer_key_secret(net: NeuralNetwork, key: bytes) -> dict[str, Any]:
+    """``Secret`` ``<name>-peer-key`` holding ``key`` (item ``key``): the reconciler creates it
+    once with 256 random bits and never rewrites it; the servers and the trainer mount it."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": _meta(net, naming.peer_key_name(net.name), naming.SERVER),
+            "data": {PEER_KEY_ITEM: base64.b64encode(key).decode()}}
+
+
+def network_policy(net: NeuralNetwork) -> dict[str, Any] | None:
+    """``NetworkPolicy`` ``<name>-peers`` for the partition server pods (None with
+    ``spec.server.networkPolicy: false``): the peer port only from pods of this network
+    (label ``mpnn.dev/network: <name>`` in the namespace: the servers and the training Job),
+    the public gRPC and REST ports from anywhere; nothing else."""
+    if not net.server.network_policy:
+        return None
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(net, naming.network_policy_name(net.name), naming.SERVER),
+            "spec": {"podSelector": {"matchLabels": naming.selector(net.name)},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [
+                         {"from": [{"podSelector": {"matchLabels": {naming.NETWORK: net.name}}}],
+                          "ports": [{"protocol": "TCP", "port": net.server.peer_port}]},
+                         {"ports": [{"protocol": "TCP", "port": net.server.port},
+                                    {"protocol": "TCP", "port": net.server.http_port}]},
+                     ]}}
+
+
+def server_resources(net: NeuralNetwork, default: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The servers' container resources: ``spec.server.resources`` when it sets any (as a
+    whole, so a network's requests never meet the default's limits), else ``default`` (the
+    operator's ``--server-resources``, from the chart's ``serverResources``)."""
+    return dict(net.server.resources) if net.server.resources else dict(default or {})
+
+
+def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE,
+                default_resources: dict[str, Any] | None = None) -> dict[str, Any]:
     """The partition servers: ``replicas = spec.partitions``, started in parallel.
 
     The lookup ConfigMap is mounted as a directory (never ``subPath``) so the
     kubelet propagates new lookup versions, which the servers reload without a
     restart. ``network.json``'s hash is a template annotation, so a model change
-    rolls the pods. Readiness is the gRPC health service of the server itself: the
+    rolls the pods. Readiness is the gRPC health service of the server itself, on the
+    public port (the peer port takes signed calls only): the
     Open Inference Protocol's ``/v2/health/ready`` needs every peer, so probing it
     would keep all pods unready until all are up (and out of the Services). The image is
     :func:`server_image`.
     """
-    port = net.server.port
+    port, peer_port = net.server.port, net.server.peer_port
     config_hash = hashlib.sha256(network_json(net).encode()).hexdigest()[:16]
     pod_labels = naming.labels(net.name, naming.SERVER)
     container = {
@@ -218,18 +264,21 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict[
              "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{naming.POD_INDEX_LABEL}']"}}},
             *_config_env(net),
             {"name": "MPNN_PORT", "value": str(port)},
+            {"name": "MPNN_PEER_PORT", "value": str(peer_port)},
             {"name": "MPNN_HTTP_PORT", "value": str(net.server.http_port)},
         ],
         "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"},
+                  {"name": "peer", "containerPort": peer_port, "protocol": "TCP"},
                   {"name": "http", "containerPort": net.server.http_port, "protocol": "TCP"}],
         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"grpc": {"port": port}, "initialDelaySeconds": 10, "periodSeconds": 10,
                           "failureThreshold": 6},
         "securityContext": _container_security_context(),
-        "volumeMounts": _volume_mounts(),
+        "volumeMounts": _volume_mounts(net),
     }
-    if net.server.resources:
-        container["resources"] = dict(net.server.resources)
+    resources = server_resources(net, default_resources)
+    if resources:
+        container["resources"] = resources
     return {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": _meta(net, net.name, naming.SERVER),
@@ -280,7 +329,7 @@ def training_job(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict
         "args": ["--training", training_json(training), "--report", "--namespace", net.namespace],
         "env": _config_env(net),
         "securityContext": _container_security_context(),
-        "volumeMounts": _volume_mounts(),
+        "volumeMounts": _volume_mounts(net),
     }
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
@@ -308,22 +357,36 @@ def training_job(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict
 
 
 def _config_env(net: NeuralNetwork) -> list[dict[str, Any]]:
-    """Where a pod finds the lookup table, the network and the model on the shared volume."""
-    return [{"name": "MPNN_LOOKUP", "value": f"{CONFIG_DIR}/lookup.json"},
-            {"name": "MPNN_NETWORK", "value": f"{CONFIG_DIR}/network.json"},
-            {"name": "MPNN_MODEL_DIR", "value": f"{MODEL_ROOT}/{net.name}"}]
+    """Where a pod finds the lookup table, the network, the model on the shared volume, the
+    peer key and (with ``spec.server.tls``) the TLS files."""
+    env = [{"name": "MPNN_LOOKUP", "value": f"{CONFIG_DIR}/lookup.json"},
+           {"name": "MPNN_NETWORK", "value": f"{CONFIG_DIR}/network.json"},
+           {"name": "MPNN_MODEL_DIR", "value": f"{MODEL_ROOT}/{net.name}"},
+           {"name": PEER_KEY_FILE_ENV, "value": f"{PEER_KEY_DIR}/{PEER_KEY_ITEM}"}]
+    if net.server.tls_secret:
+        env.append({"name": "MPNN_TLS_DIR", "value": TLS_DIR})
+    return env
 
 
 def _volumes(net: NeuralNetwork) -> list[dict[str, Any]]:
-    return [{"name": "lookup", "configMap": {"name": naming.lookup_name(net.name)}},
-            model_volume(net),
-            {"name": "tmp", "emptyDir": {}}]
+    # Secrets readable by the pods' group (fsGroup RUN_AS) only: 0440.
+    out = [{"name": "lookup", "configMap": {"name": naming.lookup_name(net.name)}},
+           model_volume(net),
+           {"name": "tmp", "emptyDir": {}},
+           {"name": "peer-key", "secret": {"secretName": naming.peer_key_name(net.name), "defaultMode": 0o440}}]
+    if net.server.tls_secret:
+        out.append({"name": "tls", "secret": {"secretName": net.server.tls_secret, "defaultMode": 0o440}})
+    return out
 
 
-def _volume_mounts() -> list[dict[str, Any]]:
-    return [{"name": "lookup", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "model", "mountPath": MODEL_ROOT},
-            {"name": "tmp", "mountPath": "/tmp"}]
+def _volume_mounts(net: NeuralNetwork) -> list[dict[str, Any]]:
+    out = [{"name": "lookup", "mountPath": CONFIG_DIR, "readOnly": True},
+           {"name": "model", "mountPath": MODEL_ROOT},
+           {"name": "tmp", "mountPath": "/tmp"},
+           {"name": "peer-key", "mountPath": PEER_KEY_DIR, "readOnly": True}]
+    if net.server.tls_secret:
+        out.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    return out
 
 
 def _pod_security_context() -> dict[str, Any]:
@@ -337,14 +400,17 @@ def _container_security_context() -> dict[str, Any]:
 
 
 def children(net: NeuralNetwork, assignment: Assignment, *, cluster_domain: str = "cluster.local",
-             default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
-    """Every object the operator creates for ``net`` under ``assignment``, in apply order; the
-    training Job, last, is created once per run rather than applied."""
+             default_image: str = DEFAULT_IMAGE, default_resources: dict[str, Any] | None = None
+             ) -> list[dict[str, Any]]:
+    """Every object the operator applies for ``net`` under ``assignment``, in apply order; the
+    training Job, last, is created once per run rather than applied. Not the peer-key Secret,
+    whose random content only the reconciler makes (the pods refer to it by name)."""
     storage = [o for o in (persistent_volume(net), volume_claim(net)) if o is not None]
     job = training_job(net, default_image)
-    return [*storage, headless_service(net), inference_service(net),
+    policy = network_policy(net)
+    return [*storage, headless_service(net), inference_service(net), *([policy] if policy else []),
             lookup_configmap(net, lookup_table(net, assignment, cluster_domain)),
-            *partitions(net, assignment), statefulset(net, default_image), *([job] if job else [])]
+            *partitions(net, assignment), statefulset(net, default_image, default_resources), *([job] if job else [])]
 
 
 def _meta(net: NeuralNetwork, name: str, component: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from partition_server.api.errors import FieldError
 from . import handlers, naming
 from .kube import Kube
 from .reconcile import Reconciler
+from .render import server_resources_flag
 from .retry import Later
 
 __all__ = ["LOG_LEVELS", "main", "settings"]
@@ -51,14 +52,16 @@ def main(args: argparse.Namespace) -> int:
     """Run the operator; returns the exit code after a graceful stop.
 
     Raises:
-        FieldError: ``args.log_level`` is not one of :data:`LOG_LEVELS`.
+        FieldError: ``args.log_level`` is not one of :data:`LOG_LEVELS`, or ``args.server_resources``
+            is not JSON container resources.
     """
     level = str(args.log_level).lower()
     if level not in LOG_LEVELS:
         raise FieldError("--log-level", args.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
     kopf.configure(debug=level == "debug", log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(level.upper())
-    reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt, server_image=args.server_image)
+    reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt, server_image=args.server_image,
+                            server_resources=server_resources_flag(args.server_resources))
     later = Later()  # reconciles that watch events deferred (handlers.run_for_event)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     try:

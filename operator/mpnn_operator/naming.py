@@ -13,7 +13,8 @@ from partition_server.api.manifest import API_VERSION, RESERVED_NAME_SUFFIX
 __all__ = ["API_VERSION", "COMPONENT", "FIELD_MANAGER", "GROUP", "INFERENCE", "LOOKUP", "MANAGED_BY",
            "MAX_LABEL_VALUE", "NAMESPACE", "NETWORK", "NETWORKS", "PARTITION", "PARTITIONS", "PARTITION_COMPONENT",
            "POD_INDEX_LABEL", "RUN", "SERVER", "STORAGE", "TRAINING", "children_selector", "claim_name",
-           "inference_service_name", "job_name", "labels", "lookup_name", "partition_name", "pod_name", "selector",
+           "inference_service_name", "job_name", "labels", "lookup_name", "network_policy_name", "partition_name",
+           "peer_key_name", "pod_name", "selector",
            "selector_string", "volume_name", "VERSION"]
 
 # The NeuralNetwork API's coordinates are the manifest's (partition_server.api.manifest).
@@ -80,6 +81,16 @@ def inference_service_name(network: str) -> str:
     """``<network>-inference``: the manifest refuses network names with this suffix, so it
     never names another network's headless Service."""
     return f"{network}{RESERVED_NAME_SUFFIX}"
+
+
+def peer_key_name(network: str) -> str:
+    """The Secret holding the network's peer key (``<network>-peer-key``, item ``key``)."""
+    return f"{network}-peer-key"
+
+
+def network_policy_name(network: str) -> str:
+    """The NetworkPolicy that keeps the peer port to the network's own pods."""
+    return f"{network}-peers"
 
 
 def job_name(network: str, run_id: str) -> str:

@@ -11,12 +11,14 @@ run again (the model volume's part is :mod:`mpnn_operator.volumes`).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections import defaultdict
 from typing import Any, Callable, Mapping
 
 from kubernetes.dynamic.exceptions import DynamicApiError
 
+from partition_server.api.environment import PEER_KEY_BYTES
 from partition_server.api.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
 from partition_server.api.manifest import DEFAULT_IMAGE, KIND, ManifestError, NeuralNetwork, parse_neural_network
 
@@ -80,15 +82,18 @@ class Reconciler:
         adopt: makes a NeuralNetwork the owner of a child (``kopf.append_owner_reference``).
         server_image: the image of partition servers and training Jobs whose NeuralNetwork
             sets no ``spec.server.image`` (``mpnn operator --server-image``).
+        server_resources: container resources of partition servers whose NeuralNetwork sets no
+            ``spec.server.resources`` (``mpnn operator --server-resources``).
     """
 
     def __init__(self, kube: Kube, cluster_domain: str, *, emit: Emit, adopt: Adopt,
-                 server_image: str = DEFAULT_IMAGE):
+                 server_image: str = DEFAULT_IMAGE, server_resources: Mapping[str, Any] | None = None):
         self.kube = kube
         self.cluster_domain = cluster_domain
         self.emit = emit
         self.adopt = adopt
         self.server_image = server_image
+        self.server_resources = dict(server_resources or {})
         self.training = Training(kube, emit=emit, adopt=adopt, server_image=server_image)
         self.volumes = Volumes(kube, emit=emit, adopt=adopt)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -249,6 +254,7 @@ class Reconciler:
         claim_problem = self.volumes.sync(owner, net, claim)
         self.kube.apply(self._owned(builders.headless_service(net), owner))
         self.kube.apply(self._owned(builders.inference_service(net), owner))
+        self._sync_peer_security(owner, net)
         if configmap is not None:
             self.kube.apply(self._owned(configmap, owner))
         else:
@@ -262,9 +268,24 @@ class Reconciler:
                     self.kube.delete(naming.API_VERSION, PARTITION_KIND, name=stale["metadata"]["name"],
                                      namespace=net.namespace)
             partitions = self._partitions(net.namespace, net.name)
-        self.kube.apply(self._owned(builders.statefulset(net, self.server_image), owner))
+        self.kube.apply(self._owned(builders.statefulset(net, self.server_image, self.server_resources), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table, claim_problem
+
+    def _sync_peer_security(self, owner: Mapping[str, Any], net: NeuralNetwork) -> None:
+        """Create the peer-key Secret once (256 random bits; an existing one, checked by
+        :meth:`_check_names` to be this network's, is kept: rotating it would cut running pods
+        off each other), and apply or delete the NetworkPolicy."""
+        key = secrets.token_bytes(PEER_KEY_BYTES)
+        self.kube.create(self._owned(builders.peer_key_secret(net, key), owner))
+        policy = builders.network_policy(net)
+        if policy is not None:
+            self.kube.apply(self._owned(policy, owner))
+        else:
+            name = naming.network_policy_name(net.name)
+            existing = self.kube.get("networking.k8s.io/v1", "NetworkPolicy", name=name, namespace=net.namespace)
+            if existing is not None and controlled_by(existing, owner["metadata"]["uid"]):
+                self.kube.delete("networking.k8s.io/v1", "NetworkPolicy", name=name, namespace=net.namespace)
 
     def _check_size(self, net: NeuralNetwork, configmap: Mapping[str, Any]) -> None:
         """Refuse a lookup ConfigMap the API server would refuse (over 1 MiB of data): the last
@@ -305,6 +326,8 @@ class Reconciler:
         ns, uid = net.namespace, owner["metadata"]["uid"]
         singles = [("v1", "Service", net.name), ("v1", "Service", naming.inference_service_name(net.name)),
                    ("v1", "ConfigMap", naming.lookup_name(net.name)), ("apps/v1", "StatefulSet", net.name),
+                   ("v1", "Secret", naming.peer_key_name(net.name)),
+                   ("networking.k8s.io/v1", "NetworkPolicy", naming.network_policy_name(net.name)),
                    *(("v1", PVC_KIND, c["metadata"]["name"]) for c in claims)]
         existing = [(kind, self.kube.get(api, kind, name=name, namespace=ns)) for api, kind, name in singles]
         if partitions:  # one list rather than a get per Partition

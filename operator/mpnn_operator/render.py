@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Any
 
 import yaml
 
 from partition_server.api.distributor import distribute
-from partition_server.api.manifest import DEFAULT_IMAGE, NAMESPACE_RE, ManifestError, load_manifest
+from partition_server.api.manifest import DEFAULT_IMAGE, NAMESPACE_RE, ManifestError, load_manifest, parse_resources
 
 from . import builders
 
-__all__ = ["main", "render", "to_yaml"]
+__all__ = ["main", "render", "server_resources_flag", "to_yaml"]
 
 
 def render(manifest: str, *, cluster_domain: str = "cluster.local", namespace: str | None = None,
-           server_image: str | None = None) -> list[dict[str, Any]]:
+           server_image: str | None = None, server_resources: dict[str, Any] | None = None
+           ) -> list[dict[str, Any]]:
     """The children of the NeuralNetwork in ``manifest``, in apply order; ``server_image`` stands
-    for the operator's ``--server-image`` (default: :data:`DEFAULT_IMAGE`).
+    for the operator's ``--server-image`` (default: :data:`DEFAULT_IMAGE`), ``server_resources``
+    for its ``--server-resources``.
 
     Raises:
         ManifestError: the manifest is unreadable or invalid (names the field).
@@ -38,7 +41,7 @@ def render(manifest: str, *, cluster_domain: str = "cluster.local", namespace: s
         net = dataclasses.replace(net, namespace=namespace)
     assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
     return builders.children(net, assignment, cluster_domain=cluster_domain,
-                             default_image=server_image or DEFAULT_IMAGE)
+                             default_image=server_image or DEFAULT_IMAGE, default_resources=server_resources)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -58,8 +61,22 @@ def to_yaml(objects: list[dict[str, Any]]) -> str:
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
+def server_resources_flag(text: str) -> dict[str, Any]:
+    """``--server-resources``: JSON ``{requests, limits}``.
+
+    Raises:
+        ManifestError: not JSON, or not container resources (names the flag).
+    """
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ManifestError("--server-resources", text, f"is not JSON: {exc}") from exc
+    return parse_resources(value, "--server-resources")
+
+
 def main(args: argparse.Namespace) -> int:
     """``mpnn render``: the objects as YAML on stdout; returns the exit code."""
     sys.stdout.write(to_yaml(render(args.manifest, cluster_domain=args.cluster_domain, namespace=args.namespace,
-                                    server_image=args.server_image)))
+                                    server_image=args.server_image,
+                                    server_resources=server_resources_flag(args.server_resources))))
     return 0

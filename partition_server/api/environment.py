@@ -6,8 +6,14 @@ Local mode (:mod:`partition_server.client.local`) starts the servers; the server
 
 from __future__ import annotations
 
-__all__ = ["PARENT_PID_ENV"]
+__all__ = ["PARENT_PID_ENV", "PEER_KEY_BYTES", "PEER_KEY_FILE_ENV", "PEER_KEY_ITEM"]
 
 # The launcher's pid: the server exits when that process dies (PR_SET_PDEATHSIG and a check),
 # so a killed `mpnn run` never leaves servers behind.
 PARENT_PID_ENV = "MPNN_PARENT_PID"
+
+# The file holding the network's peer key (raw bytes): the mounted Secret <name>-peer-key in a
+# cluster (item PEER_KEY_ITEM), a file `mpnn run` writes (mode 0600) in local mode.
+PEER_KEY_FILE_ENV = "MPNN_PEER_KEY_FILE"
+PEER_KEY_ITEM = "key"
+PEER_KEY_BYTES = 32  # 256 bits

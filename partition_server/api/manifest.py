@@ -28,6 +28,7 @@ __all__ = [
     "DATASET_FORMATS",
     "DEFAULT_HTTP_PORT",
     "DEFAULT_IMAGE",
+    "DEFAULT_PEER_PORT",
     "DEFAULT_PORT",
     "DEFAULT_TRAINER_SERVICE_ACCOUNT",
     "DatasetSpec",
@@ -47,6 +48,7 @@ __all__ = [
     "network_document",
     "parse_network_document",
     "parse_neural_network",
+    "parse_resources",
     "parse_training",
     "training_document",
 ]
@@ -58,6 +60,8 @@ OPTIMIZERS = ("sgd", "adam")
 DATASET_FORMATS = ("digits", "mnist-idx", "npz")
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+# The internal service mpnn.v1.Partition: its own port, in the headless Service only.
+DEFAULT_PEER_PORT = 50052
 DEFAULT_TRAINER_SERVICE_ACCOUNT = "mpnn-trainer"
 # The partition servers' image when neither spec.server.image nor the operator's
 # --server-image (the Helm chart sets it to its own image) says otherwise.
@@ -68,6 +72,7 @@ _NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
 # Network N's Open Inference Service is N-inference, the name network N-inference gives its
 # headless Service: such a name is refused rather than fought over.
 RESERVED_NAME_SUFFIX = "-inference"
+_SECRET_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 # A DNS-1123 label, as Kubernetes requires of namespaces (also `mpnn render --namespace`).
 NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # A DNS-1123 subdomain, as Kubernetes requires of ServiceAccount names.
@@ -150,14 +155,21 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """``spec.server``: the partition servers' container image, gRPC port, Open Inference
-    Protocol REST port and resources. ``image`` None: the operator's (or ``mpnn render``'s)
-    ``--server-image``."""
+    """``spec.server``: the partition servers' container image, public gRPC port (Open Inference
+    Protocol, health), Open Inference Protocol REST port, peer port (``mpnn.v1.Partition``, for
+    this network's servers and trainer only) and resources. ``image`` None: the operator's (or
+    ``mpnn render``'s) ``--server-image``. ``resources`` empty: the operator's defaults.
+    ``network_policy``: whether the operator makes a NetworkPolicy that admits the peer port
+    only from this network's pods. ``tls_secret``: a ``kubernetes.io/tls`` Secret (with
+    ``ca.crt``) for mTLS between peers and TLS on the public ports; None: plaintext."""
 
     image: str | None = None
     port: int = DEFAULT_PORT
     http_port: int = DEFAULT_HTTP_PORT
     resources: Mapping[str, Any] = field(default_factory=dict)
+    peer_port: int = DEFAULT_PEER_PORT
+    network_policy: bool = True
+    tls_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -384,7 +396,7 @@ def _parse_server(s: Any) -> ServerSpec:
     if s is None:
         return ServerSpec()
     _expect_map(s, "spec.server")
-    _no_unknown(s, "spec.server", {"image", "port", "httpPort", "resources"})
+    _no_unknown(s, "spec.server", {"image", "port", "httpPort", "peerPort", "resources", "networkPolicy", "tls"})
     image = s.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         raise ManifestError("spec.server.image", image, "must be a container image reference")
@@ -392,14 +404,45 @@ def _parse_server(s: Any) -> ServerSpec:
     http_port = _port(s.get("httpPort", DEFAULT_HTTP_PORT), "spec.server.httpPort")
     if http_port == port:
         raise ManifestError("spec.server.httpPort", http_port, "must differ from spec.server.port")
-    resources = s.get("resources") or {}
-    _expect_map(resources, "spec.server.resources")
+    peer_port = _port(s.get("peerPort", DEFAULT_PEER_PORT), "spec.server.peerPort")
+    if peer_port in (port, http_port):
+        raise ManifestError("spec.server.peerPort", peer_port,
+                            "must differ from spec.server.port and spec.server.httpPort")
+    network_policy = s.get("networkPolicy", True)
+    if not isinstance(network_policy, bool):
+        raise ManifestError("spec.server.networkPolicy", network_policy, "must be true or false")
+    tls = s.get("tls")
+    tls_secret = None
+    if tls is not None:
+        _expect_map(tls, "spec.server.tls")
+        _no_unknown(tls, "spec.server.tls", {"secretName"})
+        tls_secret = tls.get("secretName")
+        if not isinstance(tls_secret, str) or not _SECRET_NAME_RE.fullmatch(tls_secret):
+            raise ManifestError("spec.server.tls.secretName", tls_secret,
+                                "must name a kubernetes.io/tls Secret (a DNS subdomain name)")
+    resources = parse_resources(s.get("resources") or {}, "spec.server.resources")
+    return ServerSpec(image, port, http_port, dict(resources), peer_port=peer_port,
+                      network_policy=network_policy, tls_secret=tls_secret)
+
+
+def parse_resources(resources: Any, path: str) -> dict[str, Any]:
+    """Container resources (``requests``, ``limits``: maps of quantities) at ``path``.
+
+    Raises:
+        ManifestError: not a map, claims, another key, or a section that is not a map.
+    """
+    _expect_map(resources, path)
     if "claims" in resources:  # the CRD has no such field: the API server refuses or drops it
-        raise ManifestError("spec.server.resources.claims", resources["claims"],
+        raise ManifestError(f"{path}.claims", resources["claims"],
                             "is not supported: a container's resource claims must name claims of the pod "
                             "(spec.resourceClaims), which the partition servers' pods do not declare")
-    _no_unknown(resources, "spec.server.resources", {"limits", "requests"})
-    return ServerSpec(image, port, http_port, dict(resources))
+    _no_unknown(resources, path, {"limits", "requests"})
+    for section, value in resources.items():
+        _expect_map(value, f"{path}.{section}")
+        for name, quantity in value.items():
+            if isinstance(quantity, bool) or not isinstance(quantity, (str, int, float)):
+                raise ManifestError(f"{path}.{section}.{name}", quantity, "must be a quantity (e.g. 500m, 1Gi)")
+    return dict(resources)
 
 
 def _port(value: Any, path: str) -> int:

@@ -27,6 +27,7 @@ from partition_server.api.channels import CHANNEL_OPTIONS
 from partition_server.data.datasets import Dataset
 from partition_server.engine import OptimizerConfig
 from partition_server.api.lookup import LookupTable
+from partition_server.api.peer_auth import PeerCredentials
 from partition_server.api.manifest import ModelSpec, TrainingSpec
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
@@ -68,12 +69,16 @@ class Driver:
     Args:
         table: the lookup table the servers serve (its version is sent with every call).
         timeout: deadline of each call, seconds.
+        credentials: the network's peer key (and TLS files): every call is signed for the
+            partition it goes to. None: unsigned plaintext calls, which servers refuse
+            (UNAUTHENTICATED); for tests that prove it.
     """
 
-    def __init__(self, table: LookupTable, timeout: float = 60.0):
+    def __init__(self, table: LookupTable, timeout: float = 60.0, *, credentials: PeerCredentials | None = None):
         self.table = table
         self.timeout = timeout
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
+        self._channels = [credentials.channel(a) if credentials is not None
+                          else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
         self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, table.num_partitions))
 

@@ -10,11 +10,14 @@ server, or the parent being killed: the children get SIGKILL via
 Workdir layout (the volume)::
 
     <workdir>/lookup.json, network.json     # what the ConfigMap holds in a cluster
+    <workdir>/peer-key                      # this run's peer key (mode 0600), new every run
     <workdir>/<name>/checkpoints/...        # the network's model directory
     <workdir>/logs/partition-<i>.log        # each server's JSON log lines
 
 Every server also answers the Open Inference Protocol v2 for the whole network on
-its gRPC port and on a REST port of its own; ``--serve`` prints them.
+its public gRPC port and on a REST port of its own; ``--serve`` prints them. The peer
+ports (``mpnn.v1.Partition``, the addresses in lookup.json) admit only calls signed
+with the peer key ``mpnn run`` generates for the run (``api.peer_auth``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from partition_server.client.driver import Driver, DriverError, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from partition_server.api.environment import PARENT_PID_ENV
+from partition_server.api.peer_auth import PeerCredentials, generate_key, write_key
 from partition_server.storage.atomic import write_atomically
 from partition_server.storage.store import ModelStore
 
@@ -83,6 +87,11 @@ class LocalDeployment:
 
     Use as a context manager: entering starts the servers and waits until all are
     SERVING; leaving stops every one of them.
+
+    Attributes:
+        table: the lookup table; its addresses are the servers' peer ports.
+        ports, http_ports: each server's public gRPC and REST ports.
+        credentials: this deployment's peer key (a new one per deployment), for drivers.
     """
 
     def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1"):
@@ -91,11 +100,14 @@ class LocalDeployment:
         self.host = host
         self.model_dir = self.workdir / net.name
         self.procs: list[subprocess.Popen] = []
-        ports = free_ports(2 * net.partitions, host)
-        self.http_ports = ports[net.partitions:]
+        p = net.partitions
+        ports = free_ports(3 * p, host)
+        self.ports, self.http_ports = ports[p:2 * p], ports[2 * p:]
         assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
         self.table = LookupTable.build(net.name, net.model.layer_units, assignment,
-                                       loopback_addresses(ports[:net.partitions], host))
+                                       loopback_addresses(ports[:p], host))
+        self.credentials = PeerCredentials(net.name, generate_key())
+        self.key_path = self.workdir / "peer-key"
 
     def log_path(self, i: int) -> Path:
         return self.workdir / "logs" / f"partition-{i}.log"
@@ -106,6 +118,7 @@ class LocalDeployment:
         self.model_dir.mkdir(exist_ok=True)
         write_atomically(self.workdir / "lookup.json", self.table.to_json())
         write_atomically(self.workdir / "network.json", json.dumps(network_document(self.net), indent=2))
+        write_key(self.key_path, self.credentials.key)
         try:
             for i in range(self.net.partitions):
                 self.procs.append(self._spawn(i))
@@ -115,11 +128,12 @@ class LocalDeployment:
         return self
 
     def _spawn(self, i: int) -> subprocess.Popen:
-        port = self.table.addresses[i].rsplit(":", 1)[1]
+        peer_port = self.table.addresses[i].rsplit(":", 1)[1]
         cmd = [sys.executable, "-m", "partition_server.cli", "serve", "--partition", str(i),
                "--lookup", str(self.workdir / "lookup.json"), "--network", str(self.workdir / "network.json"),
-               "--model-dir", str(self.model_dir), "--host", self.host, "--port", port,
-               "--http-port", str(self.http_ports[i])]
+               "--model-dir", str(self.model_dir), "--host", self.host, "--port", str(self.ports[i]),
+               "--peer-port", peer_port, "--http-port", str(self.http_ports[i]),
+               "--peer-key-file", str(self.key_path)]
         # N servers on one machine: BLAS thread pools sized for the whole machine each would
         # oversubscribe the cores (measured: 6x slower steps with 4 servers on 2 cores).
         threads = str(max(1, (os.cpu_count() or 1) // self.net.partitions))
@@ -211,7 +225,7 @@ def _run(args: Any, net: NeuralNetwork, predict_input: np.ndarray | None) -> int
         deployment = LocalDeployment(net, workdir)
         try:
             stack.enter_context(deployment)
-            driver = stack.enter_context(Driver(deployment.table))
+            driver = stack.enter_context(Driver(deployment.table, credentials=deployment.credentials))
             driver.wait_ready(timeout=120, alive=deployment.check_alive)
             return _work(args, net, deployment, driver, predict_input, workdir)
         except KeyboardInterrupt:
@@ -298,13 +312,13 @@ def _serve_forever(args: Any, deployment: LocalDeployment) -> int:
     The first lines name partition 0's Open Inference Protocol endpoints, ``REST  http://HOST:PORT``
     and ``gRPC  HOST:PORT``; every partition is an entry point, and the indented lines list them all.
     """
-    table, name = deployment.table, deployment.net.name
+    table, name, host = deployment.table, deployment.net.name, deployment.host
     print(f"model {name!r} (Open Inference Protocol v2, KServe / Triton clients):")
-    print(f"REST  http://{deployment.host}:{deployment.http_ports[0]}")
-    print(f"gRPC  {table.addresses[0]}")
-    print("partition servers (any is an entry point; gRPC also serves mpnn.v1.Partition):")
+    print(f"REST  http://{host}:{deployment.http_ports[0]}")
+    print(f"gRPC  {host}:{deployment.ports[0]}")
+    print("partition servers (any is an entry point; the peer port takes only signed mpnn.v1.Partition calls):")
     for i, address in enumerate(table.addresses):
-        print(f"  {i}  REST http://{deployment.host}:{deployment.http_ports[i]}  gRPC {address}")
+        print(f"  {i}  REST http://{host}:{deployment.http_ports[i]}  gRPC {host}:{deployment.ports[i]}  peer {address}")
     print("Ctrl-C stops them.", flush=True)
     while True:
         deployment.check_alive()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from partition_server import logs
 from partition_server.data.datasets import load_dataset
 from partition_server.client.driver import Driver, DriverError, TrainingDiverged, train
+from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import API_VERSION, KIND, parse_network_document, parse_training
 from partition_server.storage.store import ModelStore
@@ -121,7 +122,9 @@ def main(args: Any) -> int:
     try:
         data = load_dataset(training.dataset.format, path)
         per_epoch = math.ceil(len(data.x_train) / training.batch_size)
-        with Driver(table, timeout=args.timeout) as driver:
+        tls = TlsFiles.from_dir(args.tls_dir) if args.tls_dir else None
+        credentials = PeerCredentials(name, read_key(args.peer_key_file), tls)
+        with Driver(table, timeout=args.timeout, credentials=credentials) as driver:
             driver.wait_ready(timeout=args.ready_timeout)
 
             def on_checkpoint(p: dict) -> None:

@@ -13,6 +13,7 @@ import threading
 import time
 
 from partition_server.api.lookup import LookupTable
+from partition_server.api.peer_auth import PeerCredentials
 from partition_server.client.driver import Driver
 
 __all__ = ["DriverCache", "PassSlots"]
@@ -23,10 +24,12 @@ class DriverCache:
 
     Args:
         timeout: default deadline of each driver call, seconds.
+        credentials: sign (and encrypt) the calls to the partitions' peer ports.
     """
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, credentials: PeerCredentials | None = None):
         self.timeout = timeout
+        self.credentials = credentials
         self._drivers: dict[str, Driver] = {}
         self._lock = threading.Lock()
 
@@ -38,7 +41,8 @@ class DriverCache:
                 # The previous table's driver stays open for passes that started under it.
                 for version in list(self._drivers)[:-1]:
                     self._drivers.pop(version).close()
-                driver = self._drivers[table.version] = Driver(table, timeout=self.timeout)
+                driver = Driver(table, timeout=self.timeout, credentials=self.credentials)
+                self._drivers[table.version] = driver
             return driver
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import ModelSpec
+from partition_server.api.peer_auth import PeerCredentials
 from partition_server.client.driver import Driver, DriverError
 from partition_server.serving.drivers import DriverCache, PassSlots
 from partition_server.serving.protocol import InferenceError, ModelProtocol
@@ -90,7 +91,7 @@ class ModelInference(ModelProtocol):
     def __init__(self, name: str, model: ModelSpec, table: Callable[[], LookupTable | None], *,
                  weights_version: Callable[[], int | None] = lambda: None,
                  timeout: float = 60.0, ready_timeout: float = 1.0, max_inflight: int = 4,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), credentials: PeerCredentials | None = None):
         super().__init__(name, model)
         self._table = table
         self._weights_version = weights_version
@@ -100,7 +101,7 @@ class ModelInference(ModelProtocol):
         self.retry = retry
         self.pass_limit: int | None = None
         self._slots = PassSlots()
-        self._drivers = DriverCache(timeout)
+        self._drivers = DriverCache(timeout, credentials)
 
     # ------------------------------------------------------------ readiness
 

@@ -24,9 +24,10 @@ from typing import Any
 from partition_server import logs
 from partition_server.api.environment import PARENT_PID_ENV
 from partition_server.api.manifest import parse_network_document
+from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.serving.server import PartitionServer
 
-__all__ = ["exit_with_parent", "main", "partition_from_hostname"]
+__all__ = ["exit_with_parent", "main", "partition_from_hostname", "peer_credentials"]
 
 log = logging.getLogger("mpnn.server")
 
@@ -58,21 +59,37 @@ def exit_with_parent(parent_pid: int) -> None:
         raise SystemExit(f"partition server: parent process {parent_pid} is gone")
 
 
+def peer_credentials(network: str, args: Any) -> PeerCredentials:
+    """The network's peer key from ``args.peer_key_file``, and TLS files from ``args.tls_dir`` if given.
+
+    Raises:
+        FieldError: naming the flag and the path that cannot be used.
+    """
+    tls = TlsFiles.from_dir(args.tls_dir) if args.tls_dir else None
+    return PeerCredentials(network, read_key(args.peer_key_file), tls)
+
+
 def main(args: Any) -> int:
     """``mpnn serve``: run one partition server until SIGTERM or SIGINT (or, started by
     ``mpnn run``, until its parent dies). Returns the exit code, 0.
 
     Args:
         args: the parsed ``mpnn serve`` arguments (``partition``, ``network``, ``lookup``,
-            ``model_dir``, ``host``, ``port``, ``http_port``, ``log_level``).
+            ``model_dir``, ``host``, ``port``, ``peer_port``, ``http_port``, ``peer_key_file``, ``tls_dir``,
+            ``log_level``).
+
+    Raises:
+        FieldError: no readable peer key (``--peer-key-file``) or TLS directory (``--tls-dir``).
     """
     logs.configure(args.log_level)
     if os.environ.get(PARENT_PID_ENV):
         exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))
-    server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir)
-    server.start(args.host, args.port, http_port=args.http_port or None)
+    credentials = peer_credentials(name, args)
+    server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir,
+                             credentials=credentials)
+    server.start(args.host, args.port, peer_port=args.peer_port, http_port=args.http_port or None)
     done = threading.Event()
 
     def shutdown(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 import grpc
 import numpy as np
 
-from partition_server.api.channels import CHANNEL_OPTIONS
 from partition_server.api.lookup import LookupTable
+from partition_server.api.peer_auth import PeerCredentials
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import to_tensor
@@ -26,9 +26,10 @@ __all__ = ["GrpcTransport", "Peers"]
 
 class Peers:
     """One channel per peer address, reused across calls; :meth:`retain` closes the ones a new
-    lookup table no longer names."""
+    lookup table no longer names. Every call is signed with ``credentials`` (``peer_auth``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: PeerCredentials) -> None:
+        self.credentials = credentials
         self._peers: dict[str, tuple[grpc.Channel, pb_grpc.PartitionStub]] = {}
         self._lock = threading.Lock()
 
@@ -36,7 +37,7 @@ class Peers:
         """The ``mpnn.v1.Partition`` stub for ``address`` (``host:port``), opening its channel once."""
         with self._lock:
             if address not in self._peers:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = self.credentials.channel(address)
                 self._peers[address] = (channel, pb_grpc.PartitionStub(channel))
             return self._peers[address][1]
 

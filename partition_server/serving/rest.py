@@ -38,6 +38,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,14 +75,16 @@ class RestServer:
         threads: worker threads for the blocking work (at least 3: two stay free for readiness).
         max_body_bytes: largest request body, bytes, as sent and after decompression
             (default :data:`MAX_BODY_BYTES`).
+        ssl_context: serve HTTPS with it; None: plain HTTP.
 
     Raises:
         OSError: the address cannot be bound.
     """
 
     def __init__(self, model: ModelInference, host: str, port: int, *, threads: int = 16,
-                 max_body_bytes: int | None = None):
+                 max_body_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None):
         self.model = model
+        self.ssl_context = ssl_context
         self.threads = max(threads, _PROBE_THREADS + 1)
         self.max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
         self._sock = _bind(host, port)
@@ -155,7 +158,7 @@ class RestServer:
                                keepalive_timeout=IDLE_TIMEOUT, shutdown_timeout=0.1)
         await runner.setup()
         try:
-            site = web.SockSite(runner, self._sock)
+            site = web.SockSite(runner, self._sock, ssl_context=self.ssl_context)
             await site.start()
             started.set()
             await self._stopping.wait()

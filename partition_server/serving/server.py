@@ -6,9 +6,12 @@ driver's ``RunPass`` calls, reaching its peers with one ``Exchange`` message per
 phase) (``peers``). It serves the standard ``grpc.health.v1`` health service, and re-reads the
 lookup when the file's version changes, reloading the rows it now owns from the latest checkpoint.
 
-It also answers the Open Inference Protocol v2 for the whole network, over gRPC
-(``inference.GRPCInferenceService``, on the same port, ``inference_grpc``) and over HTTP/REST on
-a second port (``rest``). ``main`` runs it as the ``mpnn serve`` process.
+Three ports, two audiences: the peer port carries ``mpnn.v1.Partition`` (and health) for this
+network's servers and trainer only, every call signed with the network's key
+(:class:`~partition_server.api.peer_auth.AuthInterceptor`, else UNAUTHENTICATED); the public gRPC
+port answers the Open Inference Protocol v2 for the whole network
+(``inference.GRPCInferenceService``, ``inference_grpc``) and ``grpc.health.v1``; REST is on a
+third port (``rest``). ``main`` runs it as the ``mpnn serve`` process.
 
 Status codes: INVALID_ARGUMENT for a wrong shape or dtype, FAILED_PRECONDITION for a
 lookup-version mismatch, DEADLINE_EXCEEDED when a peer's message does not arrive before the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 from concurrent import futures
 from dataclasses import asdict
@@ -41,6 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from partition_server.api.channels import CHANNEL_OPTIONS
 from partition_server.api.lookup import LookupTable, read_version
 from partition_server.api.manifest import ModelSpec
+from partition_server.api.peer_auth import AuthInterceptor, PeerCredentials, TlsFiles
 from partition_server.api.protos import grpc_predict_v2_pb2_grpc as inference_grpc
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
@@ -73,11 +78,14 @@ class PartitionServer(pb_grpc.PartitionServicer):
         lookup_path: ``lookup.json``; re-read every ``poll_seconds`` seconds.
         model_dir: the network's directory on the shared volume (checkpoints live below it).
         poll_seconds: how often the lookup file's version is checked, seconds.
+        credentials: the network's peer key (and TLS files): the peer port admits only calls
+            signed with it, and this server signs its own calls to its peers with it.
 
     Attributes:
         workers: threads of the gRPC pool (set by :meth:`start`).
         pass_limit: inference ``RunPass`` calls run at once (:func:`~partition_server.serving.limits.pass_slots`).
-        port, http_port: the bound gRPC and REST ports, once started (``http_port`` None without REST).
+        port, peer_port, http_port: the bound public gRPC, peer and REST ports, once started
+            (``http_port`` None without REST).
         inference: the Open Inference Protocol model this server is an entry point of.
 
     Raises:
@@ -85,7 +93,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
     """
 
     def __init__(self, index: int, name: str, model: ModelSpec, lookup_path: str | Path,
-                 model_dir: str | Path, poll_seconds: float = 2.0):
+                 model_dir: str | Path, poll_seconds: float = 2.0, *, credentials: PeerCredentials):
         self.index = index
         self.name = name
         self.model = model
@@ -93,7 +101,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self.model_dir = Path(model_dir)
         self.store = ModelStore(self.model_dir)
         self.mailbox = Mailbox()
-        self.peers = Peers()
+        self.credentials = credentials
+        self.peers = Peers(credentials)
         self.health = health.HealthServicer()
         self.poll_seconds = poll_seconds
         self._loaded: Loaded | None = None
@@ -103,12 +112,15 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self.bytes_sent = 0
         self._stop = threading.Event()
         self._grpc: grpc.Server | None = None
+        self._peer_grpc: grpc.Server | None = None
+        self.peer_port: int | None = None
         self._executor: futures.ThreadPoolExecutor | None = None
         self.workers = 32
         self.pass_limit = pass_slots(self.workers)
         self._pass_slots = threading.Semaphore(self.pass_limit)
         self.port: int | None = None
-        self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version)
+        self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version,
+                                        credentials=credentials)
         self._rest: RestServer | None = None
         self.http_port: int | None = None
 
@@ -275,19 +287,25 @@ class PartitionServer(pb_grpc.PartitionServicer):
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, host: str = "0.0.0.0", port: int = 50051, *, workers: int | None = None,
-              http_port: int | None = None) -> int:
-        """Load the model, bind, and serve in background threads. Returns the bound gRPC port.
+    def start(self, host: str = "0.0.0.0", port: int = 50051, *, peer_port: int = 50052,
+              workers: int | None = None, http_port: int | None = None) -> int:
+        """Load the model, bind, and serve in background threads. Returns the bound public gRPC port.
 
         Args:
-            host: bind address of both ports.
-            port: gRPC port (``mpnn.v1.Partition``, ``grpc.health.v1``, ``inference.GRPCInferenceService``);
-                0 lets the OS pick.
-            workers: threads of the gRPC pool; sets :attr:`pass_limit` and the ``ModelInfer`` cap
-                (``limits``). None: ``limits.default_workers`` for the partitions of the lookup
-                table read now (the pool keeps its size when a later table has more).
+            host: bind address of every port.
+            port: public gRPC port (``inference.GRPCInferenceService``, ``grpc.health.v1``); 0 lets
+                the OS pick.
+            peer_port: peer port (``mpnn.v1.Partition``, ``grpc.health.v1``), signed calls only;
+                the lookup table names it; 0 lets the OS pick (see :attr:`peer_port`).
+            workers: threads of the gRPC pool, which both gRPC ports share; sets
+                :attr:`pass_limit` and the ``ModelInfer`` cap (``limits``). None:
+                ``limits.default_workers`` for the partitions of the lookup table read now (the
+                pool keeps its size when a later table has more).
             http_port: Open Inference Protocol REST port; 0 lets the OS pick (see :attr:`http_port`);
                 None serves no REST.
+
+        With ``credentials.tls`` the peer port serves mutual TLS (clients verified against
+        ``ca.crt``), the public gRPC port and REST serve TLS.
 
         Raises:
             OSError: a port cannot be bound. And whatever :meth:`load` raises.
@@ -299,55 +317,100 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self._pass_slots = threading.Semaphore(self.pass_limit)
         self.inference.pass_limit = self.pass_limit
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+        auth = AuthInterceptor(self.credentials.key, network=self.name, audiences=self._audiences)
+        peer_server = grpc.server(self._executor, options=CHANNEL_OPTIONS, interceptors=[auth])
+        pb_grpc.add_PartitionServicer_to_server(self, peer_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, peer_server)
         server = grpc.server(self._executor, options=CHANNEL_OPTIONS)
-        pb_grpc.add_PartitionServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.inference, max_calls=max_infer_calls(workers)), server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+        tls = self.credentials.tls
+        try:
+            if tls is None:
+                self.peer_port = peer_server.add_insecure_port(f"{host}:{peer_port}")
+                self.port = server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.peer_port = peer_server.add_secure_port(f"{host}:{peer_port}", grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True))
+                self.port = server.add_secure_port(f"{host}:{port}",
+                                                   grpc.ssl_server_credentials([(tls.key, tls.cert)]))
+        except RuntimeError as exc:  # grpc raises RuntimeError where older versions returned 0
+            raise OSError(f"cannot bind {host}:{port} or {host}:{peer_port}: {exc}") from exc
+        if self.port == 0 or self.peer_port == 0:
+            raise OSError(f"cannot bind {host}:{port if self.port == 0 else peer_port}")
         if http_port is not None:
-            self._rest = RestServer(self.inference, host, http_port)
+            self._rest = RestServer(self.inference, host, http_port,
+                                    **({"ssl_context": _server_ssl_context(tls)} if tls is not None else {}))
             self.http_port = self._rest.port
         try:
             self.load()
+            peer_server.start()
             server.start()
             if self._rest is not None:
                 self._rest.start()
         except BaseException:
             if self._rest is not None:
                 self._rest.stop()
+            peer_server.stop(0)
             server.stop(0)
             self._executor.shutdown(wait=False)
             raise
-        self._grpc = server
+        self._grpc, self._peer_grpc = server, peer_server
         threading.Thread(target=self._watch_lookup, name="lookup-watch", daemon=True).start()
         log.info("serving", extra={"partition": self.index, "address": f"{host}:{self.port}",
-                                   "http_port": self.http_port})
+                                   "peer_port": self.peer_port, "http_port": self.http_port, "tls": tls is not None})
         return self.port
 
+    def _audiences(self) -> list[str]:
+        """The peer addresses a signed call to this server may name: its own in the table served."""
+        loaded = self._loaded
+        if loaded is None or self.index >= loaded.table.num_partitions:
+            return []
+        return [loaded.table.addresses[self.index]]
+
     def stop(self, grace: float = 5.0) -> None:
-        """Stop serving: REST first, then gRPC, giving calls in progress up to ``grace`` seconds each."""
+        """Stop serving: REST first, then the public gRPC port, then the peer port, giving calls
+        in progress up to ``grace`` seconds each."""
         self._stop.set()
         self.health.enter_graceful_shutdown()
         if self._rest is not None:
             self._rest.stop(grace)
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self._peer_grpc is not None:
+            self._peer_grpc.stop(grace).wait()
         if self._executor is not None:
             self._executor.shutdown(wait=False)  # grpc leaves its idle worker threads running
         self.inference.close()
         self.peers.close()
 
     def wait(self) -> None:
-        """Block until the gRPC server has stopped."""
+        """Block until the gRPC servers have stopped."""
         if self._grpc is not None:
             self._grpc.wait_for_termination()
+        if self._peer_grpc is not None:
+            self._peer_grpc.wait_for_termination()
 
 
 def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:
     """Every field as sent: proto3 cannot tell an unset 0 from a real one (Adam's beta1 = 0 is
     valid), so the driver always sends the whole config and a missing value fails validation."""
     return {field: getattr(msg, field) for field in asdict(OptimizerConfig())}
+
+
+def _server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """REST's TLS: this server's certificate and key (client certificates not asked for)."""
+    import tempfile
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # ssl loads a certificate chain from files only; a private temporary directory holds them
+    # for the moment of loading.
+    with tempfile.TemporaryDirectory(prefix="mpnn-tls-") as tmp:
+        cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+        cert.write_bytes(tls.cert)
+        key.touch(mode=0o600)
+        key.write_bytes(tls.key)
+        context.load_cert_chain(cert, key)
+    return context

@@ -217,17 +217,21 @@ def test_helm_install_upgrade_uninstall(kubectl, kubeconfig, install_crds, names
 # -- least privilege ---------------------------------------------------------------------------
 
 
-def test_service_account_cannot_read_secrets_create_workloads_or_escalate(kubectl, installed, namespace):
+def test_service_account_cannot_list_secrets_create_workloads_or_escalate(kubectl, installed, namespace):
     user = f"system:serviceaccount:{SYSTEM_NS}:{SYSTEM_SA}"
     # What it must be able to do (sanity: the identity is the bound one).
     for verb, resource in (("create", "partitions.mpnn.dev"), ("patch", "neuralnetworks.mpnn.dev/status"),
                            ("create", "statefulsets.apps"), ("create", "persistentvolumes"),
                            ("list", "pods"), ("create", "events"), ("create", "jobs.batch"),
-                           ("delete", "jobs.batch"), ("get", "serviceaccounts")):
+                           ("delete", "jobs.batch"), ("get", "serviceaccounts"),
+                           # Each network's peer key: made, read by name, deleted; nothing more.
+                           ("create", "secrets"), ("get", "secrets"), ("delete", "secrets"),
+                           ("create", "networkpolicies.networking.k8s.io"),
+                           ("delete", "networkpolicies.networking.k8s.io")):
         assert can_i(kubectl, user, verb, resource, namespace if resource != "persistentvolumes" else None), \
             (verb, resource)
     denied = [
-        ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"),
+        ("list", "secrets"), ("watch", "secrets"), ("update", "secrets"), ("patch", "secrets"),
         ("create", "deployments.apps"), ("create", "daemonsets.apps"), ("create", "cronjobs.batch"),
         ("patch", "jobs.batch"), ("update", "jobs.batch"), ("list", "serviceaccounts"),
         ("create", "pods"), ("delete", "pods"), ("create", "pods/exec"), ("create", "pods/eviction"),

@@ -43,6 +43,7 @@ from safetensors.numpy import save_file
 from tritonclient.utils import InferenceServerException
 
 from partition_server.api.distributor import Distribution, distribute
+from partition_server.api.peer_auth import PeerCredentials, generate_key
 from partition_server.client.local import free_ports
 from partition_server.storage.atomic import write_atomically
 from partition_server.api.lookup import LookupTable, loopback_addresses
@@ -401,12 +402,14 @@ class Servers:
         self.root, self.lookup = root, root / "lookup.json"
         self.addresses = loopback_addresses(free_ports(partitions))
         self.servers: dict[int, PartitionServer] = {}
+        self.credentials = PeerCredentials(NAME, generate_key())
         (root / NAME).mkdir()
         self.write_table(Distribution())
         try:
             for i in start:
-                self.servers[i] = PartitionServer(i, NAME, MODEL, self.lookup, root / NAME, poll_seconds=3600)
-                self.servers[i].start("127.0.0.1", self.port(i), workers=workers, http_port=0)
+                self.servers[i] = PartitionServer(i, NAME, MODEL, self.lookup, root / NAME, poll_seconds=3600,
+                                                  credentials=self.credentials)
+                self.servers[i].start("127.0.0.1", 0, peer_port=self.port(i), workers=workers, http_port=0)
         except BaseException:
             self.stop()
             raise
@@ -508,7 +511,7 @@ def test_grpc_calls_beyond_the_cap_are_unavailable_at_once(tmp_path, expected_in
     outcomes: list[tuple[str, str, float]] = []
 
     def call():
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{servers.port(0)}")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{servers.servers[0].port}")
         began = time.monotonic()
         try:
             client.infer(NAME, [grpc_input(x)], client_timeout=3)

@@ -41,7 +41,7 @@ def _weights(store: ModelStore) -> list[np.ndarray]:
 
 
 def _run(workdir, data, progress=None):
-    with LocalDeployment(NET, workdir) as dep, Driver(dep.table, timeout=30) as driver:
+    with LocalDeployment(NET, workdir) as dep, Driver(dep.table, timeout=30, credentials=dep.credentials) as driver:
         driver.wait_ready(60, alive=dep.check_alive)
         loaded_from = [s.checkpoint_sequence for s in driver.status()]
         store = ModelStore(dep.model_dir)
@@ -85,12 +85,12 @@ def test_killed_servers_resume_from_the_last_committed_checkpoint(tmp_path, data
 
 
 def test_mpnn_train_command_against_running_servers(tmp_path, data):
-    with LocalDeployment(NET, tmp_path) as dep, Driver(dep.table) as driver:
+    with LocalDeployment(NET, tmp_path) as dep, Driver(dep.table, credentials=dep.credentials) as driver:
         driver.wait_ready(60, alive=dep.check_alive)
         out = subprocess.run(
             [sys.executable, "-m", "partition_server.cli", "train", "--training", json.dumps(training_document(NET.training)),
              "--lookup", str(tmp_path / "lookup.json"), "--network", str(tmp_path / "network.json"),
-             "--model-dir", str(dep.model_dir), "--log-level", "warning"],
+             "--model-dir", str(dep.model_dir), "--peer-key-file", str(dep.key_path), "--log-level", "warning"],
             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
@@ -104,7 +104,7 @@ def test_a_retry_without_checkpoint_starts_from_the_initial_weights(tmp_path, da
         **MANIFEST["spec"]["training"], "epochs": 1, "checkpointEvery": 0}}})
 
     def run(workdir, stray_steps):
-        with LocalDeployment(one_epoch, workdir) as dep, Driver(dep.table, timeout=30) as driver:
+        with LocalDeployment(one_epoch, workdir) as dep, Driver(dep.table, timeout=30, credentials=dep.credentials) as driver:
             driver.wait_ready(60, alive=dep.check_alive)
             for i in range(stray_steps):  # a dead attempt's progress, never checkpointed
                 driver.step(data.x_train[i * 64:(i + 1) * 64], data.y_train[i * 64:(i + 1) * 64],
@@ -123,7 +123,7 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_checkpoint(t
         **spec, "model": {"inputs": 64, "layers": [{"units": 24, "activation": "identity"},
                                                    {"units": 10, "activation": "softmax"}]},
         "training": {**spec["training"], "learningRate": 1e5, "checkpointEvery": 1}}})
-    with LocalDeployment(wild, tmp_path) as dep, Driver(dep.table, timeout=30) as driver:
+    with LocalDeployment(wild, tmp_path) as dep, Driver(dep.table, timeout=30, credentials=dep.credentials) as driver:
         driver.wait_ready(60, alive=dep.check_alive)
         store = ModelStore(dep.model_dir)
         with pytest.raises(TrainingDiverged, match=r"training diverged: loss is (nan|inf) at step"):

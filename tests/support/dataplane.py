@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import grpc
 import numpy as np
 
+from partition_server.api.peer_auth import PeerCredentials, generate_key
 from partition_server.api.distributor import Distribution, distribute
 from partition_server.client.driver import Driver
 from partition_server.engine import OptimizerConfig, init_params
@@ -91,6 +92,7 @@ class Cluster:
         self.lookup_path = self.root / "lookup.json"
         self.poll_seconds = poll_seconds
         self.servers: dict[int, PartitionServer] = {}
+        self.credentials = PeerCredentials(name, generate_key())
         self._drivers: list[Driver] = []
         self._channels: list[grpc.Channel] = []
         self._start = list(range(partitions)) if start is None else list(start)
@@ -104,9 +106,10 @@ class Cluster:
         try:
             for i in self._start:
                 server = PartitionServer(i, self.name, self.model, self.lookup_path, self.model_dir,
-                                         poll_seconds=self.poll_seconds)
+                                         poll_seconds=self.poll_seconds, credentials=self.credentials)
                 self.servers[i] = server
-                bound = server.start(HOST, self.ports[i])
+                server.start(HOST, 0, peer_port=self.ports[i])
+                bound = server.peer_port
                 assert bound == self.ports[i], f"partition {i} bound {bound}, the table says {self.ports[i]}"
         except BaseException:
             self.stop()
@@ -137,7 +140,7 @@ class Cluster:
     # ------------------------------------------------------------ clients
 
     def driver(self, table: LookupTable | None = None, timeout: float = 60.0) -> Driver:
-        d = Driver(table or self.table, timeout=timeout)
+        d = Driver(table or self.table, timeout=timeout, credentials=self.credentials)
         self._drivers.append(d)
         return d
 
@@ -145,6 +148,13 @@ class Cluster:
         return pb_grpc.PartitionStub(self.channel(i))
 
     def channel(self, i: int) -> grpc.Channel:
+        """A channel to partition ``i``'s peer port whose calls are signed with the network's key."""
+        channel = self.credentials.channel(self.table.addresses[i])
+        self._channels.append(channel)
+        return channel
+
+    def unsigned_channel(self, i: int) -> grpc.Channel:
+        """A plain channel to partition ``i``'s peer port: what any other caller has."""
         channel = grpc.insecure_channel(self.table.addresses[i])
         self._channels.append(channel)
         return channel

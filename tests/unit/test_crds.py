@@ -113,7 +113,9 @@ def test_schema_mirrors_the_manifest_model(nn):
     assert set(spec["training"]["properties"]) == {_camel(f.name) for f in dataclasses.fields(manifest.TrainingSpec)}
     assert set(spec["training"]["properties"]["dataset"]["properties"]) == \
         {f.name for f in dataclasses.fields(manifest.DatasetSpec)}
-    assert set(spec["server"]["properties"]) == {_camel(f.name) for f in dataclasses.fields(manifest.ServerSpec)}
+    # spec.server.tls.secretName is ServerSpec.tls_secret.
+    assert set(spec["server"]["properties"]) == \
+        {_camel(f.name) for f in dataclasses.fields(manifest.ServerSpec)} - {"tlsSecret"} | {"tls"}
 
 
 def test_enums_match_the_manifest_model(nn):
@@ -183,8 +185,9 @@ def test_status_training_holds_what_the_trainer_and_the_operator_write(nn):
 
 def test_server_ports_must_differ(nn):
     server = _spec(nn)["properties"]["server"]
-    (rule,) = server["x-kubernetes-validations"]
+    rule, peer = server["x-kubernetes-validations"]
     assert rule["fieldPath"] == ".httpPort" and "spec.server.httpPort must differ" in rule["message"]
+    assert peer["fieldPath"] == ".peerPort" and "spec.server.peerPort must differ" in peer["message"]
 
 
 def test_storage_rules(nn):

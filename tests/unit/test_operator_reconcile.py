@@ -75,8 +75,8 @@ def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconc
     kube.create_network(_digits())
     reconciler.reconcile("ns", "digits")
     kinds = sorted({k for k, _, _ in kube.objects})
-    assert kinds == ["ConfigMap", "Job", "NeuralNetwork", "Partition", "PersistentVolume", "PersistentVolumeClaim",
-                     "Service", "StatefulSet"]
+    assert kinds == ["ConfigMap", "Job", "NetworkPolicy", "NeuralNetwork", "Partition", "PersistentVolume",
+                     "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
     assert kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]["metadata"].get("ownerReferences") is None
     for (kind, ns, name), obj in kube.objects.items():
         if kind not in ("NeuralNetwork", "PersistentVolume"):
@@ -92,8 +92,34 @@ def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconc
     assert sum(p["status"]["parameters"] for p in parts) == 128 * 65 + 64 * 129 + 10 * 65
 
     kube.writes.clear()
+    key = kube.objects[("Secret", "ns", "digits-peer-key")]["data"]["key"]
     reconciler.reconcile("ns", "digits")
     assert kube.writes == []
+    assert kube.objects[("Secret", "ns", "digits-peer-key")]["data"]["key"] == key  # never rotated under the pods
+
+
+def test_network_policy_false_deletes_the_policy_and_a_foreign_secret_name_is_a_conflict(kube, reconciler, events):
+    doc = _digits()
+    kube.create_network(doc)
+    reconciler.reconcile("ns", "digits")
+    assert ("NetworkPolicy", "ns", "digits-peers") in kube.objects
+    nn = kube.objects[("NeuralNetwork", "ns", "digits")]
+    nn["spec"].setdefault("server", {})["networkPolicy"] = False
+    nn["metadata"]["generation"] = nn["metadata"].get("generation", 1) + 1
+    reconciler.reconcile("ns", "digits")
+    assert ("NetworkPolicy", "ns", "digits-peers") not in kube.objects
+    # Someone else's Secret under the peer key's name is never taken over.
+    kube.create_network({**_digits(), "metadata": {**_digits()["metadata"], "name": "other"}})
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "other-peer-key", "namespace": "ns"},
+                "data": {"key": "eA=="}})
+    try:
+        reconciler.reconcile("ns", "other")
+    except Exception:  # noqa: BLE001 - RetryLater: the conflict is retried
+        pass
+    status = kube.objects[("NeuralNetwork", "ns", "other")]["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "NameConflict" and "Secret other-peer-key" in degraded["message"]
+    assert ("StatefulSet", "ns", "other") not in kube.objects
 
 
 def test_servers_and_jobs_run_the_operators_image_unless_the_spec_names_one(kube, events):

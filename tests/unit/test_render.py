@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mpnn_operator import builders, naming
@@ -16,7 +18,7 @@ from mpnn_operator.reconcile import Reconciler
 from mpnn_operator.render import render
 from partition_server.api.distributor import check_coverage, parse_neuron_ids, Range
 from partition_server.api.lookup import LookupTable
-from partition_server.api.manifest import DEFAULT_IMAGE, LayerSpec, ModelSpec, load_manifest, parse_training
+from partition_server.api.manifest import DEFAULT_IMAGE, LayerSpec, ManifestError, ModelSpec, load_manifest, parse_training
 from tests.support.fake_kube import FakeKube
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +44,8 @@ def _by_kind(objs: list[dict]) -> dict[str, list[dict]]:
 def test_digits_renders_every_child_with_labels_and_no_owner():
     objs = render(str(DIGITS))
     # digits.yaml has training but no storage: no Job.
-    assert [o["kind"] for o in objs] == ["Service", "Service", "ConfigMap"] + ["Partition"] * 4 + ["StatefulSet"]
+    assert [o["kind"] for o in objs] == (["Service", "Service", "NetworkPolicy", "ConfigMap"] + ["Partition"] * 4
+                                         + ["StatefulSet"])
     for o in objs:
         meta = o["metadata"]
         assert meta["namespace"] == "default"
@@ -60,7 +63,8 @@ def test_lookup_configmap_holds_a_valid_table_and_the_network_document():
     cm = _by_kind(render(str(DIGITS)))["ConfigMap"][0]
     table = LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
     assert table.layer_units == (128, 64, 10)
-    assert table.addresses == tuple(f"digits-{i}.digits.default.svc.cluster.local:50051" for i in range(4))
+    # The lookup names the peer port.
+    assert table.addresses == tuple(f"digits-{i}.digits.default.svc.cluster.local:50052" for i in range(4))
     assert check_coverage(table.layer_units, table.owners_by_layer) == []
     assert cm["metadata"]["annotations"]["mpnn.dev/lookup-version"] == table.version
     network = json.loads(cm["data"]["network.json"])
@@ -104,10 +108,12 @@ def test_statefulset_runs_servers_in_parallel_with_lookup_mounted_as_directory()
     assert env["MPNN_NETWORK"]["value"] == "/etc/mpnn/network.json"
     assert env["MPNN_MODEL_DIR"]["value"] == "/var/lib/mpnn/digits"
     assert env["MPNN_PORT"]["value"] == "50051"
+    assert env["MPNN_PEER_PORT"]["value"] == "50052"
     assert env["MPNN_HTTP_PORT"]["value"] == "8000"
     # Readiness is the server's own gRPC health, not /v2/health/ready (which needs every peer).
     assert container["readinessProbe"] == {"grpc": {"port": 50051}, "periodSeconds": 5, "failureThreshold": 3}
     assert container["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                                  {"name": "peer", "containerPort": 50052, "protocol": "TCP"},
                                   {"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["lookup"]["configMap"]["name"] == "digits-lookup"
@@ -181,7 +187,7 @@ def test_cli_render_prints_the_same_objects_as_yaml(capsys):
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert docs == render(str(DIGITS), cluster_domain="example.org", namespace="ml")
     table = LookupTable.from_dict(json.loads(_by_kind(docs)["ConfigMap"][0]["data"]["lookup.json"]))
-    assert table.addresses[0] == "digits-0.digits.ml.svc.example.org:50051"
+    assert table.addresses[0] == "digits-0.digits.ml.svc.example.org:50052"
 
 
 def test_cli_render_rejects_a_bad_namespace_naming_the_option(capsys):
@@ -215,7 +221,15 @@ def test_render_prints_what_the_operator_applies(tmp_path):
     reconciler.reconcile("ns", "digits")
     assert not [e for e in events if e[1] == "Warning"], events
     applied, owners = [], []
+    # The peer-key Secret is the one child render leaves out: its key is random, made once.
+    (secret,) = [o for o in kube.sent if o["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "digits-peer-key"
+    assert len(base64.b64decode(secret["data"]["key"])) == 32
+    assert secret["metadata"]["ownerReferences"] == [_owner_ref(kube.get(naming.API_VERSION, "NeuralNetwork",
+                                                                         name="digits", namespace="ns"))]
     for obj in kube.sent:
+        if obj["kind"] == "Secret":
+            continue
         obj = copy.deepcopy(obj)
         owners.append((obj["kind"], obj["metadata"].pop("ownerReferences", None)))
         if not applied or (obj["kind"], obj["metadata"]["name"]) != (applied[-1]["kind"],
@@ -245,7 +259,7 @@ def _adopt(child: dict, owner: dict) -> None:
 
 def test_inference_service_exposes_both_protocols_of_the_servers(tmp_path):
     doc = yaml.safe_load(DIGITS.read_text())
-    doc["spec"]["server"] = {"port": 50052, "httpPort": 8080}
+    doc["spec"]["server"] = {"port": 50052, "httpPort": 8080, "peerPort": 9000}
     path = tmp_path / "ports.yaml"
     path.write_text(yaml.safe_dump(doc))
     by_kind = _by_kind(render(str(path)))
@@ -256,7 +270,8 @@ def test_inference_service_exposes_both_protocols_of_the_servers(tmp_path):
     assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50052, "targetPort": "grpc", "protocol": "TCP"},
                                     {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     (container,) = sts["spec"]["template"]["spec"]["containers"]
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50052, "http": 8080}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50052, "http": 8080,
+                                                                             "peer": 9000}
     assert {"name": "MPNN_HTTP_PORT", "value": "8080"} in container["env"]
     assert svc["metadata"]["labels"][naming.COMPONENT] == naming.INFERENCE
 
@@ -305,7 +320,7 @@ def test_training_job_runs_the_driver_against_the_servers(tmp_path):
     assert json.loads(document)["runId"] == "run-2"
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env == {"MPNN_LOOKUP": "/etc/mpnn/lookup.json", "MPNN_NETWORK": "/etc/mpnn/network.json",
-                   "MPNN_MODEL_DIR": "/var/lib/mpnn/digits"}
+                   "MPNN_MODEL_DIR": "/var/lib/mpnn/digits", "MPNN_PEER_KEY_FILE": "/var/run/mpnn/peer-key/key"}
     server = sts["spec"]["template"]["spec"]
     # What the servers mount, the trainer mounts: the lookup as a directory, the shared model volume.
     assert pod["volumes"] == server["volumes"]
@@ -363,3 +378,104 @@ def test_job_names_fit_a_label_and_stay_distinct_per_run():
     # Cut right after a '-': that '-' is dropped, not doubled before the hash.
     assert naming.job_name("a" * 47, "b" * 20).startswith("a" * 47 + "-train-")
     assert "--" not in naming.job_name("a" * 47, "b" * 20)
+
+
+def _with_server(tmp_path, server: dict, storage: dict | None = None):
+    doc = yaml.safe_load(DIGITS.read_text())
+    doc["spec"]["server"] = server
+    if storage:
+        doc["spec"]["storage"] = storage
+    path = tmp_path / "net.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_the_peer_port_is_in_the_headless_service_only():
+    by_kind = _by_kind(render(str(DIGITS)))
+    headless, inference = by_kind["Service"]
+    assert headless["metadata"]["name"] == "digits" and inference["metadata"]["name"] == "digits-inference"
+    assert [(p["name"], p["port"]) for p in headless["spec"]["ports"]] == [("peer", 50052)]
+    assert [(p["name"], p["port"]) for p in inference["spec"]["ports"]] == [("grpc", 50051), ("http", 8000)]
+
+
+def test_the_network_policy_admits_the_peer_port_from_the_network_only_and_public_ports_from_anywhere():
+    (policy,) = _by_kind(render(str(DIGITS)))["NetworkPolicy"]
+    assert policy["metadata"]["name"] == "digits-peers"
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == naming.selector("digits")
+    assert spec["policyTypes"] == ["Ingress"]
+    peers, public = spec["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": {"mpnn.dev/network": "digits"}}}],
+                     "ports": [{"protocol": "TCP", "port": 50052}]}
+    assert "from" not in public and {p["port"] for p in public["ports"]} == {50051, 8000}
+
+
+def test_network_policy_false_renders_none(tmp_path):
+    objs = render(str(_with_server(tmp_path, {"networkPolicy": False})))
+    assert "NetworkPolicy" not in {o["kind"] for o in objs}
+
+
+def test_servers_and_trainer_mount_the_peer_key_secret_and_the_job_pods_are_admitted(tmp_path):
+    objs = render(str(_with_server(tmp_path, {"peerPort": 6000}, {"existingClaim": "models"})))
+    by_kind = _by_kind(objs)
+    assert "Secret" not in by_kind  # its random key is made by the operator, never rendered
+    sts, job = by_kind["StatefulSet"][0], by_kind["Job"][0]
+    for pod in (sts["spec"]["template"], job["spec"]["template"]):
+        (container,) = pod["spec"]["containers"]
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["peer-key"]["secret"] == {"secretName": "digits-peer-key", "defaultMode": 0o440}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["peer-key"] == {"name": "peer-key", "mountPath": builders.PEER_KEY_DIR, "readOnly": True}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MPNN_PEER_KEY_FILE"] == f"{builders.PEER_KEY_DIR}/key"
+        assert "MPNN_TLS_DIR" not in env
+        # The policy admits the trainer's pods to the peer port by this label.
+        assert pod["metadata"]["labels"]["mpnn.dev/network"] == "digits"
+    (policy,) = by_kind["NetworkPolicy"]
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 6000}]
+
+
+def test_peer_key_secret_holds_the_key_base64():
+    net = load_manifest(DIGITS)
+    secret = builders.peer_key_secret(net, b"k" * 32)
+    assert secret["metadata"]["name"] == "digits-peer-key" and secret["type"] == "Opaque"
+    assert secret["data"] == {"key": "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s="}
+
+
+def test_tls_secret_is_mounted_for_servers_and_trainer(tmp_path):
+    objs = render(str(_with_server(tmp_path, {"tls": {"secretName": "digits-tls"}}, {"existingClaim": "m"})))
+    by_kind = _by_kind(objs)
+    for pod in (by_kind["StatefulSet"][0]["spec"]["template"], by_kind["Job"][0]["spec"]["template"]):
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == "digits-tls"
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["MPNN_TLS_DIR"] == builders.TLS_DIR
+
+
+def test_servers_get_default_resources_unless_the_network_sets_its_own(tmp_path):
+    default = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    resources = lambda objs: _by_kind(objs)["StatefulSet"][0]["spec"]["template"]["spec"]["containers"][0].get(  # noqa: E731
+        "resources")
+    assert resources(render(str(DIGITS), server_resources=default)) == default
+    own = {"requests": {"cpu": "2"}}
+    assert resources(render(str(_with_server(tmp_path, {"resources": own})), server_resources=default)) == own
+    assert resources(render(str(DIGITS))) is None
+
+
+def test_cli_render_takes_server_resources_and_names_the_flag_when_bad(capsys):
+    assert cli.main(["render", str(DIGITS), "--server-resources", '{"limits": {"memory": "1Gi"}}']) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert _by_kind(docs)["StatefulSet"][0]["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "limits": {"memory": "1Gi"}}
+    assert cli.main(["render", str(DIGITS), "--server-resources", '{"limit": {}}']) == 2
+    assert "--server-resources" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("server,field", [({"peerPort": 50051}, "spec.server.peerPort"),
+                                          ({"peerPort": 8000}, "spec.server.peerPort"),
+                                          ({"networkPolicy": "yes"}, "spec.server.networkPolicy"),
+                                          ({"tls": {"secretName": "Bad_Name"}}, "spec.server.tls.secretName"),
+                                          ({"tls": {}}, "spec.server.tls.secretName")])
+def test_bad_server_network_fields_name_the_field(tmp_path, server, field):
+    with pytest.raises(ManifestError, match=field.replace(".", r"\.")):
+        load_manifest(_with_server(tmp_path, server))

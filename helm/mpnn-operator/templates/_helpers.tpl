@@ -109,6 +109,18 @@ Each rule is justified in docs/install.md ("Permissions").
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get]
+# Each network's peer key, Secret <name>-peer-key: created once with random bits, read
+# (is the name this network's?), deleted by nothing but the garbage collector and
+# this verb. Never list or watch: the operator sees no Secret it does not name.
+# resourceNames cannot narrow this: the names follow the networks, and create is
+# authorized before a name exists.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, get, delete]
+# The NetworkPolicy <name>-peers: applied, read, deleted with networkPolicy: false.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 # Events on NeuralNetworks (kopf posts core v1 Events).
 - apiGroups: [""]
   resources: [events]

@@ -2,8 +2,9 @@
 
 The driver sends each batch to all partitions at once (one ``RunPass`` call each);
 the partitions do the all-gather and reduce-scatter among themselves. It also
-coordinates checkpoints: every partition writes its shard, then the driver
-writes the commit record (``commit.json``), last. ``mpnn run`` uses it against local servers and a
+coordinates checkpoints: it reserves the next sequence on the shared volume,
+every partition writes its shard for that reservation, then the driver writes
+the commit record (``commit.json``), last. ``mpnn run`` uses it against local servers and a
 training Job uses it against a cluster's servers, with the same code.
 """
 
@@ -215,28 +216,40 @@ class Driver:
         replies = self.status()
         return sum(r.messages_sent for r in replies), sum(r.bytes_sent for r in replies)
 
-    def checkpoint(self, store: ModelStore, model: ModelSpec, meta: dict) -> Checkpoint:
-        """Every partition writes its shard of the next sequence; then the commit record is written, last.
+    def checkpoint(self, store: ModelStore, model: ModelSpec, meta: dict, *, run_id: str | None = None) -> Checkpoint:
+        """Reserve the next sequence, have every partition write its shard of it, then commit, last.
 
         ``meta`` is recorded with ``lookup_version`` and ``optimizer_step`` (the
         highest optimizer step of the partitions) added.
 
+        Args:
+            store: the network's checkpoints on the shared volume.
+            model: the network's shape, recorded in the commit record.
+            meta: JSON-serializable metadata for the commit record.
+            run_id: the run the sequence is reserved for (default: ``meta["run_id"]``,
+                else ``"unnamed"``); the servers write only with its reservation token.
+
         Returns:
-            The committed checkpoint; its ``sequence`` is ``store.next_sequence()`` at the call.
+            The committed checkpoint; its ``sequence`` is the one reserved here
+            (``store.next_sequence()`` at the call unless another trainer took it).
 
         Raises:
-            DriverError: a partition failed to write its shard.
-            StoreError: the shards do not make a consistent checkpoint.
+            DriverError: a partition refused or failed to write its shard (e.g.
+                FAILED_PRECONDITION when another trainer reserved a newer sequence).
+            StoreError: the reservation failed, or the shards do not make a consistent checkpoint.
 
-        A failure before the commit leaves the previous checkpoint as the latest.
+        A failure before the commit leaves the previous checkpoint as the latest;
+        the reserved directory is removed later by ``store.prune_stale``.
         """
-        sequence = store.next_sequence()
-        request = pb.CheckpointRequest(lookup_version=self.table.version, sequence=sequence)
+        run = run_id or str(meta.get("run_id") or "unnamed")
+        reservation = store.reserve(run_id=run)
+        request = pb.CheckpointRequest(lookup_version=self.table.version, sequence=reservation.sequence,
+                                       run_id=reservation.run_id, reservation_token=reservation.token)
         replies = self._all("Checkpoint", [request] * self.table.num_partitions)
         shards = [json.loads(r.shard_json) for r in replies]
         meta = {**meta, "lookup_version": self.table.version,
                 "optimizer_step": max(r.optimizer_step for r in replies)}
-        return store.commit(sequence, shards, network=model.shape_dict(), meta=meta)
+        return store.commit(reservation, shards, network=model.shape_dict(), meta=meta)
 
 
 def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:
@@ -317,8 +330,9 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
             if (training.checkpoint_every and done % training.checkpoint_every == 0) or done % per_epoch == 0:
                 meta = {"run_id": training.run_id, "run_step": done, "epoch": done / per_epoch,
                         "loss": loss, "optimizer": asdict(optimizer)}
-                ckpt_sequence = driver.checkpoint(store, model, meta).sequence
+                ckpt_sequence = driver.checkpoint(store, model, meta, run_id=training.run_id).sequence
                 store.prune(keep=KEEP_CHECKPOINTS)
+                store.prune_stale()
                 if progress:
                     progress({"run": training.run_id, "epoch": done // per_epoch, "step": done,
                               "loss": loss, "checkpoint": ckpt_sequence})

@@ -3,8 +3,10 @@
 :func:`load_partition` reads the lookup table, checks it against the network, and builds the
 engine for this partition's rows of every layer from the first source that exists:
 
-1. the latest committed checkpoint on the shared volume (weights, biases, optimizer state and
-   optimizer step), whatever the assignment was when it was written;
+1. the latest committed checkpoint on the shared volume whose every shard matches the sha256 in
+   its commit record (weights, biases, optimizer state and optimizer step), whatever the
+   assignment was when it was written; a newer checkpoint with a mismatching, missing or
+   resized shard is skipped with a warning naming it (``ModelStore.latest``);
 2. ``model.weights``, a safetensors file in PyTorch ``nn.Linear`` layout (relative paths are
    taken from the volume, the parent of the model directory);
 3. the seeded initialisation (``engine.init_params``), a pure function of (seed, layer).
@@ -12,6 +14,7 @@ engine for this partition's rows of every layer from the first source that exist
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from partition_server.engine import OptimizerConfig, PartitionEngine, init_param
 from partition_server.storage.store import ModelStore, read_torch_rows
 
 __all__ = ["Loaded", "load_partition"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ def load_partition(index: int, model: ModelSpec, *, lookup_path: Path, store: Mo
         tensors = {k: {n: ckpt.read_rows(k, n, ranges[k]) for n in ckpt.tensor_names(k)} for k in owned}
         built = engine({k: (t["weight"], t["bias"]) for k, t in tensors.items()}, optimizer)
         built.load_state(tensors, int(ckpt.meta.get("optimizer_step", 0)))
+        log.info("partition %d loaded checkpoint %d (shards verified against %s)", index, ckpt.sequence,
+                 ckpt.record_path.name)
         return Loaded(table, built, "checkpoint", ckpt.sequence)
     if model.weights:
         path = Path(model.weights)

@@ -58,7 +58,12 @@ from partition_server.serving.limits import default_workers, max_infer_calls, pa
 from partition_server.serving.loading import Loaded, load_partition
 from partition_server.serving.peers import GrpcTransport, Peers
 from partition_server.serving.rest import RestServer
-from partition_server.storage.store import ModelStore, StoreError
+from partition_server.storage.store import (
+    ForeignReservationError,
+    ModelStore,
+    Reservation,
+    StoreError,
+)
 
 __all__ = ["DEFAULT_TIMEOUT", "SERVICE", "PartitionServer"]
 
@@ -253,12 +258,32 @@ class PartitionServer(pb_grpc.PartitionServicer):
         return pb.ExchangeReply()
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
+        """Write this partition's shard of a checkpoint the driver reserved on the shared volume.
+
+        The request must carry the reserved ``sequence`` with the reserving ``run_id`` and
+        ``reservation_token``; they are checked against ``reservation.json`` before anything
+        is snapshotted or written. Errors (nothing is written with any of them):
+        INVALID_ARGUMENT for a sequence outside 0..10**12-1 or a malformed run id or token;
+        PERMISSION_DENIED for a sequence reserved by another run or with another token;
+        FAILED_PRECONDITION for an unreserved, committed or superseded sequence, a shard this
+        partition already wrote, or a stale lookup version; UNAVAILABLE if the write fails.
+        """
         loaded = self._current(request.lookup_version, context)
-        tensors, optimizer_step = loaded.engine.state_snapshot()
-        ranges = {k: loaded.engine.local_rows(k) for k in tensors}
         try:
-            info = self.store.write_shard(request.sequence, partition=self.index, layers=tensors, ranges=ranges)
+            reservation = Reservation.of(sequence=request.sequence, run_id=request.run_id,
+                                         token=request.reservation_token)
         except StoreError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"partition {self.index}: Checkpoint: {exc}")
+        try:
+            self.store.check_reservation(reservation)  # before the snapshot: a stray call costs nothing
+            tensors, optimizer_step = loaded.engine.state_snapshot()
+            ranges = {k: loaded.engine.local_rows(k) for k in tensors}
+            info = self.store.write_shard(reservation, partition=self.index, layers=tensors, ranges=ranges)
+        except ForeignReservationError as exc:
+            log.warning("checkpoint refused: %s", exc, extra={"partition": self.index})
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"partition {self.index}: {exc}")
+        except StoreError as exc:  # ReservationError included
+            log.warning("checkpoint refused: %s", exc, extra={"partition": self.index})
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"partition {self.index}: {exc}")
         except OSError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"partition {self.index}: writing the shard failed: {exc}")

@@ -37,21 +37,23 @@ def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], target: str | os.PathLike[str], *,
-                     metadata: Mapping[str, str]) -> tuple[str, int]:
+                     metadata: Mapping[str, str], exclusive: bool = False) -> tuple[str, int]:
     """Write ``tensors`` as a safetensors file at ``target``, atomically and durably.
 
     Args:
         tensors: key -> C-contiguous array of any dtype safetensors supports.
         target: the final path; its directory must exist.
         metadata: string -> string, stored in the file's header (``__metadata__``).
+        exclusive: never replace an existing ``target`` (the first writer wins).
 
     Returns:
         ``(sha256 hex digest, size in bytes)`` of the written file.
 
     Raises:
+        FileExistsError: ``exclusive`` and ``target`` exists; it is untouched.
         OSError: if writing, fsyncing or renaming fails; ``target`` is then untouched.
     """
-    with atomic_path(Path(target)) as tmp:
+    with atomic_path(Path(target), exclusive=exclusive) as tmp:
         save_file(dict(tensors), str(tmp), metadata=dict(metadata))
         digest, size = sha256_file(tmp)
     return digest, size

@@ -3,9 +3,12 @@
 Layout under the store root (the network's directory on the volume)::
 
     <root>/checkpoints/<sequence:012d>/shard-<partition:05d>.safetensors
+    <root>/checkpoints/<sequence:012d>/reservation.json
     <root>/checkpoints/<sequence:012d>/commit.json
 
-``commit.json`` is the *commit record*: written last, it lists every shard with
+``reservation.json`` is written first, by the driver, when it reserves the
+sequence (see :mod:`.reservation`); shards are written only for a reserved
+sequence. ``commit.json`` is the *commit record*: written last, it lists every shard with
 its row ranges, tensor specs, size and sha256, and is what makes the directory
 a checkpoint. Schema ``mpnn.dev/checkpoint/v2``::
 
@@ -37,6 +40,8 @@ __all__ = [
     "LEGACY_COMMIT_RECORD",
     "MAX_SEQUENCE",
     "RECORD_NAMES",
+    "RESERVATION",
+    "RESERVATION_SCHEMA",
     "SEQUENCE_DIR",
     "ShardInfo",
     "TensorSpec",
@@ -53,6 +58,10 @@ LEGACY_COMMIT_RECORD = "manifest.json"
 RECORD_NAMES = (COMMIT_RECORD, LEGACY_COMMIT_RECORD)
 """Names a commit record may have, in the order a reader looks for them."""
 CHECKPOINTS = "checkpoints"
+RESERVATION = "reservation.json"
+"""The reservation of a sequence, created exclusively by the driver before any shard is written."""
+RESERVATION_SCHEMA = "mpnn.dev/reservation/v1"
+"""``apiVersion`` of ``reservation.json``."""
 MAX_SEQUENCE = 10**12 - 1
 """Highest checkpoint sequence number: the directory name has 12 digits."""
 SEQUENCE_DIR = re.compile(r"^\d{12}$")

@@ -12,6 +12,8 @@ import numpy as np
 
 __all__ = [
     "CheckpointNotFoundError",
+    "ForeignReservationError",
+    "ReservationError",
     "RowRanges",
     "StoreError",
     "check_int",
@@ -34,6 +36,16 @@ class StoreError(ValueError):
 
 class CheckpointNotFoundError(StoreError, LookupError):
     """No committed checkpoint exists for the requested sequence."""
+
+
+class ReservationError(StoreError):
+    """A write or commit for a sequence that is not reserved, already committed, or superseded
+    by a newer reservation: nothing was written. (gRPC: FAILED_PRECONDITION.)"""
+
+
+class ForeignReservationError(ReservationError):
+    """The sequence is reserved, but by another run or with another token: nothing was written.
+    (gRPC: PERMISSION_DENIED.)"""
 
 
 def check_int(value: Any, field: str, *, minimum: int = 0, maximum: int | None = None) -> int:

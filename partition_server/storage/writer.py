@@ -4,7 +4,11 @@ Every partition writes only the rows of its own neurons (weight rows, biases,
 optimizer state rows) into its own shard file, so writers never share bytes.
 Whoever commits (the driver) collects every :class:`ShardInfo` and writes the
 commit record; until then the checkpoint does not exist, and a record that
-already exists is never replaced. Use these through :class:`ModelStore`.
+already exists is never replaced. Both need the sequence's :class:`Reservation`
+(see :mod:`.reservation`): a shard is written only for a reserved sequence, with
+the reserving run and token, and never replaces a shard already written; the
+commit re-hashes every shard against its :class:`ShardInfo`. Use these through
+:class:`ModelStore`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from partition_server.storage.atomic import fsync_dir, write_atomically
 from partition_server.storage.checkpoint import Checkpoint
 from partition_server.storage.files import save_safetensors, sha256_file
+from partition_server.storage.reservation import Reservation, check_reservation
 from partition_server.storage.schema import (
     CHECKPOINT_SCHEMA,
     COMMIT_RECORD,
@@ -30,6 +35,7 @@ from partition_server.storage.schema import (
     shard_file,
 )
 from partition_server.storage.validation import (
+    ReservationError,
     RowRanges,
     StoreError,
     check_int,
@@ -43,9 +49,9 @@ __all__ = ["commit_checkpoint", "write_shard"]
 log = logging.getLogger(__name__)
 
 
-def write_shard(directory: Path, sequence: int, *, partition: int,
+def write_shard(checkpoints_dir: Path, reservation: Reservation, *, partition: int,
                 layers: Mapping[int, Mapping[str, np.ndarray]], ranges: Mapping[int, RowRanges]) -> ShardInfo:
-    """Write partition ``partition``'s rows for checkpoint ``sequence`` into ``directory``.
+    """Write partition ``partition``'s rows for the reserved checkpoint into its directory.
 
     See :meth:`ModelStore.write_shard` for the arguments.
 
@@ -54,8 +60,8 @@ def write_shard(directory: Path, sequence: int, *, partition: int,
         OSError: if the file cannot be written.
     """
     partition = check_int(partition, "partition")
-    if record_path(directory) is not None:
-        raise StoreError(f"checkpoint {sequence} is already committed at {directory}; checkpoints are immutable")
+    sequence = reservation.sequence
+    directory = check_reservation(checkpoints_dir, reservation, newest=True)
     if not isinstance(layers, Mapping) or not isinstance(ranges, Mapping):
         raise StoreError("layers and ranges must be mappings keyed by layer index")
     if set(layers) != set(ranges):
@@ -98,7 +104,6 @@ def write_shard(directory: Path, sequence: int, *, partition: int,
             for name in named:
                 del tensors[f"layers.{k}.{name}"]
 
-    directory.mkdir(parents=True, exist_ok=True)
     file = shard_file(partition)
     metadata = {
         "apiVersion": CHECKPOINT_SCHEMA,
@@ -106,15 +111,19 @@ def write_shard(directory: Path, sequence: int, *, partition: int,
         "partition": str(partition),
         "ranges": json.dumps({str(k): [list(r) for r in v] for k, v in info_ranges.items()}),
     }
-    digest, size = save_safetensors(tensors, directory / file, metadata=metadata)
+    try:
+        digest, size = save_safetensors(tensors, directory / file, metadata=metadata, exclusive=True)
+    except FileExistsError:
+        raise ReservationError(f"partition {partition} already wrote its shard of checkpoint {sequence} "
+                               f"({directory / file}); a shard is never replaced") from None
     return ShardInfo(file=file, partition=partition, ranges=info_ranges, tensors=info_tensors,
                      sha256=digest, size=size)
 
 
-def commit_checkpoint(directory: Path, sequence: int, shards: Sequence[ShardInfo | Mapping[str, Any]], *,
-                      network: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
-                      verify: bool = False) -> Checkpoint:
-    """Make ``directory`` the checkpoint ``sequence`` by writing its ``commit.json``, last and exclusively.
+def commit_checkpoint(checkpoints_dir: Path, reservation: Reservation,
+                      shards: Sequence[ShardInfo | Mapping[str, Any]], *,
+                      network: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Checkpoint:
+    """Make the reserved sequence a checkpoint by writing its ``commit.json``, last and exclusively.
 
     See :meth:`ModelStore.commit` for the arguments.
 
@@ -122,6 +131,8 @@ def commit_checkpoint(directory: Path, sequence: int, shards: Sequence[ShardInfo
         StoreError: see :meth:`ModelStore.commit`.
         OSError: if the record cannot be written.
     """
+    sequence = reservation.sequence
+    directory = check_reservation(checkpoints_dir, reservation, newest=False)
     check_network(network)
     infos = [s if isinstance(s, ShardInfo) else ShardInfo.from_dict(s, f"shards[{i}]")
              for i, s in enumerate(shards)]
@@ -146,6 +157,9 @@ def commit_checkpoint(directory: Path, sequence: int, shards: Sequence[ShardInfo
     if record_path(directory) is not None:
         raise StoreError(f"checkpoint {sequence} is already committed at {directory}")
     for shard in infos:
+        if shard.file != shard_file(shard.partition):
+            raise StoreError(f"commit of checkpoint {sequence}: shard of partition {shard.partition} names file "
+                             f"{shard.file!r}, expected {shard_file(shard.partition)!r}")
         path = directory / shard.file
         try:
             size = path.stat().st_size
@@ -155,8 +169,10 @@ def commit_checkpoint(directory: Path, sequence: int, shards: Sequence[ShardInfo
         if size != shard.size:
             raise StoreError(f"commit of checkpoint {sequence}: shard {path} has {size} bytes, its ShardInfo says "
                              f"{shard.size} (rewritten since?)")
-        if verify and sha256_file(path)[0] != shard.sha256:
-            raise StoreError(f"commit of checkpoint {sequence}: shard {path} sha256 differs from its ShardInfo")
+        digest = sha256_file(path)[0]
+        if digest != shard.sha256:
+            raise StoreError(f"commit of checkpoint {sequence}: shard {path} has sha256 {digest}, its ShardInfo "
+                             f"says {shard.sha256} (another writer's shard?); not committed")
 
     # Shards were renamed into place by other processes; make those entries
     # durable before the record that points at them.

@@ -410,11 +410,14 @@ def test_uncommitted_checkpoint_is_ignored_and_weights_move_to_a_new_assignment(
         assert not np.allclose(moved, out_n, atol=1e-4)
 
         # The writer of N+1 dies after every shard but before the commit record.
+        dead = store.reserve(run_id="dead")
+        assert dead.sequence == n + 1
         for i in range(4):
-            cluster.stub(i).Checkpoint(pb.CheckpointRequest(lookup_version=cluster.table.version,
-                                                            sequence=n + 1), timeout=10)
+            cluster.stub(i).Checkpoint(pb.CheckpointRequest(
+                lookup_version=cluster.table.version, sequence=dead.sequence, run_id=dead.run_id,
+                reservation_token=dead.token), timeout=10)
         shards = sorted(p.name for p in store.sequence_dir(n + 1).iterdir())
-        assert shards == [f"shard-{i:05d}.safetensors" for i in range(4)]
+        assert shards == ["reservation.json"] + [f"shard-{i:05d}.safetensors" for i in range(4)]
         assert store.latest().sequence == n
 
         replies = driver.reload()
@@ -446,7 +449,7 @@ def test_uncommitted_checkpoint_is_ignored_and_weights_move_to_a_new_assignment(
         again = driver.checkpoint(store, MODEL, {"optimizer": asdict(SGD)})
         assert again.sequence == n + 2 and store.latest().sequence == n + 2
         assert sorted(s.file for s in again.shards) == ["shard-00000.safetensors", "shard-00001.safetensors"]
-        assert len(list(store.sequence_dir(n + 1).iterdir())) == 4  # untouched, never committed
+        assert len(list(store.sequence_dir(n + 1).iterdir())) == 5  # untouched, never committed
         for k in range(len(UNITS)):
             np.testing.assert_allclose(again.read_layer(k, "weight"), at_n.params[k][0], **TOL)
 
@@ -460,8 +463,10 @@ def test_partial_shards_of_a_dead_writer_are_ignored_at_startup(tmp_path):
         want, _, _ = driver.step(batch(6)[0])
         driver.step(x, y, SGD)
         # Only partition 0 got to write its shard of the next checkpoint.
-        cluster.stub(0).Checkpoint(pb.CheckpointRequest(lookup_version=cluster.table.version,
-                                                        sequence=ckpt.sequence + 1), timeout=10)
+        dead = ModelStore(cluster.model_dir).reserve(run_id="dead")
+        cluster.stub(0).Checkpoint(pb.CheckpointRequest(
+            lookup_version=cluster.table.version, sequence=dead.sequence, run_id=dead.run_id,
+            reservation_token=dead.token), timeout=10)
     with Cluster(tmp_path, 3, Distribution("count", counts=(20, 1, 3))) as cluster:
         replies = cluster.driver().status()
         assert {(r.weights_source, r.checkpoint_sequence) for r in replies} == {("checkpoint", ckpt.sequence)}
@@ -470,10 +475,15 @@ def test_partial_shards_of_a_dead_writer_are_ignored_at_startup(tmp_path):
 
 
 def test_checkpoint_rpc_writes_only_own_rows(cluster4):
-    cluster4.stub(1).Checkpoint(pb.CheckpointRequest(lookup_version=cluster4.table.version, sequence=5), timeout=10)
+    store = ModelStore(cluster4.model_dir)
+    reservation = store.reserve(run_id="run-a")
+    cluster4.stub(1).Checkpoint(pb.CheckpointRequest(
+        lookup_version=cluster4.table.version, sequence=reservation.sequence, run_id=reservation.run_id,
+        reservation_token=reservation.token), timeout=10)
     from safetensors.numpy import load_file
-    files = list(ModelStore(cluster4.model_dir).sequence_dir(5).iterdir())
-    assert [f.name for f in files] == ["shard-00001.safetensors"]
+    files = sorted(store.sequence_dir(reservation.sequence).iterdir())
+    assert [f.name for f in files] == ["reservation.json", "shard-00001.safetensors"]
+    files = files[1:]
     tensors = load_file(str(files[0]))
     # balanced/4 partition 1: layer 0 rows 3-5, layer 1 rows 2-3, layer 2 row 2; SGD momentum buffers too.
     assert tensors["layers.0.weight"].shape == (3, INPUTS)

@@ -65,12 +65,14 @@ def test_killed_servers_resume_from_the_last_committed_checkpoint(tmp_path, data
     committed = store.latest()
     assert committed.sequence == 3
     # A writer that dies before the commit record: shards of checkpoint 4 exist, full of garbage.
+    dead = store.reserve(run_id="dead")
+    assert dead.sequence == 4
     fan_in = [NET.model.inputs] + NET.model.layer_units[:-1]
     for shard in committed.shards:
         rows = {k: sum(e - s for s, e in rs) for k, rs in shard.ranges.items()}
         layers = {k: {"weight": np.full((n, fan_in[k]), 1e3, np.float32), "bias": np.full((n,), 1e3, np.float32)}
                   for k, n in rows.items()}
-        store.write_shard(4, partition=shard.partition, layers=layers,
+        store.write_shard(dead, partition=shard.partition, layers=layers,
                           ranges={k: list(rs) for k, rs in shard.ranges.items()})
     assert store.latest().sequence == 3
 

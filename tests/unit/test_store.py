@@ -18,10 +18,13 @@ from partition_server.storage.store import (
     Checkpoint,
     CheckpointNotFoundError,
     ModelStore,
+    Reservation,
+    ReservationError,
     ShardInfo,
     StoreError,
     read_torch_rows,
 )
+from partition_server.storage.reservation import create_reservation, has_reservation, read_reservation
 from tests.support import legacy_checkpoint as legacy
 
 NETWORK = {"inputs": 6, "layers": [{"units": 10, "activation": "relu"},
@@ -59,13 +62,24 @@ def rows_of(array, ranges):
     return np.concatenate([array[s:e] for s, e in ranges])
 
 
+def res(store, sequence, run_id="test"):
+    """The reservation of ``sequence``: the one on disk, else a new one for exactly that sequence."""
+    directory = store.sequence_dir(sequence)
+    if has_reservation(directory):
+        return read_reservation(directory, sequence)
+    reservation = create_reservation(store.checkpoints_dir, sequence, run_id=run_id)
+    assert reservation.sequence == sequence
+    return reservation
+
+
 def write_all(store, sequence, model, assignment, meta=None, commit=True):
+    reservation = res(store, sequence)
     infos = []
     for partition, owned in assignment.items():
         layers = {k: {n: rows_of(a, owned[k]) for n, a in model[k].items()} for k in owned}
-        infos.append(store.write_shard(sequence, partition=partition, layers=layers, ranges=owned))
+        infos.append(store.write_shard(reservation, partition=partition, layers=layers, ranges=owned))
     if commit:
-        return store.commit(sequence, infos, network=NETWORK, meta=meta), infos
+        return store.commit(reservation, infos, network=NETWORK, meta=meta), infos
     return None, infos
 
 
@@ -73,7 +87,7 @@ def test_layout_and_commit_record(tmp_path):
     store = ModelStore(tmp_path)
     ckpt, infos = write_all(store, 5, full_model(0), FOUR, meta={"lookupVersion": "sha256:ab", "loss": 0.5})
     sequence_dir = tmp_path / "checkpoints" / "000000000005"
-    assert sorted(os.listdir(sequence_dir)) == ["commit.json"] + [f"shard-{p:05d}.safetensors" for p in range(4)]
+    assert sorted(os.listdir(sequence_dir)) == ["commit.json", "reservation.json"] + [f"shard-{p:05d}.safetensors" for p in range(4)]
     record = json.loads((sequence_dir / "commit.json").read_text())
     assert COMMIT_RECORD == "commit.json"
     assert record["apiVersion"] == CHECKPOINT_SCHEMA == "mpnn.dev/checkpoint/v2"
@@ -208,71 +222,72 @@ def test_commit_refuses_other_inconsistencies(tmp_path):
     model = full_model(10)
     _, infos = write_all(store, 1, model, TWO, commit=False)
     with pytest.raises(StoreError, match=r"network.layers\[1\].units"):
-        store.commit(1, infos, network={"inputs": 6, "layers": [{"units": 10}, {"units": 0}, {"units": 3}]})
+        store.commit(res(store, 1), infos, network={"inputs": 6, "layers": [{"units": 10}, {"units": 0}, {"units": 3}]})
     with pytest.raises(StoreError, match=r"layer 0 weight has shape \[10, 6\], expected \[10, 5\]"):
-        store.commit(1, infos, network={"inputs": 5, "layers": NETWORK["layers"]})
+        store.commit(res(store, 1), infos, network={"inputs": 5, "layers": NETWORK["layers"]})
     with pytest.raises(StoreError, match="JSON-serializable"):
-        store.commit(1, infos, network=NETWORK, meta={"bad": object()})
+        store.commit(res(store, 1), infos, network=NETWORK, meta={"bad": object()})
     with pytest.raises(StoreError, match="partition.*more than one shard"):
-        store.commit(1, [infos[0], infos[0]], network=NETWORK)
+        store.commit(res(store, 1), [infos[0], infos[0]], network=NETWORK)
     os.remove(tmp_path / "checkpoints/000000000001/shard-00001.safetensors")
     with pytest.raises(StoreError, match="shard-00001.safetensors of partition 1 does not exist"):
-        store.commit(1, infos, network=NETWORK)
+        store.commit(res(store, 1), infos, network=NETWORK)
     assert store.latest() is None
 
 
 def test_commit_refuses_inconsistent_optimizer_state(tmp_path):
     store = ModelStore(tmp_path)
     model = full_model(11)
-    infos = [store.write_shard(1, partition=0, layers={0: {n: model[0][n] for n in ("weight", "bias")}},
+    infos = [store.write_shard(res(store, 1), partition=0, layers={0: {n: model[0][n] for n in ("weight", "bias")}},
                                ranges={0: [(0, 10)]}),
-             store.write_shard(1, partition=1, layers={k: model[k] for k in (1, 2)}, ranges=TWO[1])]
+             store.write_shard(res(store, 1), partition=1, layers={k: model[k] for k in (1, 2)}, ranges=TWO[1])]
     # Layers 1 and 2 have momentum, layer 0 not: fine, state is per layer.
-    ckpt = store.commit(1, infos, network=NETWORK)
+    ckpt = store.commit(res(store, 1), infos, network=NETWORK)
     assert ckpt.has(2, "bias.momentum") and not ckpt.has(0, "bias.momentum")
 
     split = {0: {0: [(0, 5)]}, 1: {0: [(5, 10)], 1: [(0, 7)], 2: [(0, 3)]}}
-    infos = [store.write_shard(2, partition=0, layers={0: {n: model[0][n][:5] for n in ("weight", "bias")}},
+    infos = [store.write_shard(res(store, 2), partition=0, layers={0: {n: model[0][n][:5] for n in ("weight", "bias")}},
                                ranges=split[0]),
-             store.write_shard(2, partition=1,
+             store.write_shard(res(store, 2), partition=1,
                                layers={0: {n: a[5:] for n, a in model[0].items()}, 1: model[1], 2: model[2]},
                                ranges=split[1])]
     with pytest.raises(StoreError, match="layer 0 tensors differ between shards"):
-        store.commit(2, infos, network=NETWORK)
+        store.commit(res(store, 2), infos, network=NETWORK)
 
 
 def test_committed_checkpoints_are_immutable(tmp_path):
     store = ModelStore(tmp_path)
     _, infos = write_all(store, 1, full_model(12), TWO)
     with pytest.raises(StoreError, match="already committed"):
-        store.write_shard(1, partition=0, layers={0: full_model(13)[0]}, ranges={0: [(0, 10)]})
+        store.write_shard(res(store, 1), partition=0, layers={0: full_model(13)[0]}, ranges={0: [(0, 10)]})
     with pytest.raises(StoreError, match="already committed"):
-        store.commit(1, infos, network=NETWORK)
+        store.commit(res(store, 1), infos, network=NETWORK)
 
 
 def test_write_shard_shape_errors_name_the_field(tmp_path):
     store = ModelStore(tmp_path)
+    reservation = store.reserve(run_id="test")
     w, b = np.zeros((4, 6), np.float32), np.zeros(4, np.float32)
     with pytest.raises(StoreError, match=r"layers\[0\]\['bias'\] has shape \[4\]: first dimension must be 5"):
-        store.write_shard(0, partition=0, layers={0: {"weight": np.zeros((5, 6), np.float32), "bias": b}},
+        store.write_shard(reservation, partition=0, layers={0: {"weight": np.zeros((5, 6), np.float32), "bias": b}},
                           ranges={0: [(0, 5)]})
     with pytest.raises(StoreError, match=r"layers\[0\]\['weight.momentum'\] has shape \[3, 6\]"):
-        store.write_shard(0, partition=0, layers={0: {"weight": w, "bias": b, "weight.momentum": w[:3]}},
+        store.write_shard(reservation, partition=0, layers={0: {"weight": w, "bias": b, "weight.momentum": w[:3]}},
                           ranges={0: [(0, 4)]})
     with pytest.raises(StoreError, match=r"layers\[0\] has no 'bias'"):
-        store.write_shard(0, partition=0, layers={0: {"weight": w}}, ranges={0: [(0, 4)]})
+        store.write_shard(reservation, partition=0, layers={0: {"weight": w}}, ranges={0: [(0, 4)]})
     with pytest.raises(StoreError, match=r"layers\[0\]\['weight'\] must be a 2-D array"):
-        store.write_shard(0, partition=0, layers={0: {"weight": b, "bias": b}}, ranges={0: [(0, 4)]})
+        store.write_shard(reservation, partition=0, layers={0: {"weight": b, "bias": b}}, ranges={0: [(0, 4)]})
     with pytest.raises(StoreError, match=r"ranges\[0\]\[1\] = \(2, 4\) overlaps"):
-        store.write_shard(0, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(0, 3), (2, 4)]})
+        store.write_shard(reservation, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(0, 3), (2, 4)]})
     with pytest.raises(StoreError, match=r"ranges\[0\]\[0\] = \(3, 3\) is empty"):
-        store.write_shard(0, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(3, 3)]})
+        store.write_shard(reservation, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(3, 3)]})
     with pytest.raises(StoreError, match=r"layers has layer keys \[0\] but ranges has \[0, 1\]"):
-        store.write_shard(0, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(0, 4)], 1: [(0, 1)]})
-    with pytest.raises(StoreError, match="sequence must be in 0..999999999999"):
-        store.write_shard(-1, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(0, 4)]})
-    # Nothing was left behind by the refused writes.
-    assert list(tmp_path.rglob("*")) == []
+        store.write_shard(reservation, partition=0, layers={0: {"weight": w, "bias": b}}, ranges={0: [(0, 4)], 1: [(0, 1)]})
+    with pytest.raises(StoreError, match="sequence must be in 0..999999999999, got -1"):
+        Reservation.of(sequence=-1, run_id="test", token=reservation.token)
+    # Nothing but the reservation was left behind by the refused writes.
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["000000000001", "checkpoints", "reservation.json"]
 
 
 def test_torch_export_import_round_trip(tmp_path):
@@ -386,11 +401,11 @@ def test_a_corrupt_shard_of_the_right_size_is_a_store_error_naming_the_file(tmp_
 def test_a_second_committer_cannot_replace_a_commit_record(tmp_path, monkeypatch):
     store = ModelStore(tmp_path)
     _, infos = write_all(store, 1, full_model(1), FOUR, commit=False)
-    first = store.commit(1, infos, network=NETWORK, meta={"writer": "a"})
+    first = store.commit(res(store, 1), infos, network=NETWORK, meta={"writer": "a"})
     # The other writer passed the "already committed?" check before the first one wrote.
     monkeypatch.setattr("pathlib.Path.exists", lambda self: False)
     with pytest.raises(StoreError, match="committed by another writer"):
-        store.commit(1, infos, network=NETWORK, meta={"writer": "b"})
+        store.commit(res(store, 1), infos, network=NETWORK, meta={"writer": "b"})
     monkeypatch.undo()
     assert store.get(1).meta == first.meta == {"writer": "a"}
 
@@ -405,7 +420,8 @@ def test_a_checkpoint_written_before_the_rename_loads_and_counts(tmp_path):
     shutil.copytree(legacy.DATA, root)
     store = ModelStore(root)
     assert store.sequences() == [legacy.SEQUENCE]
-    assert store.next_sequence() == legacy.DEAD_SEQUENCE + 1  # both old directories count
+    # The committed one counts; the dead writer's directory does not, but is never reused.
+    assert store.next_sequence() == legacy.SEQUENCE + 1
     ckpt = store.latest()
     assert ckpt is not None and ckpt.sequence == legacy.SEQUENCE
     assert ckpt.schema == LEGACY_CHECKPOINT_SCHEMA == "mpnn.dev/checkpoint/v1"
@@ -426,17 +442,19 @@ def test_a_checkpoint_written_before_the_rename_loads_and_counts(tmp_path):
                            expect_inputs=4, expect_units=2)
     np.testing.assert_array_equal(w, model[1]["weight"])
 
-    # Committed is committed, whatever the record's name.
-    with pytest.raises(StoreError, match="already committed"):
-        store.write_shard(legacy.SEQUENCE, partition=0, layers={0: model[0], 1: model[1]},
-                          ranges={0: [(0, 4)], 1: [(0, 2)]})
-    shard = store.write_shard(store.next_sequence(), partition=0, layers={0: model[0], 1: model[1]},
+    # Nothing is written into an old directory: it has no reservation.
+    forged = Reservation(legacy.SEQUENCE, "test", "0" * 64)
+    with pytest.raises(ReservationError, match=f"sequence {legacy.SEQUENCE} is not reserved"):
+        store.write_shard(forged, partition=0, layers={0: model[0], 1: model[1]}, ranges={0: [(0, 4)], 1: [(0, 2)]})
+    reservation = store.reserve(run_id="test")
+    assert reservation.sequence == legacy.DEAD_SEQUENCE + 1  # the dead writer's directory is stepped over
+    shard = store.write_shard(reservation, partition=0, layers={0: model[0], 1: model[1]},
                               ranges={0: [(0, 4)], 1: [(0, 2)]})
-    with pytest.raises(StoreError, match="already committed"):
-        store.commit(legacy.SEQUENCE, [shard], network=legacy.NETWORK)
+    with pytest.raises(ReservationError, match="not reserved"):
+        store.commit(forged, [shard], network=legacy.NETWORK)
 
     # The next checkpoint is written in the new form and is the latest; pruning removes the old one whole.
-    newer = store.commit(legacy.DEAD_SEQUENCE + 1, [shard], network=legacy.NETWORK)
+    newer = store.commit(reservation, [shard], network=legacy.NETWORK)
     assert newer.record_path.name == COMMIT_RECORD and newer.schema == CHECKPOINT_SCHEMA
     assert store.sequences() == [legacy.SEQUENCE, legacy.DEAD_SEQUENCE + 1]
     assert store.latest().sequence == legacy.DEAD_SEQUENCE + 1

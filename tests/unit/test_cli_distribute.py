@@ -65,7 +65,7 @@ def run_bad(capsys, argv) -> str:
 def test_prints_valid_lookup_json(tmp_path, capsys):
     t = run_ok(capsys, ["distribute", write(tmp_path, manifest())])
     assert t.network == "digits"
-    assert list(t.addresses) == [f"digits-{i}.digits.default.svc.cluster.local:50051" for i in range(4)]
+    assert list(t.addresses) == [f"digits-{i}.digits.default.svc.cluster.local:50052" for i in range(4)]
     assert t.layer_units == (128, 64, 10)
     assert [list(t.owners(k)) for k in range(3)] == distribute([128, 64, 10], 4, Distribution())
     assert [(r.start, r.end) for r in t.owners(2)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
@@ -88,7 +88,7 @@ def test_deterministic(tmp_path, capsys):
 
 
 def test_namespace_port_and_cluster_domain(tmp_path, capsys):
-    doc = manifest(server={"port": 6000})
+    doc = manifest(server={"peerPort": 6000})
     doc["metadata"]["namespace"] = "ml"
     doc["metadata"]["name"] = "net"
     t = run_ok(capsys, ["distribute", write(tmp_path, doc), "--cluster-domain", "corp.internal"])
@@ -98,7 +98,7 @@ def test_namespace_port_and_cluster_domain(tmp_path, capsys):
 def test_partitions_override(tmp_path, capsys):
     t = run_ok(capsys, ["distribute", write(tmp_path, manifest()), "--partitions", "6"])
     assert t.num_partitions == 6
-    assert list(t.addresses) == [f"digits-{i}.digits.default.svc.cluster.local:50051" for i in range(6)]
+    assert list(t.addresses) == [f"digits-{i}.digits.default.svc.cluster.local:50052" for i in range(6)]
     assert [(r.partition, r.start, r.end) for r in t.owners(2)] == [
         (0, 0, 2), (1, 2, 4), (2, 4, 6), (3, 6, 8), (4, 8, 9), (5, 9, 10)]
 
@@ -183,7 +183,7 @@ def test_process_exit_codes(tmp_path):
     good = _cli("distribute", write(tmp_path, manifest(), "good.yaml"), "--partitions", "3")
     assert good.returncode == 0, good.stderr
     t = LookupTable.from_dict(json.loads(good.stdout))
-    assert list(t.addresses) == [f"digits-{i}.digits.default.svc.cluster.local:50051" for i in range(3)]
+    assert list(t.addresses) == [f"digits-{i}.digits.default.svc.cluster.local:50052" for i in range(3)]
 
     bad = _cli("distribute", write(tmp_path, manifest(distribution={"strategy": "ids", "ids": [["0:0-127"], [], [], []]}),
                                    "bad.yaml"))

@@ -85,6 +85,9 @@ class PartitionEngine:
         optimizer: optimizer of the local rows.
         keep_versions: (keyword-only) how many parameter versions ``forward`` can choose from
             (the latest and the ones before it, by optimizer step).
+        adopt: (keyword-only) take float32 C-contiguous ``params`` as they are, marked
+            read-only, instead of copying them (the caller hands them over: one copy of the
+            rows in memory, e.g. rows just generated or read from a checkpoint).
 
     Raises:
         ValueError: layers that disagree with the table, a bad activation, or params of the
@@ -106,7 +109,7 @@ class PartitionEngine:
 
     def __init__(self, index: int, inputs: int, layers: Sequence[Any], table: Any,
                  params: Mapping[int, tuple[np.ndarray, np.ndarray]],
-                 optimizer: OptimizerConfig | None = None, *, keep_versions: int = 4):
+                 optimizer: OptimizerConfig | None = None, *, keep_versions: int = 4, adopt: bool = False):
         if keep_versions < 1:
             raise ValueError(f"keep_versions: must be >= 1 (got {keep_versions!r})")
         if not isinstance(inputs, (int, np.integer)) or inputs < 1:
@@ -131,7 +134,7 @@ class PartitionEngine:
         self._plan = CommunicationPlan(index, inputs=self.inputs, layers=layers, table=table)
         self._plans = self._plan.layers
         self._bwd_send = self._plan.bwd_send
-        self._versions = VersionedParameters(self._check_params(params), index=index, keep=keep_versions)
+        self._versions = VersionedParameters(self._check_params(params, adopt), index=index, keep=keep_versions)
         self._train_lock = threading.Lock()
         self.last_grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_deltas: dict[int, np.ndarray] = {}
@@ -409,7 +412,8 @@ class PartitionEngine:
             out[k] = tensors
         return out, step
 
-    def load_state(self, tensors: Mapping[int, Mapping[str, np.ndarray]], optimizer_step: int = 0) -> None:
+    def load_state(self, tensors: Mapping[int, Mapping[str, np.ndarray]], optimizer_step: int = 0, *,
+                   adopt: bool = False) -> None:
         """Replace parameters and optimizer state, e.g. from a checkpoint.
 
         Args:
@@ -417,6 +421,8 @@ class PartitionEngine:
                 ``bias`` are required; optimizer buffers are optional (missing ones start at
                 zero); buffers of the other optimizer are ignored, unknown names rejected.
             optimizer_step: the optimizer step counter to resume from, ``>= 0``.
+            adopt: take float32 C-contiguous tensors as they are (marked read-only) instead of
+                copying them; the caller hands them over.
 
         Raises:
             ValueError: missing or extra layers, missing or unknown tensors, wrong shapes;
@@ -425,8 +431,8 @@ class PartitionEngine:
         """
         if not isinstance(optimizer_step, (int, np.integer)) or optimizer_step < 0:
             raise ValueError(f"optimizer_step: must be an integer >= 0 (got {optimizer_step!r})")
-        params = self._check_params({k: (t.get("weight"), t.get("bias")) for k, t in tensors.items()})
-        state = check_state(tensors, params, wanted=self.optimizer.buffer_names())
+        params = self._check_params({k: (t.get("weight"), t.get("bias")) for k, t in tensors.items()}, adopt)
+        state = check_state(tensors, params, wanted=self.optimizer.buffer_names(), adopt=adopt)
         if not self._train_lock.acquire(blocking=False):
             raise RuntimeError(f"partition {self.index}: cannot load state while a training step is running")
         try:
@@ -434,5 +440,5 @@ class PartitionEngine:
         finally:
             self._train_lock.release()
 
-    def _check_params(self, params: Mapping[int, tuple[Any, Any]]) -> Params:
-        return check_params(params, index=self.index, shapes=self._plan.shapes())
+    def _check_params(self, params: Mapping[int, tuple[Any, Any]], adopt: bool = False) -> Params:
+        return check_params(params, index=self.index, shapes=self._plan.shapes(), adopt=adopt)

@@ -18,7 +18,7 @@ import pytest
 
 from partition_server.engine import (ACTIVATION_TABLE, ExchangeError, Mailbox, OptimizerConfig, PartitionEngine,
                                      StepAborted, WeightsChanged, activate, activation_derivative, init_params,
-                                     validate_batch)
+                                     init_partition, init_rows, validate_batch)
 from partition_server.api.distributor import Distribution, Range, distribute
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import ACTIVATIONS, LayerSpec
@@ -332,6 +332,38 @@ def test_init_params_deterministic_and_sliceable():
         np.testing.assert_array_equal(gather_rows(table, k, parts), a[k][0])
 
 
+@pytest.mark.parametrize("name", ["fragmented", "fragmented-singletons", "uneven", "holes", "balanced-4"])
+def test_row_local_init_equals_single_partition(name):
+    """Each partition generates only its own rows (seed, layer, row): any P and any ``ids``
+    split yields bit-identical initial weights to P=1."""
+    table = ASSIGNMENTS[name]
+    whole = init_partition(INPUTS, LAYERS, 5, {k: [(0, u)] for k, u in enumerate(UNITS)})
+    for p in range(table.num_partitions):
+        ranges = {k: [(r.start, r.end) for r in table.ranges(k, p)] for k in range(len(UNITS))}
+        mine = init_partition(INPUTS, LAYERS, 5, ranges)
+        assert set(mine) == {k for k, rs in ranges.items() if rs}
+        for k, (w, b) in mine.items():
+            rows = np.concatenate([np.arange(s, e) for s, e in ranges[k]])
+            np.testing.assert_array_equal(w, whole[k][0][rows])
+            assert not b.any()
+    # Same rows in another order, one at a time: still the same values.
+    w3, _ = init_rows(INPUTS, LAYERS, 5, 0, [(12, 13), (3, 4)])
+    np.testing.assert_array_equal(w3, whole[0][0][[12, 3]])
+    assert len({row.tobytes() for row in whole[0][0]}) == UNITS[0]  # every row its own stream
+
+
+def test_engine_adopts_handed_over_rows_without_copying():
+    table = ASSIGNMENTS["balanced-2"]
+    ranges = {k: [(r.start, r.end) for r in table.ranges(k, 0)] for k in range(len(UNITS))}
+    rows = init_partition(INPUTS, LAYERS, 5, ranges)
+    e = PartitionEngine(0, INPUTS, LAYERS, table, rows, adopt=True)
+    tensors = e.state_tensors()
+    for k, (w, b) in rows.items():
+        assert tensors[k]["weight"] is w and not w.flags.writeable
+    copied = PartitionEngine(0, INPUTS, LAYERS, table, init_partition(INPUTS, LAYERS, 5, ranges))
+    assert all(copied.state_tensors()[k]["weight"] is not w for k, (w, _) in rows.items())
+
+
 # ---------------------------------------------------------------- state and checkpoints
 
 def test_state_roundtrip_resumes_training_exactly():
@@ -641,3 +673,4 @@ def test_engine_imports_no_grpc_and_no_test_aids():
             "print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+

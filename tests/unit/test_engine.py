@@ -674,3 +674,39 @@ def test_engine_imports_no_grpc_and_no_test_aids():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
+
+@pytest.mark.parametrize("cfg, arrays", [
+    (OptimizerConfig("sgd", learning_rate=0.1, momentum=0.0), 1),
+    (OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9), 2),
+    (OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.01), 2),
+    (OptimizerConfig("adam", learning_rate=0.01), 3),
+    (OptimizerConfig("adam", learning_rate=0.01, weight_decay=0.01), 3),
+])
+def test_update_allocates_only_its_results_and_modifies_nothing(cfg, arrays):
+    """The new parameter and its new buffers are the only full-size allocations (no temporaries),
+    and neither the parameter, the gradient nor the old buffers change (versioned inference)."""
+    import tracemalloc
+
+    from partition_server.engine.optimizers import update
+
+    rng = np.random.default_rng(0)
+    p, g = (rng.standard_normal((500, 400)).astype(np.float32) for _ in range(2))
+    state = {f"weight.{b}": np.abs(rng.standard_normal(p.shape)).astype(np.float32) for b in cfg.buffer_names()}
+    before = {n: a.copy() for n, a in state.items()}
+    p0, g0, old = p.copy(), g.copy(), dict(state)
+    update(cfg, p, g, dict(state), name="weight", t=1)  # warm-up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        new_state = dict(state)
+        new = update(cfg, p, g, new_state, name="weight", t=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= arrays * p.nbytes + 64 * 1024, (peak / p.nbytes)
+    np.testing.assert_array_equal(p, p0)
+    np.testing.assert_array_equal(g, g0)
+    for n, a in old.items():
+        np.testing.assert_array_equal(a, before[n])
+        assert new_state[n] is not a
+    assert new is not p and new.shape == p.shape and new.dtype == np.float32

@@ -24,6 +24,7 @@ from partition_server.engine.init import init_params, init_partition, init_rows
 from partition_server.engine.mailbox import Mailbox, StepAborted
 from partition_server.engine.optimizers import OptimizerConfig
 from partition_server.engine.passes import PartitionEngine, StepResult
+from partition_server.engine.plan import LOG_FROM, is_phase
 from partition_server.engine.transport import ExchangeError, Transport
 from partition_server.engine.versions import WEIGHTS_CHANGED, WeightsChanged
 
@@ -31,6 +32,7 @@ __all__ = [
     "ACTIVATION_TABLE",
     "Activation",
     "ExchangeError",
+    "LOG_FROM",
     "Mailbox",
     "OptimizerConfig",
     "PartitionEngine",
@@ -44,5 +46,6 @@ __all__ = [
     "init_params",
     "init_partition",
     "init_rows",
+    "is_phase",
     "validate_batch",
 ]

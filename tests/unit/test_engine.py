@@ -89,13 +89,13 @@ def batch(seed: int, inputs: int = INPUTS, classes: int = UNITS[-1], size: int =
             rng.integers(0, classes, size=size, dtype=np.int64))
 
 
-def build(table, inputs=INPUTS, layers=LAYERS, optimizer=None, seed=3):
+def build(table, inputs=INPUTS, layers=LAYERS, optimizer=None, seed=3, **engine_kw):
     params = init_params(inputs, layers, seed)
     # Non-zero biases, so a bias mistake cannot hide behind zeros.
     rng = np.random.default_rng(99)
     params = [(w, rng.uniform(-0.5, 0.5, size=b.shape).astype(np.float32)) for w, b in params]
     ref = ReferenceNetwork(inputs, layers, params, optimizer)
-    engines = [PartitionEngine(p, inputs, layers, table, slice_params(params, table, p), optimizer)
+    engines = [PartitionEngine(p, inputs, layers, table, slice_params(params, table, p), optimizer, **engine_kw)
                for p in range(table.num_partitions)]
     return ref, engines, LocalTransport.group(table.num_partitions)
 
@@ -253,6 +253,74 @@ def test_training_matches_reference(name, optimizer):
     assert all(e.optimizer_step == 20 for e in engines)
     # Learning happened at all (so equality is not between two untouched copies).
     assert not np.allclose(ref.params[0][0], init_params(INPUTS, LAYERS, 3)[0][0])
+
+
+# ---------------------------------------------------------------- log-depth collectives (P >= 8)
+
+WIDE = [Layer(21, "relu"), Layer(17, "tanh"), Layer(10, "softmax")]  # every layer >= 8 units
+LOG_CASES = {
+    # (table, layers, log_from): P=8 by default; smaller P force Bruck's non-power-of-two rounds.
+    "balanced-8-wide": (balanced([21, 17, 10], 8), WIDE, 8),
+    "balanced-8-mixed": (balanced(UNITS, 8), LAYERS, 8),  # layers of 6 and 5 units stay direct
+    "fragmented-8": (round_robin([21, 17, 10], 8, 1), WIDE, 8),
+    "balanced-3-bruck": (balanced([21, 17, 10], 3), WIDE, 2),
+    "balanced-5-bruck": (balanced([21, 17, 10], 5), WIDE, 2),
+    "fragmented-6-bruck": (round_robin([21, 17, 10], 6, 2), WIDE, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(LOG_CASES))
+def test_log_depth_collectives_match_reference(name):
+    """Outputs, gradients and 20 Adam steps equal the reference; fewer messages, same bytes."""
+    table, layers, log_from = LOG_CASES[name]
+    P = table.num_partitions
+    optimizer = OptimizerConfig("adam", learning_rate=0.01)
+    ref, engines, transports = build(table, layers=layers, optimizer=optimizer, log_from=log_from)
+    _, direct, direct_t = build(table, layers=layers, optimizer=optimizer, log_from=10**6)
+    units = [layer.units for layer in layers]
+    x, y = batch(7, classes=units[-1])
+    outs = forward_all(engines, transports, "f", x)
+    want = ref.forward(x)
+    for p in table.partitions_in_layer(len(units) - 1):
+        np.testing.assert_allclose(outs[p], want, **TOL)
+    for t in transports:
+        t.reset_counters()
+    results = train_all(engines, transports, "g", x, y, apply=False)
+    train_all(direct, direct_t, "g", x, y, apply=False)
+    got = ref.train_step(x, y, apply=False)
+    assert all(r.loss == pytest.approx(got.loss, rel=1e-5) for r in results if r.loss is not None)
+    for k in range(len(units)):
+        np.testing.assert_allclose(assembled(table, engines, k, lambda e, k=k: e.last_grads[k][0]),
+                                   ref.last_grads[k][0], **TOL)
+        np.testing.assert_allclose(assembled(table, engines, k, lambda e, k=k: e.last_deltas[k].T).T,
+                                   ref.last_deltas[k], **TOL)
+    sent = sum(t.messages_sent for t in transports)
+    assert sent == sum(sum(e.messages_per_pass().values()) for e in engines)
+    direct_sent = sum(t.messages_sent for t in direct_t)
+    assert sent < direct_sent if P >= 5 else sent == direct_sent  # ceil(log2 3) == 3 - 1
+    assert sum(t.bytes_sent for t in transports) == sum(t.bytes_sent for t in direct_t)
+    if name == "balanced-8-wide":
+        assert sent == 5 * 8 * 3  # 5 collectives (3 fwd, 2 bwd) of P log2 P messages
+    assert all(not box.pending() for box in transports[0].mailboxes.values())
+    for step in range(20):
+        x, y = batch(500 + step, classes=units[-1])
+        train_all(engines, transports, f"t{step}", x, y)
+        ref.train_step(x, y)
+    for k in range(len(units)):
+        for i, name_ in enumerate(("weight", "bias")):
+            np.testing.assert_allclose(assembled(table, engines, k, lambda e, k=k: e.state_tensors()[k][name_]),
+                                       ref.params[k][i], **TOL)
+    assert P >= 3
+
+
+def test_log_depth_phases_are_named_by_round():
+    from partition_server.engine.plan import bruck_rounds, is_phase
+
+    assert bruck_rounds(8) == [(1, 1), (2, 2), (4, 4)]
+    assert bruck_rounds(5) == [(1, 1), (2, 2), (4, 1)]
+    assert bruck_rounds(1) == []
+    assert all(is_phase(p) for p in ("fwd", "bwd", "fwd.0", "bwd.12"))
+    assert not any(is_phase(p) for p in ("", "fwd.", "fwd.01", "fwd.64", "xyz", "bwd.-1", "fwd.1.2"))
 
 
 @pytest.mark.parametrize("last", ["identity", "sigmoid", "tanh"])

@@ -46,6 +46,9 @@ CASES = {
     "layers-2": (2, Distribution("layers", layers=((0,), (1, 2)))),
     "layers-3": (3, Distribution("layers", layers=((2,), (0,), (1,)))),
     "layers-4-empty": (4, Distribution("layers", layers=((1,), (0,), (2,), ()))),
+    # auto: here every layer is narrow (< 16 units per partition), so each stays whole.
+    "auto-2": (2, Distribution("auto")),
+    "auto-4": (4, Distribution("auto")),
 }
 
 
@@ -75,7 +78,7 @@ def test_cases_cover_what_they_claim():
     """Guard the parametrisation: every strategy at P 1..4 where it applies, and holes."""
     from partition_server.api.distributor import distribute
     strategies = {d.strategy for _, d in CASES.values()}
-    assert strategies == {"balanced", "count", "percentage", "ids", "layers"}
+    assert strategies == {"balanced", "count", "percentage", "ids", "layers", "auto"}
     assert {p for p, _ in CASES.values()} == {1, 2, 3, 4}
     holes = 0
     for p, dist in CASES.values():

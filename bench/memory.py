@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 worst = max(rows, key=lambda r: r["over_share_mib"])
                 results.append({
                     "partitions": n, "source": source,
-                    "peak_mib": {"median": statistics.median(r["peak_mib"] for r in rows),
+                    "peak_mib": {"median": round(statistics.median(r["peak_mib"] for r in rows), 1),
                                  "min": min(r["peak_mib"] for r in rows), "max": max(r["peak_mib"] for r in rows)},
                     "share_mib": round(params * 4 / n / MIB * (2 if source == "checkpoint" else 1), 1),
                     "worst_over_share_mib": worst["over_share_mib"],

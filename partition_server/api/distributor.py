@@ -3,7 +3,10 @@
 Implements the strategies of ``DESIGN.md`` ("Distributor strategies"), the four
 of "Multi Part Deployment of Neural Network" (arXiv 2506.01387, section 3:
 by count, by percentage, by neuron ids, by layers) plus ``balanced``, which
-keeps every partition busy on every layer.
+keeps every partition busy on every layer, and ``auto``, which is ``balanced`` except
+that layers too narrow to be worth splitting (fewer than ``AUTO_MIN_UNITS_PER_PARTITION``
+units per partition, e.g. a 10-unit output layer) are kept whole on one partition: their
+exchanges then cost a handful of messages instead of ``P (P - 1)``.
 
 An assignment is returned per layer as :class:`Runs`: a sequence of half-open
 :class:`Range` objects sorted by ``start`` that cover ``[0, units)`` exactly once,
@@ -26,7 +29,8 @@ from typing import Any, Iterator, Sequence, overload
 
 from partition_server.api.errors import FieldError
 
-STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
+STRATEGIES = ("balanced", "count", "percentage", "ids", "layers", "auto")
+AUTO_MIN_UNITS_PER_PARTITION = 16  # strategy auto: narrower layers stay whole on one partition
 
 
 class DistributionError(FieldError):
@@ -250,6 +254,8 @@ def distribute(layer_units: Sequence[int], partitions: int, dist: Distribution) 
                                 f"must be between 1 and the number of neurons ({total})")
     if dist.strategy == "balanced":
         return _balanced(layer_units, partitions)
+    if dist.strategy == "auto":
+        return _auto(layer_units, partitions)
     if dist.strategy == "count":
         counts = _require_list(dist.counts, "counts", partitions)
         for i, c in enumerate(counts):
@@ -308,6 +314,25 @@ def percentages_to_counts(percentages: Sequence[float], total: int) -> list[int]
 def _balanced(layer_units: Sequence[int], partitions: int) -> Assignment:
     shared: dict[int, Runs] = {}
     return [shared.get(units) or shared.setdefault(units, Runs.even(units, partitions)) for units in layer_units]
+
+
+def _auto(layer_units: Sequence[int], partitions: int) -> Assignment:
+    """``balanced``, except that each layer with ``units < AUTO_MIN_UNITS_PER_PARTITION * P``
+    goes whole to one partition: the narrow layers, in layer order, to partitions ``P-1``,
+    ``P-2``, ... (cyclically), those ``balanced`` gives the fewest neurons. With ``P = 1`` it
+    is ``balanced``."""
+    out: Assignment = []
+    narrow = 0
+    shared: dict[tuple[int, int], Runs] = {}
+    for units in layer_units:
+        if partitions > 1 and units < AUTO_MIN_UNITS_PER_PARTITION * partitions:
+            owner = partitions - 1 - narrow % partitions
+            narrow += 1
+            key = (units, -1 - owner)
+            out.append(shared.get(key) or shared.setdefault(key, Runs.whole(units, owner)))
+        else:
+            out.append(shared.get((units, 0)) or shared.setdefault((units, 0), Runs.even(units, partitions)))
+    return out
 
 
 def _interned(layer_units: Sequence[int], owners: Sequence[Sequence[Range]]) -> Assignment:

@@ -7,7 +7,8 @@ Modules, from the bottom up:
 - ``activations``: each activation next to its derivative, one table entry per API name.
 - ``optimizers``: ``OptimizerConfig``, SGD with momentum and Adam.
 - ``batch``: ``validate_batch``, the check every pass makes before any traffic.
-- ``init``: ``init_params``, the deterministic initial weights.
+- ``init``: ``init_rows``/``init_partition``/``init_params``, the deterministic initial weights
+  (a pure function of seed, layer and row).
 - ``plan``: the communication plan, who sends what to whom per layer.
 - ``versions``: the parameters by optimizer step (``WeightsChanged``).
 - ``transport`` and ``mailbox``: how messages reach the engine.
@@ -19,10 +20,11 @@ Other packages import from here, not from the modules.
 from partition_server.engine.activations import TABLE as ACTIVATION_TABLE
 from partition_server.engine.activations import Activation, activate, activation_derivative
 from partition_server.engine.batch import validate_batch
-from partition_server.engine.init import init_params
+from partition_server.engine.init import init_params, init_partition, init_rows
 from partition_server.engine.mailbox import Mailbox, StepAborted
 from partition_server.engine.optimizers import OptimizerConfig
 from partition_server.engine.passes import PartitionEngine, StepResult
+from partition_server.engine.plan import LOG_FROM, is_phase
 from partition_server.engine.transport import ExchangeError, Transport
 from partition_server.engine.versions import WEIGHTS_CHANGED, WeightsChanged
 
@@ -30,6 +32,7 @@ __all__ = [
     "ACTIVATION_TABLE",
     "Activation",
     "ExchangeError",
+    "LOG_FROM",
     "Mailbox",
     "OptimizerConfig",
     "PartitionEngine",
@@ -41,5 +44,8 @@ __all__ = [
     "activate",
     "activation_derivative",
     "init_params",
+    "init_partition",
+    "init_rows",
+    "is_phase",
     "validate_batch",
 ]

@@ -68,29 +68,64 @@ class OptimizerConfig:
         return ("momentum",) if self.momentum > 0 else ()
 
 
+def _effective_grad(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``g + weight_decay * p`` in ``out`` (or a new array), or ``g`` itself without weight decay."""
+    if not cfg.weight_decay:
+        return g
+    out = np.multiply(p, F32(cfg.weight_decay), out=out)
+    out += g
+    return out
+
+
 def _sgd(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray],
          name: str, t: int) -> np.ndarray:
-    lr = F32(cfg.learning_rate)
+    # New arrays: the parameter and, with momentum, the velocity; everything else is computed
+    # in place in those two (``-lr*v + p`` rounds exactly as ``p - lr*v``).
+    new_p = np.empty_like(p, dtype=F32)
+    g = _effective_grad(cfg, p, g, new_p)
     if cfg.momentum == 0:
-        return p - lr * g
+        np.multiply(g, -F32(cfg.learning_rate), out=new_p)
+        new_p += p
+        return new_p
     key = f"{name}.momentum"
-    v = g if key not in state else F32(cfg.momentum) * state[key] + g
-    v = np.array(v, dtype=F32, copy=True)
+    if key in state:
+        v = np.multiply(state[key], F32(cfg.momentum))
+        v += g
+    else:
+        v = np.array(g, dtype=F32, copy=True)
     state[key] = v
-    return p - lr * v
+    np.multiply(v, -F32(cfg.learning_rate), out=new_p)
+    new_p += p
+    return new_p
 
 
 def _adam(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray],
           name: str, t: int) -> np.ndarray:
-    lr = F32(cfg.learning_rate)
+    # New arrays: m, v and the parameter, nothing else (the parameter's buffer is the scratch
+    # space until it receives the result); none of the inputs is modified.
     mk, vk = f"{name}.adam_m", f"{name}.adam_v"
     b1, b2 = F32(cfg.beta1), F32(cfg.beta2)
-    m = (F32(1) - b1) * g if mk not in state else b1 * state[mk] + (F32(1) - b1) * g
-    v = (F32(1) - b2) * (g * g) if vk not in state else b2 * state[vk] + (F32(1) - b2) * (g * g)
+    new_p = np.empty_like(p, dtype=F32)
+    g = _effective_grad(cfg, p, g, new_p)  # lives in new_p with weight decay
+    m = np.multiply(g, F32(1) - b1)
+    v = np.empty_like(m)
+    if mk in state:
+        np.multiply(state[mk], b1, out=v)
+        m += v
+    np.multiply(g, g, out=v)
+    v *= F32(1) - b2
+    if vk in state:
+        np.multiply(state[vk], b2, out=new_p)  # g is no longer needed
+        v += new_p
     state[mk], state[vk] = m, v
-    m_hat = m / F32(1 - cfg.beta1 ** t)
-    v_hat = v / F32(1 - cfg.beta2 ** t)
-    return p - lr * m_hat / (np.sqrt(v_hat) + F32(cfg.eps))
+    # p - lr * (m / bc1) / (sqrt(v / bc2) + eps)
+    np.divide(v, F32(1 - cfg.beta2 ** t), out=new_p)
+    np.sqrt(new_p, out=new_p)
+    new_p += F32(cfg.eps)
+    np.divide(m, new_p, out=new_p)
+    new_p *= -F32(cfg.learning_rate) / F32(1 - cfg.beta1 ** t)
+    new_p += p
+    return new_p
 
 
 _RULES: Mapping[str, Callable[..., np.ndarray]] = {"sgd": _sgd, "adam": _adam}
@@ -111,9 +146,10 @@ def update(cfg: OptimizerConfig, param: np.ndarray, grad: np.ndarray, state: dic
 
     Returns:
         the updated parameter, a new float32 array of the same shape.
+
+    Memory: the only full-size arrays allocated are the results, the new parameter and its new
+    buffers (SGD: 1, SGD with momentum: 2, Adam: 3); no temporaries. Nothing given is modified.
     """
-    if cfg.weight_decay:
-        grad = grad + F32(cfg.weight_decay) * param
     return _RULES[cfg.name](cfg, param, grad, state, name, t)
 
 

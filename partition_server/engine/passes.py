@@ -18,7 +18,10 @@ distributed training of "F2D2N: Fully Distributed Deep Neural Network"
   ``db = Σ_batch δ_k[:, R]`` and the partial ``δ_k[:, R] W_k[R]``; the partials are
   reduce-scattered to the owners of layer ``k-1``, which multiply by
   ``act'(z_{k-1})``.
-- One message per (layer, peer, phase) per pass, never one per neuron.
+- One message per (layer, peer, phase) per pass, never one per neuron; at ``P >= 8``
+  layers that every partition owns use log-depth collectives instead (Bruck's all-gather and
+  its mirror reduce-scatter, :mod:`.plan`): ``ceil(log2 P)`` messages per layer and phase, the
+  same bytes.
 
 Who exchanges with whom is the communication plan (:mod:`.plan`); the messages go
 through a :class:`~.transport.Transport` (keys ``(pass_id, "fwd", k)`` and
@@ -44,7 +47,7 @@ from partition_server.api.manifest import ACTIVATIONS
 from partition_server.engine.activations import activate, activation_derivative
 from partition_server.engine.batch import validate_batch
 from partition_server.engine.optimizers import OptimizerConfig, apply_gradients
-from partition_server.engine.plan import CommunicationPlan
+from partition_server.engine.plan import LOG_FROM, CommunicationPlan
 from partition_server.engine.transport import ExchangeError, Transport
 from partition_server.engine.versions import Params, VersionedParameters, check_params, check_state, frozen
 
@@ -85,6 +88,12 @@ class PartitionEngine:
         optimizer: optimizer of the local rows.
         keep_versions: (keyword-only) how many parameter versions ``forward`` can choose from
             (the latest and the ones before it, by optimizer step).
+        adopt: (keyword-only) take float32 C-contiguous ``params`` as they are, marked
+            read-only, instead of copying them (the caller hands them over: one copy of the
+            rows in memory, e.g. rows just generated or read from a checkpoint).
+        log_from: (keyword-only) partition count from which layers that every partition owns
+            use the log-depth collectives (default 8; every partition of a network must be
+            given the same).
 
     Raises:
         ValueError: layers that disagree with the table, a bad activation, or params of the
@@ -106,7 +115,8 @@ class PartitionEngine:
 
     def __init__(self, index: int, inputs: int, layers: Sequence[Any], table: Any,
                  params: Mapping[int, tuple[np.ndarray, np.ndarray]],
-                 optimizer: OptimizerConfig | None = None, *, keep_versions: int = 4):
+                 optimizer: OptimizerConfig | None = None, *, keep_versions: int = 4, adopt: bool = False,
+                 log_from: int = LOG_FROM):
         if keep_versions < 1:
             raise ValueError(f"keep_versions: must be >= 1 (got {keep_versions!r})")
         if not isinstance(inputs, (int, np.integer)) or inputs < 1:
@@ -128,10 +138,10 @@ class PartitionEngine:
         self.layers = list(layers)
         self.table = table
         self.optimizer = optimizer or OptimizerConfig()
-        self._plan = CommunicationPlan(index, inputs=self.inputs, layers=layers, table=table)
+        self._plan = CommunicationPlan(index, inputs=self.inputs, layers=layers, table=table, log_from=log_from)
         self._plans = self._plan.layers
         self._bwd_send = self._plan.bwd_send
-        self._versions = VersionedParameters(self._check_params(params), index=index, keep=keep_versions)
+        self._versions = VersionedParameters(self._check_params(params, adopt), index=index, keep=keep_versions)
         self._train_lock = threading.Lock()
         self.last_grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_deltas: dict[int, np.ndarray] = {}
@@ -274,9 +284,12 @@ class PartitionEngine:
                 z += b
                 # The last layer travels as logits: softmax needs the whole row.
                 mine = z if k == last else activate(plan.activation, z)
-            got = self._exchange(transport, (pass_id, "fwd", k),
-                                 {q: mine for q in plan.fwd_send}, plan.fwd_recv,
-                                 {q: (batch, plan.widths[q]) for q in plan.fwd_recv}, deadline)
+            if plan.fwd_log:
+                got = self._allgather_log(transport, pass_id, plan, mine, batch, deadline)
+            else:
+                got = self._exchange(transport, (pass_id, "fwd", k),
+                                     {q: mine for q in plan.fwd_send}, plan.fwd_recv,
+                                     {q: (batch, plan.widths[q]) for q in plan.fwd_recv}, deadline)
             if not plan.need_full:
                 if mine is not None:
                     local[k] = mine
@@ -336,6 +349,12 @@ class PartitionEngine:
             if k == 0:
                 break
             prev = self._plans[k - 1]
+            if self._plan.bwd_log[k]:
+                total = self._reduce_scatter_log(transport, pass_id, prev, partial, batch, deadline)
+                out_grads[k - 1] = total
+                d = activation_derivative(prev.activation, local[k - 1])
+                deltas[k - 1] = total * d if d is not None else total
+                continue
             outgoing = {q: partial[:, sel] for q, sel in self._bwd_send[k].items()}
             got = self._exchange(transport, (pass_id, "bwd", k - 1), outgoing, prev.bwd_recv,
                                  {q: (batch, prev.n_local) for q in prev.bwd_recv}, deadline)
@@ -353,6 +372,39 @@ class PartitionEngine:
             d = activation_derivative(prev.activation, local[k - 1])
             deltas[k - 1] = total * d if d is not None else total
         return grads, out_grads
+
+    def _allgather_log(self, transport, pass_id, plan, mine, batch, deadline):
+        """Bruck's all-gather of layer ``plan.k``: ``{partition: its block of a_k}`` for every
+        other partition, in ``ceil(log2 P)`` rounds. Block offset ``o`` is partition
+        ``(index + o) mod P``; after round ``s`` the offsets ``0 .. 2^(s+1)-1`` are held."""
+        P, i = self._plan.partitions, self.index
+        held = [mine]  # by offset
+        for s, (d, n) in enumerate(self._plan.rounds):
+            src, dst = (i + d) % P, (i - d) % P
+            widths = [plan.widths[(src + o) % P] for o in range(n)]
+            out = held[0] if n == 1 else np.concatenate(held[:n], axis=1)
+            got = self._exchange(transport, (pass_id, f"fwd.{s}", plan.k), {dst: out}, [src],
+                                 {src: (batch, sum(widths))}, deadline)[src]
+            held.extend(_split_columns(got, widths))
+        return {(i + o) % P: block for o, block in enumerate(held) if o}
+
+    def _reduce_scatter_log(self, transport, pass_id, prev, partial, batch, deadline):
+        """The mirror of :meth:`_allgather_log` for ``dL/da_{k-1}`` (``prev`` is layer ``k-1``):
+        this partition's columns of the sum of every partition's ``partial``, in
+        ``ceil(log2 P)`` rounds, partial sums travelling to ``index + 2^s`` in reverse round
+        order. The order of the additions is fixed by the rounds, not by arrival."""
+        P, i = self._plan.partitions, self.index
+        acc = [np.array(partial[:, prev.col_sel[(i + o) % P]], dtype=F32, order="C") for o in range(P)]
+        for s in range(len(self._plan.rounds) - 1, -1, -1):
+            d, n = self._plan.rounds[s]
+            src, dst = (i - d) % P, (i + d) % P
+            widths = [prev.widths[(i + o) % P] for o in range(n)]
+            out = acc[d] if n == 1 else np.concatenate(acc[d:d + n], axis=1)
+            got = self._exchange(transport, (pass_id, f"bwd.{s}", prev.k), {dst: out}, [src],
+                                 {src: (batch, sum(widths))}, deadline)[src]
+            for o, piece in enumerate(_split_columns(got, widths)):
+                acc[o] += piece
+        return acc[0]
 
     def _exchange(self, transport, key, outgoing, expect, shapes, deadline):
         if not outgoing and not expect:
@@ -409,7 +461,8 @@ class PartitionEngine:
             out[k] = tensors
         return out, step
 
-    def load_state(self, tensors: Mapping[int, Mapping[str, np.ndarray]], optimizer_step: int = 0) -> None:
+    def load_state(self, tensors: Mapping[int, Mapping[str, np.ndarray]], optimizer_step: int = 0, *,
+                   adopt: bool = False) -> None:
         """Replace parameters and optimizer state, e.g. from a checkpoint.
 
         Args:
@@ -417,6 +470,8 @@ class PartitionEngine:
                 ``bias`` are required; optimizer buffers are optional (missing ones start at
                 zero); buffers of the other optimizer are ignored, unknown names rejected.
             optimizer_step: the optimizer step counter to resume from, ``>= 0``.
+            adopt: take float32 C-contiguous tensors as they are (marked read-only) instead of
+                copying them; the caller hands them over.
 
         Raises:
             ValueError: missing or extra layers, missing or unknown tensors, wrong shapes;
@@ -425,8 +480,8 @@ class PartitionEngine:
         """
         if not isinstance(optimizer_step, (int, np.integer)) or optimizer_step < 0:
             raise ValueError(f"optimizer_step: must be an integer >= 0 (got {optimizer_step!r})")
-        params = self._check_params({k: (t.get("weight"), t.get("bias")) for k, t in tensors.items()})
-        state = check_state(tensors, params, wanted=self.optimizer.buffer_names())
+        params = self._check_params({k: (t.get("weight"), t.get("bias")) for k, t in tensors.items()}, adopt)
+        state = check_state(tensors, params, wanted=self.optimizer.buffer_names(), adopt=adopt)
         if not self._train_lock.acquire(blocking=False):
             raise RuntimeError(f"partition {self.index}: cannot load state while a training step is running")
         try:
@@ -434,5 +489,14 @@ class PartitionEngine:
         finally:
             self._train_lock.release()
 
-    def _check_params(self, params: Mapping[int, tuple[Any, Any]]) -> Params:
-        return check_params(params, index=self.index, shapes=self._plan.shapes())
+    def _check_params(self, params: Mapping[int, tuple[Any, Any]], adopt: bool = False) -> Params:
+        return check_params(params, index=self.index, shapes=self._plan.shapes(), adopt=adopt)
+
+
+def _split_columns(arr: np.ndarray, widths: Sequence[int]) -> list[np.ndarray]:
+    """``arr`` cut into consecutive column blocks of ``widths`` (views)."""
+    out, at = [], 0
+    for w in widths:
+        out.append(arr[:, at:at + w])
+        at += w
+    return out

@@ -3,7 +3,9 @@
 The engine is transport-agnostic. It calls ``Transport.exchange`` with keys
 ``(pass_id, "fwd", k)`` (the carried tensor is ``a_k``, or the logits ``z_k`` of the last
 layer) and ``(pass_id, "bwd", k)`` (the carried tensor is a partial of ``dL/da_k``, sent by
-owners of layer ``k+1``): one message per (layer, peer, phase) per pass. The partition server
+owners of layer ``k+1``): one message per (layer, peer, phase) per pass. The log-depth
+collectives (``P >= 8``, :mod:`.plan`) send one message per round instead, under the phases
+``"fwd.s"`` and ``"bwd.s"`` (round ``s``), a block of several partitions' columns each. The partition server
 implements it over gRPC; ``partition_server.testing.LocalTransport`` runs partitions as threads
 of one process.
 """

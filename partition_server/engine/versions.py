@@ -54,18 +54,28 @@ def frozen(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _owned(arr: Any, adopt: bool) -> np.ndarray:
+    """A read-only float32 C-contiguous array of ``arr``: a copy, or with ``adopt`` the array
+    itself when it already is float32 and C-contiguous (then frozen in place)."""
+    if adopt:
+        return frozen(np.ascontiguousarray(arr, dtype=F32))
+    return frozen(np.array(arr, dtype=F32, copy=True, order="C"))
+
+
 def check_params(params: Mapping[int, tuple[Any, Any]], *, index: int,
-                 shapes: Mapping[int, tuple[int, int]]) -> Params:
-    """Validate and copy one partition's parameters.
+                 shapes: Mapping[int, tuple[int, int]], adopt: bool = False) -> Params:
+    """Validate and copy (or, with ``adopt``, take over) one partition's parameters.
 
     Args:
         params: ``{k: (W_rows, b_rows)}``; either may be None (reported as missing).
         index: the partition, for messages.
         shapes: ``{k: (n_local_k, in_k)}`` for exactly the layers the partition owns.
+        adopt: take float32 C-contiguous arrays as they are (marked read-only in place; the
+            caller must hold no other writeable reference) instead of copying them.
 
     Returns:
-        ``{k: (W_rows [n_local_k, in_k], b_rows [n_local_k])}``: read-only float32 copies,
-        layers ascending.
+        ``{k: (W_rows [n_local_k, in_k], b_rows [n_local_k])}``: read-only float32 copies (or
+        the adopted arrays), layers ascending.
     Raises:
         ValueError: extra or missing layers, a missing tensor, a wrong shape or a non-floating
             dtype; the message names the layer and tensor.
@@ -88,12 +98,12 @@ def check_params(params: Mapping[int, tuple[Any, Any]], *, index: int,
             if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating):
                 raise ValueError(f"params[{k}].{name}: expected float32 of shape {list(shape)}, "
                                  f"got {arr.dtype} of shape {list(arr.shape)}")
-        out[k] = (frozen(np.array(w, dtype=F32, copy=True)), frozen(np.array(b, dtype=F32, copy=True)))
+        out[k] = (_owned(w, adopt), _owned(b, adopt))
     return out
 
 
 def check_state(tensors: Mapping[int, Mapping[str, np.ndarray]], params: Params, *,
-                wanted: tuple[str, ...]) -> dict[int, dict[str, np.ndarray]]:
+                wanted: tuple[str, ...], adopt: bool = False) -> dict[int, dict[str, np.ndarray]]:
     """The optimizer buffers of a checkpoint's tensors, validated against ``params``.
 
     Args:
@@ -101,6 +111,7 @@ def check_state(tensors: Mapping[int, Mapping[str, np.ndarray]], params: Params,
         params: the checked parameters of the same layers (:func:`check_params`).
         wanted: the buffer suffixes the optimizer uses (``OptimizerConfig.buffer_names``);
             known buffers of another optimizer are ignored.
+        adopt: take float32 C-contiguous arrays as they are instead of copying them.
 
     Returns:
         ``{k: {"weight.momentum": [n_local, in_k], ...}}``: read-only float32 copies.
@@ -121,7 +132,7 @@ def check_state(tensors: Mapping[int, Mapping[str, np.ndarray]], params: Params,
             arr = np.asarray(arr)
             if arr.shape != ref.shape:
                 raise ValueError(f"state[{k}].{name}: expected shape {list(ref.shape)}, got {list(arr.shape)}")
-            state[k][name] = frozen(np.array(arr, dtype=F32, copy=True))
+            state[k][name] = _owned(arr, adopt)
     return state
 
 

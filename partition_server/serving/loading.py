@@ -9,7 +9,11 @@ engine for this partition's rows of every layer from the first source that exist
    resized shard is skipped with a warning naming it (``ModelStore.latest``);
 2. ``model.weights``, a safetensors file in PyTorch ``nn.Linear`` layout (relative paths are
    taken from the volume, the parent of the model directory);
-3. the seeded initialisation (``engine.init_params``), a pure function of (seed, layer).
+3. the seeded initialisation (``engine.init_partition``), a pure function of (seed, layer, row):
+   only this partition's rows are generated.
+
+Each source's rows are handed to the engine as they are (``adopt``): one copy of the rows, plus
+optimizer state, is in memory, never the whole network.
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import ModelSpec
-from partition_server.engine import OptimizerConfig, PartitionEngine, init_params
+from partition_server.engine import OptimizerConfig, PartitionEngine, init_partition
 from partition_server.storage.store import ModelStore, read_torch_rows
 
 __all__ = ["Loaded", "load_partition"]
@@ -71,14 +74,15 @@ def load_partition(index: int, model: ModelSpec, *, lookup_path: Path, store: Mo
     owned = [k for k, rs in ranges.items() if rs]
 
     def engine(params: dict, optimizer: OptimizerConfig | None = None) -> PartitionEngine:
-        return PartitionEngine(index, model.inputs, model.layers, table, params, optimizer)
+        # The rows were made for this engine alone: it adopts them instead of copying.
+        return PartitionEngine(index, model.inputs, model.layers, table, params, optimizer, adopt=True)
 
     ckpt = store.latest()
     if ckpt is not None:
         optimizer = OptimizerConfig(**ckpt.meta["optimizer"]) if "optimizer" in ckpt.meta else None
         tensors = {k: {n: ckpt.read_rows(k, n, ranges[k]) for n in ckpt.tensor_names(k)} for k in owned}
         built = engine({k: (t["weight"], t["bias"]) for k, t in tensors.items()}, optimizer)
-        built.load_state(tensors, int(ckpt.meta.get("optimizer_step", 0)))
+        built.load_state(tensors, int(ckpt.meta.get("optimizer_step", 0)), adopt=True)
         log.info("partition %d loaded checkpoint %d (shards verified against %s)", index, ckpt.sequence,
                  ckpt.record_path.name)
         return Loaded(table, built, "checkpoint", ckpt.sequence)
@@ -89,11 +93,4 @@ def load_partition(index: int, model: ModelSpec, *, lookup_path: Path, store: Mo
         params = {k: read_torch_rows(path, k, ranges[k], expect_inputs=fan_in[k], expect_units=model.layer_units[k])
                   for k in owned}
         return Loaded(table, engine(params), "import", -1)
-    full = init_params(model.inputs, model.layers, model.seed)
-    params = {k: (_take_rows(full[k][0], ranges[k]), _take_rows(full[k][1], ranges[k])) for k in owned}
-    return Loaded(table, engine(params), "init", -1)
-
-
-def _take_rows(arr: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
-    """The rows of ``arr`` in the half-open ``ranges``, concatenated in order."""
-    return np.concatenate([arr[s:e] for s, e in ranges]) if ranges else arr[:0]
+    return Loaded(table, engine(init_partition(model.inputs, model.layers, model.seed, ranges)), "init", -1)

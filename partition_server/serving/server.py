@@ -50,7 +50,7 @@ from partition_server.api.protos import grpc_predict_v2_pb2_grpc as inference_gr
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import from_tensor, to_tensor
-from partition_server.engine import ExchangeError, Mailbox, OptimizerConfig, WeightsChanged
+from partition_server.engine import ExchangeError, Mailbox, OptimizerConfig, WeightsChanged, is_phase
 from partition_server.serving import reasons
 from partition_server.serving.inference import ModelInference
 from partition_server.serving.inference_grpc import InferenceServicer
@@ -245,8 +245,10 @@ class PartitionServer(pb_grpc.PartitionServicer):
 
     def Exchange(self, request: pb.ExchangeRequest, context: grpc.ServicerContext) -> pb.ExchangeReply:
         self._current(request.lookup_version, context)
-        if request.phase not in ("fwd", "bwd"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"phase must be fwd or bwd, got {request.phase!r}")
+        if not is_phase(request.phase):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"phase must be fwd or bwd, or fwd.N/bwd.N for round N of a log-depth collective, "
+                          f"got {request.phase!r}")
         try:
             arr = from_tensor(request.tensor, "tensor", "float32")
             # The sender's pass ends by its deadline, and this partition's part of the same pass

@@ -30,6 +30,8 @@ from partition_server.storage.validation import (
     layer_inputs,
 )
 
+_READ_CHUNK_BYTES = 8 << 20  # rows copied per slice of a shard in read_rows
+
 __all__ = ["Checkpoint"]
 
 
@@ -156,6 +158,8 @@ class Checkpoint:
                 pos = hi
                 i += 1
         key = f"layers.{layer}.{name}"
+        row_bytes = max(1, out.dtype.itemsize * int(np.prod(out.shape[1:], dtype=np.int64)))
+        step = max(1, _READ_CHUNK_BYTES // row_bytes)
         for file, reads in plan.items():
             path = self.path / file
             try:
@@ -164,7 +168,11 @@ class Checkpoint:
                         raise StoreError(f"{path}: tensor {key} is missing although the commit record lists it")
                     tensor = f.get_slice(key)
                     for lo, hi, at in reads:
-                        out[at:at + hi - lo] = tensor[lo:hi]
+                        # In chunks, so the slice safetensors materialises stays small (the rows
+                        # are held once, in ``out``, not twice).
+                        for c in range(lo, hi, step):
+                            e = min(hi, c + step)
+                            out[at + c - lo:at + e - lo] = tensor[c:e]
             except (OSError, SafetensorError) as e:
                 raise StoreError(f"checkpoint {self.sequence}: cannot read shard {path}: {e}") from e
         return out

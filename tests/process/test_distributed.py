@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from partition_server.api.distributor import Distribution
+from partition_server.api.manifest import LayerSpec, ModelSpec
 from partition_server.engine import OptimizerConfig
 from partition_server.storage.store import ModelStore
 from tests.support.dataplane import BATCH, MODEL, TOL, UNITS, Cluster, batch, reference
@@ -45,6 +46,9 @@ CASES = {
     "layers-2": (2, Distribution("layers", layers=((0,), (1, 2)))),
     "layers-3": (3, Distribution("layers", layers=((2,), (0,), (1,)))),
     "layers-4-empty": (4, Distribution("layers", layers=((1,), (0,), (2,), ()))),
+    # auto: here every layer is narrow (< 16 units per partition), so each stays whole.
+    "auto-2": (2, Distribution("auto")),
+    "auto-4": (4, Distribution("auto")),
 }
 
 
@@ -74,7 +78,7 @@ def test_cases_cover_what_they_claim():
     """Guard the parametrisation: every strategy at P 1..4 where it applies, and holes."""
     from partition_server.api.distributor import distribute
     strategies = {d.strategy for _, d in CASES.values()}
-    assert strategies == {"balanced", "count", "percentage", "ids", "layers"}
+    assert strategies == {"balanced", "count", "percentage", "ids", "layers", "auto"}
     assert {p for p, _ in CASES.values()} == {1, 2, 3, 4}
     holes = 0
     for p, dist in CASES.values():
@@ -174,3 +178,32 @@ def test_twenty_steps_match_reference(case, optimizer, tmp_path):
     # Learning happened, so equality is not between two untouched copies.
     init = reference().params
     assert not np.allclose(ref.params[0][0], init[0][0], atol=1e-3)
+
+
+
+WIDE_MODEL = ModelSpec(MODEL.inputs, (LayerSpec(12, "relu"), LayerSpec(9, "tanh"), LayerSpec(5, "softmax")), seed=7)
+
+
+def test_log_depth_collectives_over_grpc_at_eight_partitions(tmp_path):
+    """P=8 balanced over real Exchange calls: layers 0 (12 units) and 1 (9) are owned by every
+    partition, so layer 0's all-gather and the reduce-scatter into layer 0 are the log-depth
+    ones (3 rounds, phases fwd.0..2 and bwd.0..2); the 5-unit layer stays direct. Outputs and
+    parameters after 3 momentum steps equal the reference; bytes equal the direct exchange's."""
+    ref = reference(WIDE_MODEL, optimizer=OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9))
+    with Cluster(tmp_path, 8, Distribution("balanced"), model=WIDE_MODEL) as cluster:
+        driver = cluster.driver()
+        driver.wait_ready(timeout=60)
+        for step in range(3):
+            x, y = batch(40 + step)
+            want = ref.train_step(x, y)
+            out, loss, _ = driver.step(x, y, OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9))
+            np.testing.assert_allclose(out, want.outputs, **TOL)
+            assert loss == pytest.approx(want.loss, rel=1e-5)
+        for k, (w, b) in enumerate(cluster.params()):
+            np.testing.assert_allclose(w, ref.params[k][0], **TOL)
+            np.testing.assert_allclose(b, ref.params[k][1], **TOL)
+        messages, nbytes = driver.traffic()
+        direct = expected_traffic(cluster.table, train=True)
+        assert nbytes == 3 * direct[1]
+        # Layer 0 forward and backward into layer 0: P log2 P messages each instead of P (P-1).
+        assert messages == 3 * (direct[0] - 2 * (8 * 7 - 8 * 3))

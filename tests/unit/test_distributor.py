@@ -52,6 +52,34 @@ def assert_well_formed(layer_units, assignment, partitions):
             assert a.partition != b.partition, "adjacent ranges of one partition are merged"
 
 
+# --------------------------------------------------------------------------- auto
+
+
+class TestAuto:
+    def test_narrow_layers_stay_whole_on_the_last_partitions(self):
+        got = distribute([128, 64, 10], 4, Distribution("auto"))
+        assert got[:2] == distribute([128, 64], 4, Distribution("balanced"))
+        assert got[2] == [R(3, 0, 10)]
+        # Several narrow layers rotate from the last partition down.
+        got = distribute([40, 300, 12, 9], 3, Distribution("auto"))
+        assert [list(layer) for layer in got] == [[R(2, 0, 40)], list(distribute([300], 3, Distribution())[0]),
+                                                  [R(1, 0, 12)], [R(0, 0, 9)]]
+
+    def test_threshold_and_single_partition(self):
+        assert len(distribute([64], 4, Distribution("auto"))[0]) == 4   # 16 per partition: split
+        assert len(distribute([63], 4, Distribution("auto"))[0]) == 1   # below: whole
+        assert distribute([5, 3], 1, Distribution("auto")) == distribute([5, 3], 1, Distribution())
+
+    def test_manifest_accepts_auto(self):
+        from partition_server.api.manifest import parse_neural_network
+        net = parse_neural_network({"apiVersion": "mpnn.dev/v1alpha1", "kind": "NeuralNetwork",
+                                    "metadata": {"name": "n"},
+                                    "spec": {"model": {"inputs": 4, "layers": [{"units": 64, "activation": "relu"},
+                                                                               {"units": 10, "activation": "softmax"}]},
+                                             "partitions": 4, "distribution": {"strategy": "auto"}}})
+        assert net.distribution.strategy == "auto"
+
+
 # --------------------------------------------------------------------------- balanced
 
 

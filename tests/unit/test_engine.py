@@ -18,7 +18,7 @@ import pytest
 
 from partition_server.engine import (ACTIVATION_TABLE, ExchangeError, Mailbox, OptimizerConfig, PartitionEngine,
                                      StepAborted, WeightsChanged, activate, activation_derivative, init_params,
-                                     validate_batch)
+                                     init_partition, init_rows, validate_batch)
 from partition_server.api.distributor import Distribution, Range, distribute
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import ACTIVATIONS, LayerSpec
@@ -89,13 +89,13 @@ def batch(seed: int, inputs: int = INPUTS, classes: int = UNITS[-1], size: int =
             rng.integers(0, classes, size=size, dtype=np.int64))
 
 
-def build(table, inputs=INPUTS, layers=LAYERS, optimizer=None, seed=3):
+def build(table, inputs=INPUTS, layers=LAYERS, optimizer=None, seed=3, **engine_kw):
     params = init_params(inputs, layers, seed)
     # Non-zero biases, so a bias mistake cannot hide behind zeros.
     rng = np.random.default_rng(99)
     params = [(w, rng.uniform(-0.5, 0.5, size=b.shape).astype(np.float32)) for w, b in params]
     ref = ReferenceNetwork(inputs, layers, params, optimizer)
-    engines = [PartitionEngine(p, inputs, layers, table, slice_params(params, table, p), optimizer)
+    engines = [PartitionEngine(p, inputs, layers, table, slice_params(params, table, p), optimizer, **engine_kw)
                for p in range(table.num_partitions)]
     return ref, engines, LocalTransport.group(table.num_partitions)
 
@@ -255,6 +255,74 @@ def test_training_matches_reference(name, optimizer):
     assert not np.allclose(ref.params[0][0], init_params(INPUTS, LAYERS, 3)[0][0])
 
 
+# ---------------------------------------------------------------- log-depth collectives (P >= 8)
+
+WIDE = [Layer(21, "relu"), Layer(17, "tanh"), Layer(10, "softmax")]  # every layer >= 8 units
+LOG_CASES = {
+    # (table, layers, log_from): P=8 by default; smaller P force Bruck's non-power-of-two rounds.
+    "balanced-8-wide": (balanced([21, 17, 10], 8), WIDE, 8),
+    "balanced-8-mixed": (balanced(UNITS, 8), LAYERS, 8),  # layers of 6 and 5 units stay direct
+    "fragmented-8": (round_robin([21, 17, 10], 8, 1), WIDE, 8),
+    "balanced-3-bruck": (balanced([21, 17, 10], 3), WIDE, 2),
+    "balanced-5-bruck": (balanced([21, 17, 10], 5), WIDE, 2),
+    "fragmented-6-bruck": (round_robin([21, 17, 10], 6, 2), WIDE, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(LOG_CASES))
+def test_log_depth_collectives_match_reference(name):
+    """Outputs, gradients and 20 Adam steps equal the reference; fewer messages, same bytes."""
+    table, layers, log_from = LOG_CASES[name]
+    P = table.num_partitions
+    optimizer = OptimizerConfig("adam", learning_rate=0.01)
+    ref, engines, transports = build(table, layers=layers, optimizer=optimizer, log_from=log_from)
+    _, direct, direct_t = build(table, layers=layers, optimizer=optimizer, log_from=10**6)
+    units = [layer.units for layer in layers]
+    x, y = batch(7, classes=units[-1])
+    outs = forward_all(engines, transports, "f", x)
+    want = ref.forward(x)
+    for p in table.partitions_in_layer(len(units) - 1):
+        np.testing.assert_allclose(outs[p], want, **TOL)
+    for t in transports:
+        t.reset_counters()
+    results = train_all(engines, transports, "g", x, y, apply=False)
+    train_all(direct, direct_t, "g", x, y, apply=False)
+    got = ref.train_step(x, y, apply=False)
+    assert all(r.loss == pytest.approx(got.loss, rel=1e-5) for r in results if r.loss is not None)
+    for k in range(len(units)):
+        np.testing.assert_allclose(assembled(table, engines, k, lambda e, k=k: e.last_grads[k][0]),
+                                   ref.last_grads[k][0], **TOL)
+        np.testing.assert_allclose(assembled(table, engines, k, lambda e, k=k: e.last_deltas[k].T).T,
+                                   ref.last_deltas[k], **TOL)
+    sent = sum(t.messages_sent for t in transports)
+    assert sent == sum(sum(e.messages_per_pass().values()) for e in engines)
+    direct_sent = sum(t.messages_sent for t in direct_t)
+    assert sent < direct_sent if P >= 5 else sent == direct_sent  # ceil(log2 3) == 3 - 1
+    assert sum(t.bytes_sent for t in transports) == sum(t.bytes_sent for t in direct_t)
+    if name == "balanced-8-wide":
+        assert sent == 5 * 8 * 3  # 5 collectives (3 fwd, 2 bwd) of P log2 P messages
+    assert all(not box.pending() for box in transports[0].mailboxes.values())
+    for step in range(20):
+        x, y = batch(500 + step, classes=units[-1])
+        train_all(engines, transports, f"t{step}", x, y)
+        ref.train_step(x, y)
+    for k in range(len(units)):
+        for i, name_ in enumerate(("weight", "bias")):
+            np.testing.assert_allclose(assembled(table, engines, k, lambda e, k=k: e.state_tensors()[k][name_]),
+                                       ref.params[k][i], **TOL)
+    assert P >= 3
+
+
+def test_log_depth_phases_are_named_by_round():
+    from partition_server.engine.plan import bruck_rounds, is_phase
+
+    assert bruck_rounds(8) == [(1, 1), (2, 2), (4, 4)]
+    assert bruck_rounds(5) == [(1, 1), (2, 2), (4, 1)]
+    assert bruck_rounds(1) == []
+    assert all(is_phase(p) for p in ("fwd", "bwd", "fwd.0", "bwd.12"))
+    assert not any(is_phase(p) for p in ("", "fwd.", "fwd.01", "fwd.64", "xyz", "bwd.-1", "fwd.1.2"))
+
+
 @pytest.mark.parametrize("last", ["identity", "sigmoid", "tanh"])
 def test_identity_layers_and_squared_error_loss(last):
     layers = [Layer(8, "identity"), Layer(4, "relu"), Layer(3, last)]
@@ -330,6 +398,38 @@ def test_init_params_deterministic_and_sliceable():
     for k in range(len(LAYERS)):
         parts = {p: slice_params(a, table, p)[k][0] for p in table.partitions_in_layer(k)}
         np.testing.assert_array_equal(gather_rows(table, k, parts), a[k][0])
+
+
+@pytest.mark.parametrize("name", ["fragmented", "fragmented-singletons", "uneven", "holes", "balanced-4"])
+def test_row_local_init_equals_single_partition(name):
+    """Each partition generates only its own rows (seed, layer, row): any P and any ``ids``
+    split yields bit-identical initial weights to P=1."""
+    table = ASSIGNMENTS[name]
+    whole = init_partition(INPUTS, LAYERS, 5, {k: [(0, u)] for k, u in enumerate(UNITS)})
+    for p in range(table.num_partitions):
+        ranges = {k: [(r.start, r.end) for r in table.ranges(k, p)] for k in range(len(UNITS))}
+        mine = init_partition(INPUTS, LAYERS, 5, ranges)
+        assert set(mine) == {k for k, rs in ranges.items() if rs}
+        for k, (w, b) in mine.items():
+            rows = np.concatenate([np.arange(s, e) for s, e in ranges[k]])
+            np.testing.assert_array_equal(w, whole[k][0][rows])
+            assert not b.any()
+    # Same rows in another order, one at a time: still the same values.
+    w3, _ = init_rows(INPUTS, LAYERS, 5, 0, [(12, 13), (3, 4)])
+    np.testing.assert_array_equal(w3, whole[0][0][[12, 3]])
+    assert len({row.tobytes() for row in whole[0][0]}) == UNITS[0]  # every row its own stream
+
+
+def test_engine_adopts_handed_over_rows_without_copying():
+    table = ASSIGNMENTS["balanced-2"]
+    ranges = {k: [(r.start, r.end) for r in table.ranges(k, 0)] for k in range(len(UNITS))}
+    rows = init_partition(INPUTS, LAYERS, 5, ranges)
+    e = PartitionEngine(0, INPUTS, LAYERS, table, rows, adopt=True)
+    tensors = e.state_tensors()
+    for k, (w, b) in rows.items():
+        assert tensors[k]["weight"] is w and not w.flags.writeable
+    copied = PartitionEngine(0, INPUTS, LAYERS, table, init_partition(INPUTS, LAYERS, 5, ranges))
+    assert all(copied.state_tensors()[k]["weight"] is not w for k, (w, _) in rows.items())
 
 
 # ---------------------------------------------------------------- state and checkpoints
@@ -641,3 +741,40 @@ def test_engine_imports_no_grpc_and_no_test_aids():
             "print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("cfg, arrays", [
+    (OptimizerConfig("sgd", learning_rate=0.1, momentum=0.0), 1),
+    (OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9), 2),
+    (OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.01), 2),
+    (OptimizerConfig("adam", learning_rate=0.01), 3),
+    (OptimizerConfig("adam", learning_rate=0.01, weight_decay=0.01), 3),
+])
+def test_update_allocates_only_its_results_and_modifies_nothing(cfg, arrays):
+    """The new parameter and its new buffers are the only full-size allocations (no temporaries),
+    and neither the parameter, the gradient nor the old buffers change (versioned inference)."""
+    import tracemalloc
+
+    from partition_server.engine.optimizers import update
+
+    rng = np.random.default_rng(0)
+    p, g = (rng.standard_normal((500, 400)).astype(np.float32) for _ in range(2))
+    state = {f"weight.{b}": np.abs(rng.standard_normal(p.shape)).astype(np.float32) for b in cfg.buffer_names()}
+    before = {n: a.copy() for n, a in state.items()}
+    p0, g0, old = p.copy(), g.copy(), dict(state)
+    update(cfg, p, g, dict(state), name="weight", t=1)  # warm-up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        new_state = dict(state)
+        new = update(cfg, p, g, new_state, name="weight", t=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= arrays * p.nbytes + 64 * 1024, (peak / p.nbytes)
+    np.testing.assert_array_equal(p, p0)
+    np.testing.assert_array_equal(g, g0)
+    for n, a in old.items():
+        np.testing.assert_array_equal(a, before[n])
+        assert new_state[n] is not a
+    assert new is not p and new.shape == p.shape and new.dtype == np.float32

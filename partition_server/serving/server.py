@@ -247,8 +247,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self._current(request.lookup_version, context)
         if not is_phase(request.phase):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"phase must be fwd or bwd, or fwd.N/bwd.N for round N of a log-depth collective, "
-                          f"got {request.phase!r}")
+                          f"phase must be fwd or bwd, got {request.phase!r} (fwd.N and bwd.N name round N "
+                          f"of a log-depth collective)")
         try:
             arr = from_tensor(request.tensor, "tensor", "float32")
             # The sender's pass ends by its deadline, and this partition's part of the same pass

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--predict", metavar="INPUT.npy", help="skip training; write outputs for this [batch, inputs] array")
     r.add_argument("--output", metavar="OUT.npy", help="where --predict writes the outputs")
     r.add_argument("--serve", action="store_true", help="keep the servers up after training and print endpoints")
+    r.add_argument("--tls-dir", default=os.environ.get("MPNN_TLS_DIR") or None,
+                   help="directory holding tls.crt, tls.key and ca.crt, as spec.server.tls mounts them: mutual "
+                        "TLS between the servers (and the driver), TLS on their gRPC and REST ports; the "
+                        "certificate must name 127.0.0.1 and be good for server and client auth "
+                        "(env MPNN_TLS_DIR; default: plaintext)")
     r.set_defaults(target="partition_server.client.local:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",

@@ -247,7 +247,7 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE,
     kubelet propagates new lookup versions, which the servers reload without a
     restart. ``network.json``'s hash is a template annotation, so a model change
     rolls the pods. Readiness is the gRPC health service of the server itself, on the
-    public port (the peer port takes signed calls only): the
+    public port (the peer port takes signed calls only; with TLS see :func:`_probe`): the
     Open Inference Protocol's ``/v2/health/ready`` needs every peer, so probing it
     would keep all pods unready until all are up (and out of the Services). The image is
     :func:`server_image`.
@@ -270,9 +270,8 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE,
         "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"},
                   {"name": "peer", "containerPort": peer_port, "protocol": "TCP"},
                   {"name": "http", "containerPort": net.server.http_port, "protocol": "TCP"}],
-        "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {"grpc": {"port": port}, "initialDelaySeconds": 10, "periodSeconds": 10,
-                          "failureThreshold": 6},
+        "readinessProbe": {**_probe(net), "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**_probe(net), "initialDelaySeconds": 10, "periodSeconds": 10, "failureThreshold": 6},
         "securityContext": _container_security_context(),
         "volumeMounts": _volume_mounts(net),
     }
@@ -354,6 +353,17 @@ def training_job(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict
             },
         },
     }
+
+
+def _probe(net: NeuralNetwork) -> dict[str, Any]:
+    """How the kubelet asks a server whether it is up: its own ``grpc.health.v1`` on the public
+    port; with ``spec.server.tls``, REST's ``/v2/health/live`` over HTTPS instead, because the
+    kubelet's gRPC probe speaks plaintext only and a TLS port fails its every try (no pod would
+    turn ready). HTTPS probes do not verify the certificate. REST answers only once the model is
+    loaded and stops first on shutdown, as the gRPC health does."""
+    if net.server.tls_secret:
+        return {"httpGet": {"path": "/v2/health/live", "port": "http", "scheme": "HTTPS"}}
+    return {"grpc": {"port": net.server.port}}
 
 
 def _config_env(net: NeuralNetwork) -> list[dict[str, Any]]:

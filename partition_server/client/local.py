@@ -43,7 +43,7 @@ from partition_server.client.driver import Driver, DriverError, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from partition_server.api.environment import PARENT_PID_ENV
-from partition_server.api.peer_auth import PeerCredentials, generate_key, write_key
+from partition_server.api.peer_auth import PeerCredentials, TlsFiles, generate_key, write_key
 from partition_server.storage.atomic import write_atomically
 from partition_server.storage.store import ModelStore
 
@@ -84,6 +84,8 @@ class LocalDeployment:
         net: the validated manifest.
         workdir: the directory standing in for the shared volume.
         host: loopback address to bind.
+        tls_dir: a directory of ``tls.crt``, ``tls.key`` and ``ca.crt`` (``mpnn run --tls-dir``):
+            the servers serve mutual TLS to each other and TLS on their public ports; None: plaintext.
 
     Use as a context manager: entering starts the servers and waits until all are
     SERVING; leaving stops every one of them.
@@ -94,7 +96,7 @@ class LocalDeployment:
         credentials: this deployment's peer key (a new one per deployment), for drivers.
     """
 
-    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1"):
+    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1", tls_dir: Path | None = None):
         self.net = net
         self.workdir = Path(workdir)
         self.host = host
@@ -106,7 +108,9 @@ class LocalDeployment:
         assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
         self.table = LookupTable.build(net.name, net.model.layer_units, assignment,
                                        loopback_addresses(ports[:p], host))
-        self.credentials = PeerCredentials(net.name, generate_key())
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir else None
+        tls = TlsFiles.from_dir(self.tls_dir) if self.tls_dir else None  # FieldError now, not in N servers
+        self.credentials = PeerCredentials(net.name, generate_key(), tls)
         self.key_path = self.workdir / "peer-key"
 
     def log_path(self, i: int) -> Path:
@@ -134,6 +138,8 @@ class LocalDeployment:
                "--model-dir", str(self.model_dir), "--host", self.host, "--port", str(self.ports[i]),
                "--peer-port", peer_port, "--http-port", str(self.http_ports[i]),
                "--peer-key-file", str(self.key_path)]
+        if self.tls_dir is not None:
+            cmd += ["--tls-dir", str(self.tls_dir)]
         # N servers on one machine: BLAS thread pools sized for the whole machine each would
         # oversubscribe the cores (measured: 6x slower steps with 4 servers on 2 cores).
         threads = str(max(1, (os.cpu_count() or 1) // self.net.partitions))
@@ -222,7 +228,7 @@ def _run(args: Any, net: NeuralNetwork, predict_input: np.ndarray | None) -> int
             workdir = Path(args.workdir).resolve()
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mpnn-")))
-        deployment = LocalDeployment(net, workdir)
+        deployment = LocalDeployment(net, workdir, tls_dir=getattr(args, "tls_dir", None))
         try:
             stack.enter_context(deployment)
             driver = stack.enter_context(Driver(deployment.table, credentials=deployment.credentials))
@@ -313,12 +319,15 @@ def _serve_forever(args: Any, deployment: LocalDeployment) -> int:
     and ``gRPC  HOST:PORT``; every partition is an entry point, and the indented lines list them all.
     """
     table, name, host = deployment.table, deployment.net.name, deployment.host
-    print(f"model {name!r} (Open Inference Protocol v2, KServe / Triton clients):")
-    print(f"REST  http://{host}:{deployment.http_ports[0]}")
+    scheme = "https" if deployment.tls_dir else "http"
+    tls = f" with TLS (CA: {deployment.tls_dir / 'ca.crt'})" if deployment.tls_dir else ""
+    print(f"model {name!r} (Open Inference Protocol v2, KServe / Triton clients){tls}:")
+    print(f"REST  {scheme}://{host}:{deployment.http_ports[0]}")
     print(f"gRPC  {host}:{deployment.ports[0]}")
     print("partition servers (any is an entry point; the peer port takes only signed mpnn.v1.Partition calls):")
     for i, address in enumerate(table.addresses):
-        print(f"  {i}  REST http://{host}:{deployment.http_ports[i]}  gRPC {host}:{deployment.ports[i]}  peer {address}")
+        print(f"  {i}  REST {scheme}://{host}:{deployment.http_ports[i]}  gRPC {host}:{deployment.ports[i]}  "
+              f"peer {address}")
     print("Ctrl-C stops them.", flush=True)
     while True:
         deployment.check_alive()

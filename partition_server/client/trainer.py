@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from partition_server import logs
 from partition_server.data.datasets import load_dataset
 from partition_server.client.driver import Driver, DriverError, TrainingDiverged, train
+from partition_server.api.errors import FieldError
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import API_VERSION, KIND, parse_network_document, parse_training
@@ -106,8 +107,14 @@ class TrainingReporter:
         self.report(phase="Failed", message=message[:1024], completionTime=_now())
 
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
 def main(args: Any) -> int:
-    """Run the training of ``--training`` (JSON of ``spec.training``). Exit 0 done, 1 failed (Job retries)."""
+    """Run the training of ``--training`` (JSON of ``spec.training``). Exit 0 done, 1 failed (the
+    Job retries), 2 a configuration error that a retry cannot mend (the Job fails at once): a
+    missing, unreadable or short peer key (``--peer-key-file``), an unreadable ``--tls-dir``, or a
+    diverged run."""
     logs.configure(args.log_level)
     table = LookupTable.load(args.lookup)
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))
@@ -120,10 +127,19 @@ def main(args: Any) -> int:
                 else TrainingReporter(lambda status: log.info("status", extra={"status": status}), training.run_id))
     reporter.started()
     try:
-        data = load_dataset(training.dataset.format, path)
-        per_epoch = math.ceil(len(data.x_train) / training.batch_size)
+        # First, before the dataset: the key and TLS files are configuration (a Secret that is
+        # not mounted); FieldError is a ValueError, so it must not reach the handler below,
+        # whose exit 1 would have the Job retry what cannot change.
         tls = TlsFiles.from_dir(args.tls_dir) if args.tls_dir else None
         credentials = PeerCredentials(name, read_key(args.peer_key_file), tls)
+    except FieldError as exc:
+        log.error("training not started", extra={"run": training.run_id, "error": str(exc)})
+        reporter.failed(str(exc))
+        print(f"mpnn train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        data = load_dataset(training.dataset.format, path)
+        per_epoch = math.ceil(len(data.x_train) / training.batch_size)
         with Driver(table, timeout=args.timeout, credentials=credentials) as driver:
             driver.wait_ready(timeout=args.ready_timeout)
 
@@ -137,11 +153,11 @@ def main(args: Any) -> int:
             final = driver.evaluate(data.x_test, data.y_test)
         reporter.finished(final.accuracy, final.loss)
         print(json.dumps({"run": training.run_id, "accuracy": final.accuracy, "loss": final.loss}))
-        return 0
+        return EXIT_OK
     except (DriverError, OSError, ValueError) as exc:
         log.error("training failed", extra={"run": training.run_id, "error": str(exc)})
         reporter.failed(str(exc))
         print(f"mpnn train: error: {exc}", file=sys.stderr)
         # A diverged run diverges again from the same checkpoint: exit 2 fails the Job at once
         # (its podFailurePolicy) instead of retrying.
-        return 2 if isinstance(exc, TrainingDiverged) else 1
+        return EXIT_USAGE if isinstance(exc, TrainingDiverged) else EXIT_FAILURE

@@ -308,13 +308,15 @@ def test_namespaced_service_account_is_confined_to_its_namespaces(kubectl, insta
         assert can_i(kubectl, user, "create", "partitions.mpnn.dev", namespace)
         assert can_i(kubectl, user, "create", "persistentvolumes")
         assert can_i(kubectl, user, "list", "namespaces")  # kopf, to match --namespace
+        assert can_i(kubectl, user, "get", "secrets", namespace)  # its networks' peer keys, by name
         for verb, resource in (("list", "neuralnetworks.mpnn.dev"), ("create", "partitions.mpnn.dev"),
-                               ("list", "pods"), ("create", "configmaps")):
+                               ("list", "pods"), ("create", "configmaps"), ("get", "secrets")):
             # Not where it runs, not in any other namespace, not cluster-wide.
             assert not can_i(kubectl, user, verb, resource, other_namespace), (verb, resource)
             assert not can_i(kubectl, user, verb, resource, "default"), (verb, resource)
             assert not can_i(kubectl, user, verb, resource), (verb, resource)
-        for verb, resource in (("get", "secrets"), ("create", "pods"), ("create", "deployments.apps"),
+        for verb, resource in (("list", "secrets"), ("watch", "secrets"), ("create", "pods"),
+                               ("create", "deployments.apps"),
                                ("bind", "roles.rbac.authorization.k8s.io"),
                                ("escalate", "roles.rbac.authorization.k8s.io")):
             assert not can_i(kubectl, user, verb, resource, namespace), (verb, resource)

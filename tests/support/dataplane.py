@@ -78,11 +78,13 @@ class Cluster:
         start: which partitions to start (default: all); the others are in the table only.
         poll_seconds: how often servers re-read ``lookup.json``.
         ports: reuse these ports (e.g. to restart under a new table), else free ones.
+        credentials: the network's peer key and TLS files (default: a new key, no TLS).
     """
 
     def __init__(self, root: Path, partitions: int, distribution: Distribution = Distribution(),
                  model: ModelSpec = MODEL, name: str = NAME, start: Iterable[int] | None = None,
-                 poll_seconds: float = 3600.0, ports: Sequence[int] | None = None):
+                 poll_seconds: float = 3600.0, ports: Sequence[int] | None = None,
+                 credentials: PeerCredentials | None = None):
         self.root = Path(root)
         self.model = model
         self.name = name
@@ -92,7 +94,7 @@ class Cluster:
         self.lookup_path = self.root / "lookup.json"
         self.poll_seconds = poll_seconds
         self.servers: dict[int, PartitionServer] = {}
-        self.credentials = PeerCredentials(name, generate_key())
+        self.credentials = credentials or PeerCredentials(name, generate_key())
         self._drivers: list[Driver] = []
         self._channels: list[grpc.Channel] = []
         self._start = list(range(partitions)) if start is None else list(start)

@@ -450,6 +450,11 @@ def test_tls_secret_is_mounted_for_servers_and_trainer(tmp_path):
         assert volumes["tls"]["secret"]["secretName"] == "digits-tls"
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["MPNN_TLS_DIR"] == builders.TLS_DIR
+    # The kubelet's gRPC probe cannot speak TLS: the servers are probed over HTTPS instead.
+    (server,) = by_kind["StatefulSet"][0]["spec"]["template"]["spec"]["containers"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "grpc" not in server[probe]
+        assert server[probe]["httpGet"] == {"path": "/v2/health/live", "port": "http", "scheme": "HTTPS"}
 
 
 def test_servers_get_default_resources_unless_the_network_sets_its_own(tmp_path):

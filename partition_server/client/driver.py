@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import queue
+import secrets
 import time
 import uuid
 from concurrent import futures
@@ -76,8 +77,11 @@ class Driver:
         self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
         self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, table.num_partitions))
+        self._session: tuple[str, OptimizerConfig] | None = None
 
     def close(self) -> None:
+        """End this driver's training session (if any) and close its channels."""
+        self.close_training()
         self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
@@ -145,6 +149,47 @@ class Driver:
             if pending:
                 time.sleep(0.1)
 
+    # ------------------------------------------------------------ training sessions
+
+    def open_training(self, optimizer: OptimizerConfig) -> str:
+        """Open a training session with ``optimizer`` on every partition (see
+        ``serving.training``); training steps send its token. Returns the token.
+
+        A session this driver already holds with the same optimizer is kept; one with another
+        optimizer is closed first (the optimizer is fixed per session).
+
+        Raises:
+            DriverError: a partition refused (FAILED_PRECONDITION: another session holds it, until
+                that one has been idle for the partition's lease); the partitions that had
+                accepted are closed again.
+        """
+        if self._session is not None:
+            if self._session[1] == optimizer:
+                return self._session[0]
+            self.close_training()
+        token = secrets.token_hex(16)
+        request = pb.OpenTrainingRequest(session=token, optimizer=optimizer_message(optimizer))
+        try:
+            self._all("OpenTraining", [request] * self.table.num_partitions)
+        except DriverError:
+            self._close_session(token)
+            raise
+        self._session = (token, optimizer)
+        return token
+
+    def close_training(self) -> None:
+        """End this driver's training session on every partition (best effort)."""
+        if self._session is not None:
+            token, self._session = self._session[0], None
+            self._close_session(token)
+
+    def _close_session(self, token: str) -> None:
+        try:
+            self._all("CloseTraining", [pb.CloseTrainingRequest(session=token)] * self.table.num_partitions,
+                      timeout=min(self.timeout, 5.0))
+        except DriverError as exc:
+            log.warning("closing the training session failed: %s", exc)
+
     # ------------------------------------------------------------ steps
 
     def step(self, x: np.ndarray, y: np.ndarray | None = None, optimizer: OptimizerConfig | None = None,
@@ -155,7 +200,8 @@ class Driver:
         Args:
             x: ``[batch, inputs]``; cast to float32.
             y: ``[batch]`` class indices (int64), or None.
-            optimizer: sent with training steps.
+            optimizer: the training session's optimizer (:meth:`open_training`, opened on the first
+                training step, and again when the optimizer changes); default SGD.
             timeout: deadline of the calls, seconds (default: the driver's).
             weights_version: inference only: every partition computes with the parameters of
                 this optimizer step (see ``engine.PartitionEngine.forward``), or fails ABORTED.
@@ -172,8 +218,7 @@ class Driver:
             request.weights_version = weights_version
         if y is not None:
             request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
-            if optimizer is not None:
-                request.optimizer.CopyFrom(optimizer_message(optimizer))
+            request.session = self.open_training(optimizer or OptimizerConfig())
         replies = self._all("RunPass", [request] * self.table.num_partitions, timeout)
         first = next(r for r in replies if r.has_outputs)
         outputs = from_tensor(first.outputs, "outputs", "float32")

@@ -20,7 +20,7 @@ from partition_server.engine.activations import TABLE as ACTIVATION_TABLE
 from partition_server.engine.activations import Activation, activate, activation_derivative
 from partition_server.engine.batch import validate_batch
 from partition_server.engine.init import init_params
-from partition_server.engine.mailbox import Mailbox, StepAborted
+from partition_server.engine.mailbox import Mailbox, MailboxFull, StepAborted
 from partition_server.engine.optimizers import OptimizerConfig
 from partition_server.engine.passes import PartitionEngine, StepResult
 from partition_server.engine.transport import ExchangeError, Transport
@@ -31,6 +31,7 @@ __all__ = [
     "Activation",
     "ExchangeError",
     "Mailbox",
+    "MailboxFull",
     "OptimizerConfig",
     "PartitionEngine",
     "StepAborted",

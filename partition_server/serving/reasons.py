@@ -12,6 +12,10 @@ Reasons:
     An inference ``RunPass`` asked for a weights version (optimizer step) this partition no
     longer keeps, or one ahead of it with no training step running (the engine's
     ``WeightsChanged``). A new pass with the entry point's current version may succeed.
+
+``training-session`` (with PERMISSION_DENIED or FAILED_PRECONDITION)
+    A training ``RunPass`` without the current training session's token, or an ``OpenTraining``
+    while another session holds the partition (see ``training``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import NoReturn
 
 import grpc
 
-__all__ = ["ERROR_KEY", "WEIGHTS_CHANGED", "abort", "reason_of"]
+__all__ = ["ERROR_KEY", "TRAINING_SESSION", "WEIGHTS_CHANGED", "abort", "reason_of"]
 
 ERROR_KEY = "mpnn-error"          # trailing metadata key (gRPC keys are lower-case ASCII)
 WEIGHTS_CHANGED = "weights-changed"
+TRAINING_SESSION = "training-session"
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, *,

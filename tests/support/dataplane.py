@@ -30,6 +30,7 @@ from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import LayerSpec, ModelSpec
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.testing import ReferenceNetwork, gather_rows
+from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
 
 HOST = "127.0.0.1"
@@ -81,8 +82,12 @@ class Cluster:
 
     def __init__(self, root: Path, partitions: int, distribution: Distribution = Distribution(),
                  model: ModelSpec = MODEL, name: str = NAME, start: Iterable[int] | None = None,
-                 poll_seconds: float = 3600.0, ports: Sequence[int] | None = None):
+                 poll_seconds: float = 3600.0, ports: Sequence[int] | None = None,
+                 limits: ServerLimits | None = None):
         self.root = Path(root)
+        # Tests open many drivers one after another without closing each: a session may be
+        # replaced as soon as it has no training pass running (tests/security checks the lease).
+        self.limits = limits if limits is not None else ServerLimits(training_lease_seconds=0.0)
         self.model = model
         self.name = name
         self.ports = list(ports) if ports is not None else free_ports(partitions, HOST)
@@ -104,7 +109,7 @@ class Cluster:
         try:
             for i in self._start:
                 server = PartitionServer(i, self.name, self.model, self.lookup_path, self.model_dir,
-                                         poll_seconds=self.poll_seconds)
+                                         poll_seconds=self.poll_seconds, limits=self.limits)
                 self.servers[i] = server
                 bound = server.start(HOST, self.ports[i])
                 assert bound == self.ports[i], f"partition {i} bound {bound}, the table says {self.ports[i]}"

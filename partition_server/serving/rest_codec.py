@@ -27,6 +27,7 @@ Spec: https://github.com/triton-inference-server/server/blob/main/docs/protocol/
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ def parse_request(model: ModelProtocol, body: bytes, *, header_length: str | Non
             data: bytes | np.ndarray = binary[offset:offset + size]
             offset += size
         elif "data" in inp:
-            data = _json_array(inp["data"], name)
+            data = _json_array(inp["data"], name, shape)
         else:
             raise invalid(f'input {name!r} has neither "data" nor a binary_data_size parameter')
         tensors.append(TensorIn(name, datatype, tuple(shape), data))
@@ -235,18 +236,38 @@ _NUMBERS = re.compile(rb'\s*(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]
                       rb'(?:,\s*-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\s*)*)?')
 
 
-def _extract_arrays(text: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
-    """Cut every ``"data": [...]`` array of plain JSON numbers (flat, or a list of flat rows) out of
-    ``text`` and parse it into float32, in C (no Python object per number).
+class _Numbers:
+    """A ``"data"`` array of plain JSON numbers, as text, counted but not yet parsed."""
+
+    def __init__(self, text: bytes):
+        self.text = text
+        self.count = text.count(b",") + 1 if text.strip() else 0
+
+    def parse(self, name: str) -> np.ndarray:
+        """The numbers as float32, parsed in C (4 bytes a number, no Python object per number).
+
+        Raises:
+            InferenceError: INVALID_ARGUMENT for a number beyond FP32.
+        """
+        array = np.fromstring(self.text, dtype=np.float32, sep=",") if self.count else np.zeros(0, np.float32)
+        if not np.isfinite(array).all():
+            raise invalid(f"input {name!r}: data holds a number beyond FP32 (largest finite: "
+                          f"{float(np.finfo(np.float32).max):g})")
+        return array
+
+
+def _extract_arrays(text: bytes) -> tuple[bytes, dict[str, _Numbers]]:
+    """Cut every ``"data": [...]`` array of plain JSON numbers (flat, or a list of flat rows of equal
+    length) out of ``text``, unparsed (:class:`_Numbers`).
 
     Returns:
-        ``(text with each array replaced by a placeholder string, {placeholder: array})``. Arrays
+        ``(text with each array replaced by a placeholder string, {placeholder: numbers})``. Arrays
         of anything else (strings, ``true``, deeper nesting) stay in the text for ``json.loads``.
     Raises:
-        InferenceError: INVALID_ARGUMENT for a number that does not fit FP32.
+        InferenceError: INVALID_ARGUMENT for nested rows of different lengths.
     """
     pieces: list[bytes] = []
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, _Numbers] = {}
     pos = 0
     for m in _JSON_STRING.finditer(text):
         if m.group() != b'"data"' or m.start() < pos:
@@ -258,21 +279,36 @@ def _extract_arrays(text: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
         value = _NESTED.match(text, start) or _FLAT.match(text, start)
         if value is None:
             continue
-        numbers = value.group()[1:-1].translate(None, b"[]")
-        if _NUMBERS.fullmatch(numbers) is None:
+        inner = value.group()[1:-1]
+        numbers = inner.translate(None, b"[]")
+        if _NUMBERS.fullmatch(numbers) is None or _EMPTY_ROW.search(inner):
             continue
-        array = np.fromstring(numbers, dtype=np.float32, sep=",") if numbers.strip() else np.zeros(0, np.float32)
-        if not np.isfinite(array).all():
-            raise invalid(f"input data holds a number that does not fit FP32 (largest finite: "
-                          f"{float(np.finfo(np.float32).max):g})")
+        if not _rectangular(inner):
+            raise invalid("input data is not a rectangular array of numbers: its rows differ in length")
         key = f"\u0000mpnn-data-{len(arrays)}"
         pieces += [text[pos:start], json.dumps(key).encode()]
-        arrays[key] = array
+        arrays[key] = _Numbers(numbers)
         pos = value.end()
     if not arrays:
         return text, arrays
     pieces.append(text[pos:])
     return b"".join(pieces), arrays
+
+
+_EMPTY_ROW = re.compile(rb'\[\s*\]')
+
+
+def _rectangular(inner: bytes) -> bool:
+    """Whether the rows ``[...]`` in ``inner`` (the text between a nested array's outer brackets,
+    rows not empty) all hold as many numbers; True for a flat array."""
+    b = np.frombuffer(inner, np.uint8)
+    starts = np.flatnonzero(b == ord("["))
+    if len(starts) < 2:
+        return True
+    # Commas from each row's "[" to the next row's "[": its own, plus the one between the rows.
+    commas = np.add.reduceat((b == ord(",")).view(np.uint8), starts, dtype=np.int64)
+    commas[:-1] -= 1
+    return bool((commas == commas[0]).all())
 
 
 def _refuse_constant(name: str) -> Any:
@@ -304,9 +340,12 @@ def _parameters(obj: dict, what: str) -> dict:
     return params
 
 
-def _json_array(data: Any, name: str) -> np.ndarray:
-    if isinstance(data, np.ndarray):  # parsed by _extract_arrays
-        return data
+def _json_array(data: Any, name: str, shape: list[int]) -> np.ndarray:
+    if isinstance(data, _Numbers):  # cut out by _extract_arrays: count first, then parse
+        want = math.prod(shape)
+        if data.count != want:
+            raise invalid(f"input {name!r}: {data.count} elements do not fit shape {shape} ({want} elements)")
+        return data.parse(name)
     try:
         return np.array(data)
     except (ValueError, TypeError) as exc:
@@ -314,5 +353,5 @@ def _json_array(data: Any, name: str) -> np.ndarray:
 
 
 def _brief(obj: Any, limit: int = 120) -> str:
-    text = json.dumps(obj, default=lambda a: f"<{getattr(a, 'size', '?')} numbers>")
+    text = json.dumps(obj, default=lambda a: f"<{getattr(a, 'count', '?')} numbers>")
     return text if len(text) <= limit else text[:limit] + "…"

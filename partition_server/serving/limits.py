@@ -59,7 +59,7 @@ class ServerLimits:
             messages (``mpnn.v1.Partition``) may be larger (``channels.MAX_MESSAGE_BYTES``).
         max_inflight_request_bytes: REST request bytes held at once by all requests together,
             as sent plus inflated; a request beyond it is answered 503 at once
-            (``MPNN_MAX_INFLIGHT_REQUEST_BYTES``, default 256 MiB; at least ``max_request_bytes``).
+            (``MPNN_MAX_INFLIGHT_REQUEST_BYTES``, default 128 MiB; at least ``max_request_bytes``).
         max_pass_seconds: longest a ``RunPass`` runs (and waits for its peers' messages),
             whatever deadline the caller sent (``MPNN_MAX_PASS_SECONDS``, default 120 s).
         training_lease_seconds: a training session with no training pass for this long may be
@@ -75,7 +75,7 @@ class ServerLimits:
     """
 
     max_request_bytes: int = 64 * MiB
-    max_inflight_request_bytes: int = 256 * MiB
+    max_inflight_request_bytes: int = 128 * MiB
     max_pass_seconds: float = 120.0
     training_lease_seconds: float = 30.0
     mailbox_peer_bytes: int = 512 * MiB

@@ -26,7 +26,7 @@ from partition_server.api.environment import PARENT_PID_ENV
 from partition_server.api.manifest import parse_network_document
 from partition_server.serving.server import PartitionServer
 
-__all__ = ["exit_with_parent", "main", "partition_from_hostname"]
+__all__ = ["exit_with_parent", "main", "partition_from_hostname", "return_large_buffers"]
 
 log = logging.getLogger("mpnn.server")
 
@@ -42,6 +42,20 @@ def partition_from_hostname(hostname: str | None = None) -> int:
     if not m:
         raise ValueError(f"partition: not given (--partition / MPNN_PARTITION) and hostname {hostname!r} has no ordinal")
     return int(m.group(1))
+
+
+def return_large_buffers(threshold: int = 1 << 20) -> bool:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when
+    freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold after
+    such frees). Without it, a burst of large messages that the server refuses or drops (tensors,
+    request bodies) stays resident in the allocator's arenas, one per gRPC thread. Returns whether
+    it took effect (False off glibc)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -67,6 +81,7 @@ def main(args: Any) -> int:
             ``model_dir``, ``host``, ``port``, ``http_port``, ``log_level``).
     """
     logs.configure(args.log_level)
+    return_large_buffers()
     if os.environ.get(PARENT_PID_ENV):
         exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()

@@ -78,7 +78,7 @@ class RestServer:
         max_body_bytes: largest request body, bytes, as sent and after decompression
             (default :data:`MAX_BODY_BYTES`).
         max_inflight_bytes: request bytes all requests in flight may hold together, as sent plus
-            inflated (default ``4 * max_body_bytes``, at least ``max_body_bytes``); a request
+            inflated (default ``2 * max_body_bytes``, at least ``max_body_bytes``); a request
             that does not fit is answered 503 at once.
 
     Raises:
@@ -90,7 +90,7 @@ class RestServer:
         self.model = model
         self.threads = max(threads, _PROBE_THREADS + 1)
         self.max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
-        self.budget = ByteBudget(max(self.max_body_bytes, 4 * self.max_body_bytes if max_inflight_bytes is None
+        self.budget = ByteBudget(max(self.max_body_bytes, 2 * self.max_body_bytes if max_inflight_bytes is None
                                      else max_inflight_bytes))
         self._sock = _bind(host, port)
         self.port: int = self._sock.getsockname()[1]

@@ -230,10 +230,33 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _DATA_VALUE = re.compile(rb'\s*:\s*(?=\[)')
-_FLAT = re.compile(rb'\[[^\[\]]*\]')
-_NESTED = re.compile(rb'\[\s*(?:\[[^\[\]]*\](?:\s*,\s*\[[^\[\]]*\])*\s*)?\]')
-_NUMBERS = re.compile(rb'\s*(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\s*'
-                      rb'(?:,\s*-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\s*)*)?')
+_NUMBER_BYTES = b"0123456789.eE+-, \t\r\n"
+
+
+def _numeric_array_end(text: bytes, start: int) -> int | None:
+    """The end of the JSON array at ``text[start] == "["`` if it is flat, or a list of flat rows,
+    and holds nothing but number characters; else None. Only C-speed bytes operations (find,
+    count, translate), so a large array does not hold the GIL for long."""
+    close = text.find(b"]", start + 1)
+    if close < 0:
+        return None
+    if text.find(b"[", start + 1, close) < 0:  # flat
+        return close + 1 if not text[start + 1:close].translate(None, _NUMBER_BYTES) else None
+    end = start + 1  # nested: rows "[...]" up to the "]" that follows a row's "]"
+    while True:
+        close = text.find(b"]", end)
+        if close < 0:
+            return None
+        after = close + 1
+        while after < len(text) and text[after] in b" \t\r\n":
+            after += 1
+        if after < len(text) and text[after] == ord("]"):
+            inner = text[start + 1:close + 1]
+            rows = inner.count(b"[")
+            if inner.translate(None, _NUMBER_BYTES) != b"[]" * rows:
+                return None
+            return after + 1
+        end = after
 
 
 class _Numbers:
@@ -249,7 +272,12 @@ class _Numbers:
         Raises:
             InferenceError: INVALID_ARGUMENT for a number beyond FP32.
         """
-        array = np.fromstring(self.text, dtype=np.float32, sep=",") if self.count else np.zeros(0, np.float32)
+        try:
+            array = np.fromstring(self.text, dtype=np.float32, sep=",") if self.count else np.zeros(0, np.float32)
+        except ValueError:
+            array = None
+        if array is None or len(array) != self.count:
+            raise invalid(f"input {name!r}: data must be a list of JSON numbers")
         if not np.isfinite(array).all():
             raise invalid(f"input {name!r}: data holds a number beyond FP32 (largest finite: "
                           f"{float(np.finfo(np.float32).max):g})")
@@ -276,31 +304,26 @@ def _extract_arrays(text: bytes) -> tuple[bytes, dict[str, _Numbers]]:
         if colon is None:
             continue
         start = colon.end()
-        value = _NESTED.match(text, start) or _FLAT.match(text, start)
-        if value is None:
+        end = _numeric_array_end(text, start)
+        if end is None:
             continue
-        inner = value.group()[1:-1]
+        inner = text[start + 1:end - 1]
         numbers = inner.translate(None, b"[]")
-        if _NUMBERS.fullmatch(numbers) is None or _EMPTY_ROW.search(inner):
-            continue
         if not _rectangular(inner):
             raise invalid("input data is not a rectangular array of numbers: its rows differ in length")
         key = f"\u0000mpnn-data-{len(arrays)}"
         pieces += [text[pos:start], json.dumps(key).encode()]
         arrays[key] = _Numbers(numbers)
-        pos = value.end()
+        pos = end
     if not arrays:
         return text, arrays
     pieces.append(text[pos:])
     return b"".join(pieces), arrays
 
 
-_EMPTY_ROW = re.compile(rb'\[\s*\]')
-
-
 def _rectangular(inner: bytes) -> bool:
-    """Whether the rows ``[...]`` in ``inner`` (the text between a nested array's outer brackets,
-    rows not empty) all hold as many numbers; True for a flat array."""
+    """Whether the rows ``[...]`` in ``inner`` (the text between a nested array's outer brackets)
+    all hold as many numbers (as many commas); True for a flat array."""
     b = np.frombuffer(inner, np.uint8)
     starts = np.flatnonzero(b == ord("["))
     if len(starts) < 2:

@@ -25,6 +25,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS
+from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION
 from partition_server.data.datasets import Dataset
 from partition_server.engine import OptimizerConfig
 from partition_server.api.lookup import LookupTable
@@ -42,12 +43,14 @@ KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are
 class DriverError(RuntimeError):
     """A partition failed a call; the message names the partition, its address and the status.
 
-    ``code`` is that call's ``grpc.StatusCode`` (None when no call failed, e.g. a wait timed out).
+    ``code`` is that call's ``grpc.StatusCode`` (None when no call failed, e.g. a wait timed out);
+    ``reason`` its ``mpnn-error`` trailing metadata (``api.errors``), or None.
     """
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: str | None = None):
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class TrainingDiverged(DriverError):
@@ -120,7 +123,7 @@ class Driver:
             errors.sort(key=lambda e: e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED)
             i, exc = errors[0]
             raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "
-                              f"{exc.code().name}: {exc.details()}", exc.code()) from exc
+                              f"{exc.code().name}: {exc.details()}", exc.code(), _reason(exc)) from exc
         return [call.result() for call in calls]
 
     def wait_ready(self, timeout: float = 60.0, alive: Callable[[], None] | None = None) -> None:
@@ -151,17 +154,18 @@ class Driver:
 
     # ------------------------------------------------------------ training sessions
 
-    def open_training(self, optimizer: OptimizerConfig) -> str:
+    def open_training(self, optimizer: OptimizerConfig, *, wait: float = 90.0) -> str:
         """Open a training session with ``optimizer`` on every partition (see
         ``serving.training``); training steps send its token. Returns the token.
 
         A session this driver already holds with the same optimizer is kept; one with another
-        optimizer is closed first (the optimizer is fixed per session).
+        optimizer is closed first (the optimizer is fixed per session). While another session
+        holds a partition (FAILED_PRECONDITION: e.g. that of a trainer that died, until it has
+        been idle for the partition's lease, 30 s by default), tries again every second for up
+        to ``wait`` seconds.
 
         Raises:
-            DriverError: a partition refused (FAILED_PRECONDITION: another session holds it, until
-                that one has been idle for the partition's lease); the partitions that had
-                accepted are closed again.
+            DriverError: a partition refused; the partitions that had accepted are closed again.
         """
         if self._session is not None:
             if self._session[1] == optimizer:
@@ -169,11 +173,17 @@ class Driver:
             self.close_training()
         token = secrets.token_hex(16)
         request = pb.OpenTrainingRequest(session=token, optimizer=optimizer_message(optimizer))
-        try:
-            self._all("OpenTraining", [request] * self.table.num_partitions)
-        except DriverError:
-            self._close_session(token)
-            raise
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._all("OpenTraining", [request] * self.table.num_partitions)
+                break
+            except DriverError as exc:
+                self._close_session(token)
+                if exc.reason != TRAINING_SESSION or time.monotonic() + 1.0 > deadline:
+                    raise
+                log.info("waiting for another training session to end: %s", exc)
+                time.sleep(1.0)
         self._session = (token, optimizer)
         return token
 
@@ -277,6 +287,18 @@ class Driver:
         meta = {**meta, "lookup_version": self.table.version,
                 "optimizer_step": max(r.optimizer_step for r in replies)}
         return store.commit(sequence, shards, network=model.shape_dict(), meta=meta)
+
+
+def _reason(call: grpc.Call) -> str | None:
+    """The ``mpnn-error`` trailing metadata of a failed call, or None."""
+    try:
+        metadata = call.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a failed call without metadata has no reason
+        return None
+    for key, value in metadata:
+        if key == ERROR_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
 
 
 def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:

@@ -24,11 +24,12 @@ from typing import NoReturn
 
 import grpc
 
+from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION, WEIGHTS_CHANGED
+
 __all__ = ["ERROR_KEY", "TRAINING_SESSION", "WEIGHTS_CHANGED", "abort", "reason_of"]
 
-ERROR_KEY = "mpnn-error"          # trailing metadata key (gRPC keys are lower-case ASCII)
-WEIGHTS_CHANGED = "weights-changed"
-TRAINING_SESSION = "training-session"
+# ERROR_KEY (the trailing metadata key; gRPC keys are lower-case ASCII) and the reasons are
+# defined in the api, so that clients read them without importing the serving side.
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, *,

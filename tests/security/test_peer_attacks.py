@@ -23,6 +23,8 @@ from partition_server.api.distributor import Distribution
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import to_tensor
+from partition_server.client.driver import DriverError
+from partition_server.engine import OptimizerConfig
 from partition_server.serving import reasons
 from partition_server.serving.limits import ServerLimits
 from tests.security.conftest import LEGIT_SECONDS, MiB, infer, peak_rss, reset_peak, under_attack
@@ -132,3 +134,17 @@ def test_the_server_caps_a_pass_deadline_whatever_the_caller_asks(tmp_path):
         # the server's bound, not the client's
         assert re.search(r"timed out after (1\.9\d*|2(\.0\d*)?)s", err.details()), err.details()
         assert cluster.servers[0].mailbox.pending() == []
+
+
+def test_a_dead_trainers_session_lapses_after_the_lease_and_only_then(tmp_path):
+    x, y = batch(0)
+    with Cluster(tmp_path, 2, Distribution("balanced"), limits=ServerLimits(training_lease_seconds=1.0)) as cluster:
+        first, second = cluster.driver(), cluster.driver()
+        first.step(x, y)                      # then "dies" without closing its session
+        with pytest.raises(DriverError) as info:
+            second.open_training(OptimizerConfig(), wait=0.0)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and info.value.reason == reasons.TRAINING_SESSION
+        second.step(x, y)                     # waits until the first session has been idle 1 s
+        with pytest.raises(DriverError) as info:
+            first.step(x, y)                  # the first trainer's session is gone: refused, nothing applied
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED

@@ -231,32 +231,25 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _DATA_VALUE = re.compile(rb'\s*:\s*(?=\[)')
 _NUMBER_BYTES = b"0123456789.eE+-, \t\r\n"
+_LAST_ROW = re.compile(rb"\][ \t\r\n]*\]")
 
 
 def _numeric_array_end(text: bytes, start: int) -> int | None:
     """The end of the JSON array at ``text[start] == "["`` if it is flat, or a list of flat rows,
-    and holds nothing but number characters; else None. Only C-speed bytes operations (find,
-    count, translate), so a large array does not hold the GIL for long."""
+    and holds nothing but number characters; else None. Only C-speed operations (find, count,
+    translate, one regex search), so a large array does not hold the GIL for long."""
     close = text.find(b"]", start + 1)
     if close < 0:
         return None
     if text.find(b"[", start + 1, close) < 0:  # flat
         return close + 1 if not text[start + 1:close].translate(None, _NUMBER_BYTES) else None
-    end = start + 1  # nested: rows "[...]" up to the "]" that follows a row's "]"
-    while True:
-        close = text.find(b"]", end)
-        if close < 0:
-            return None
-        after = close + 1
-        while after < len(text) and text[after] in b" \t\r\n":
-            after += 1
-        if after < len(text) and text[after] == ord("]"):
-            inner = text[start + 1:close + 1]
-            rows = inner.count(b"[")
-            if inner.translate(None, _NUMBER_BYTES) != b"[]" * rows:
-                return None
-            return after + 1
-        end = after
+    last = _LAST_ROW.search(text, start + 1)  # nested: rows "[...]" up to a row's "]" followed by "]"
+    if last is None:
+        return None
+    inner = text[start + 1:last.start() + 1]
+    if inner.translate(None, _NUMBER_BYTES) != b"[]" * inner.count(b"["):
+        return None
+    return last.end()
 
 
 class _Numbers:

@@ -24,6 +24,7 @@ from typing import Any
 from partition_server import logs
 from partition_server.api.environment import PARENT_PID_ENV
 from partition_server.api.manifest import parse_network_document
+from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
 
 __all__ = ["exit_with_parent", "main", "partition_from_hostname", "return_large_buffers"]
@@ -81,12 +82,13 @@ def main(args: Any) -> int:
             ``model_dir``, ``host``, ``port``, ``http_port``, ``log_level``).
     """
     logs.configure(args.log_level)
+    limits = ServerLimits.from_env()  # a bad MPNN_* bound fails here, naming the variable and its value
     return_large_buffers()
     if os.environ.get(PARENT_PID_ENV):
         exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))
-    server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir)
+    server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir, limits=limits)
     server.start(args.host, args.port, http_port=args.http_port or None)
     done = threading.Event()
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FieldError"]
+__all__ = ["ERROR_KEY", "TRAINING_SESSION", "WEIGHTS_CHANGED", "FieldError"]
+
+# Machine-readable reasons of a failed mpnn.v1.Partition call: the trailing metadata entry
+# ERROR_KEY: <reason> (see partition_server.serving.reasons, which sends them).
+ERROR_KEY = "mpnn-error"
+WEIGHTS_CHANGED = "weights-changed"
+TRAINING_SESSION = "training-session"
 
 
 class FieldError(ValueError):

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import queue
+import secrets
 import time
 import uuid
 from concurrent import futures
@@ -25,6 +26,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS
+from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION
 from partition_server.data.datasets import Dataset
 from partition_server.engine import OptimizerConfig
 from partition_server.api.lookup import LookupTable
@@ -43,12 +45,14 @@ KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are
 class DriverError(RuntimeError):
     """A partition failed a call; the message names the partition, its address and the status.
 
-    ``code`` is that call's ``grpc.StatusCode`` (None when no call failed, e.g. a wait timed out).
+    ``code`` is that call's ``grpc.StatusCode`` (None when no call failed, e.g. a wait timed out);
+    ``reason`` its ``mpnn-error`` trailing metadata (``api.errors``), or None.
     """
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: str | None = None):
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class TrainingDiverged(DriverError):
@@ -82,8 +86,11 @@ class Driver:
                           else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
         self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, table.num_partitions))
+        self._session: tuple[str, OptimizerConfig] | None = None
 
     def close(self) -> None:
+        """End this driver's training session (if any) and close its channels."""
+        self.close_training()
         self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
@@ -122,7 +129,7 @@ class Driver:
             errors.sort(key=lambda e: e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED)
             i, exc = errors[0]
             raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "
-                              f"{exc.code().name}: {exc.details()}", exc.code()) from exc
+                              f"{exc.code().name}: {exc.details()}", exc.code(), _reason(exc)) from exc
         return [call.result() for call in calls]
 
     def wait_ready(self, timeout: float = 60.0, alive: Callable[[], None] | None = None) -> None:
@@ -151,6 +158,54 @@ class Driver:
             if pending:
                 time.sleep(0.1)
 
+    # ------------------------------------------------------------ training sessions
+
+    def open_training(self, optimizer: OptimizerConfig, *, wait: float = 90.0) -> str:
+        """Open a training session with ``optimizer`` on every partition (see
+        ``serving.training``); training steps send its token. Returns the token.
+
+        A session this driver already holds with the same optimizer is kept; one with another
+        optimizer is closed first (the optimizer is fixed per session). While another session
+        holds a partition (FAILED_PRECONDITION: e.g. that of a trainer that died, until it has
+        been idle for the partition's lease, 30 s by default), tries again every second for up
+        to ``wait`` seconds.
+
+        Raises:
+            DriverError: a partition refused; the partitions that had accepted are closed again.
+        """
+        if self._session is not None:
+            if self._session[1] == optimizer:
+                return self._session[0]
+            self.close_training()
+        token = secrets.token_hex(16)
+        request = pb.OpenTrainingRequest(session=token, optimizer=optimizer_message(optimizer))
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._all("OpenTraining", [request] * self.table.num_partitions)
+                break
+            except DriverError as exc:
+                self._close_session(token)
+                if exc.reason != TRAINING_SESSION or time.monotonic() + 1.0 > deadline:
+                    raise
+                log.info("waiting for another training session to end: %s", exc)
+                time.sleep(1.0)
+        self._session = (token, optimizer)
+        return token
+
+    def close_training(self) -> None:
+        """End this driver's training session on every partition (best effort)."""
+        if self._session is not None:
+            token, self._session = self._session[0], None
+            self._close_session(token)
+
+    def _close_session(self, token: str) -> None:
+        try:
+            self._all("CloseTraining", [pb.CloseTrainingRequest(session=token)] * self.table.num_partitions,
+                      timeout=min(self.timeout, 5.0))
+        except DriverError as exc:
+            log.warning("closing the training session failed: %s", exc)
+
     # ------------------------------------------------------------ steps
 
     def step(self, x: np.ndarray, y: np.ndarray | None = None, optimizer: OptimizerConfig | None = None,
@@ -161,7 +216,8 @@ class Driver:
         Args:
             x: ``[batch, inputs]``; cast to float32.
             y: ``[batch]`` class indices (int64), or None.
-            optimizer: sent with training steps.
+            optimizer: the training session's optimizer (:meth:`open_training`, opened on the first
+                training step, and again when the optimizer changes); default SGD.
             timeout: deadline of the calls, seconds (default: the driver's).
             weights_version: inference only: every partition computes with the parameters of
                 this optimizer step (see ``engine.PartitionEngine.forward``), or fails ABORTED.
@@ -178,8 +234,7 @@ class Driver:
             request.weights_version = weights_version
         if y is not None:
             request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
-            if optimizer is not None:
-                request.optimizer.CopyFrom(optimizer_message(optimizer))
+            request.session = self.open_training(optimizer or OptimizerConfig())
         replies = self._all("RunPass", [request] * self.table.num_partitions, timeout)
         first = next(r for r in replies if r.has_outputs)
         outputs = from_tensor(first.outputs, "outputs", "float32")
@@ -250,6 +305,18 @@ class Driver:
         meta = {**meta, "lookup_version": self.table.version,
                 "optimizer_step": max(r.optimizer_step for r in replies)}
         return store.commit(reservation, shards, network=model.shape_dict(), meta=meta)
+
+
+def _reason(call: grpc.Call) -> str | None:
+    """The ``mpnn-error`` trailing metadata of a failed call, or None."""
+    try:
+        metadata = call.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a failed call without metadata has no reason
+        return None
+    for key, value in metadata:
+        if key == ERROR_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return None
 
 
 def optimizer_message(cfg: OptimizerConfig) -> pb.OptimizerConfig:

@@ -9,6 +9,12 @@ messages is from "Multi Part Deployment of Neural Network", arXiv 2506.01387).
 
 Keys are tuples whose first element is the step id, e.g.
 ``(pass_id, "fwd", layer)``; ``src`` is the sending partition's index.
+
+Bounds: what a peer (even an authenticated but buggy or hostile one) can make a partition hold
+is capped per ``src``, in bytes and in entries, and more tightly for passes that are not running
+here (:meth:`Mailbox.open`): such a message is kept only as an *early* arrival (its sender's pass
+started before this partition's own ``RunPass`` of it) within ``early_bytes`` / ``early_entries``
+and for at most ``early_ttl`` seconds. A ``put`` beyond a cap raises :class:`MailboxFull`.
 """
 
 from __future__ import annotations
@@ -20,11 +26,17 @@ from typing import Callable, Hashable, Iterable
 
 import numpy as np
 
-__all__ = ["Mailbox", "StepAborted"]
+__all__ = ["Mailbox", "MailboxFull", "StepAborted"]
+
+MiB = 1 << 20
 
 
 class StepAborted(RuntimeError):
     """``take`` was waiting for (or asked for) a message of a step that has been discarded."""
+
+
+class MailboxFull(RuntimeError):
+    """A ``put`` would take a peer past its bytes or entries in this mailbox; nothing was stored."""
 
 
 class Mailbox:
@@ -45,17 +57,45 @@ class Mailbox:
         remember_discarded: how many discarded step ids to remember.
         expire_after: default time to live of a message, seconds.
         clock: monotonic seconds (tests pass a fake one).
+        peer_bytes, peer_entries: array bytes (``nbytes``) and messages one ``src`` may have
+            waiting here in all; None: no cap.
+        early_bytes, early_entries: of those, for passes not opened here (:meth:`open`); None: no cap.
+        early_ttl: longest time to live of a message for a pass not opened here, seconds.
     """
 
     def __init__(self, remember_discarded: int = 1024, expire_after: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, peer_bytes: int | None = 512 * MiB,
+                 peer_entries: int | None = 4096, early_bytes: int | None = 64 * MiB,
+                 early_entries: int | None = 64, early_ttl: float = 30.0):
         self._cond = threading.Condition()
         self._slots: dict[tuple[tuple, int], tuple[np.ndarray, float]] = {}
+        self._early: set[tuple[tuple, int]] = set()           # slots of passes not opened here
+        self._open: dict[Hashable, int] = {}                  # pass id -> RunPass calls running it
+        self._held: dict[int, list[int]] = {}                 # src -> [bytes, entries, early bytes, early entries]
+        self._caps = (peer_bytes, peer_entries, early_bytes, early_entries)
+        self._early_ttl = early_ttl
         self._discarded: OrderedDict[Hashable, None] = OrderedDict()
         self._remember = remember_discarded
         self._expire_after = expire_after
         self._clock = clock
         self._next_expiry = float("inf")
+
+    def open(self, pass_id: Hashable, ttl: float | None = None) -> None:
+        """Say that ``pass_id`` runs here now (until :meth:`discard`): its messages, including the
+        early ones already waiting, count as a running pass's, and wait up to ``ttl`` seconds
+        (default ``expire_after``)."""
+        with self._cond:
+            now = self._expire()
+            self._open[pass_id] = self._open.get(pass_id, 0) + 1
+            expires = now + (self._expire_after if ttl is None else max(0.0, ttl))
+            for slot in [slot for slot in self._early if slot[0][0] == pass_id]:
+                self._early.discard(slot)
+                held = self._held[slot[1]]
+                held[2] -= self._slots[slot][0].nbytes
+                held[3] -= 1
+                self._slots[slot] = (self._slots[slot][0], expires)
+            self._next_expiry = min([self._next_expiry] + [e for (k, _), (_, e) in self._slots.items()
+                                                           if k[0] == pass_id])
 
     def put(self, key: tuple, src: int, array: np.ndarray, ttl: float | None = None) -> bool:
         """Deliver ``array`` from partition ``src`` under ``key``.
@@ -64,12 +104,13 @@ class Mailbox:
 
         Args:
             ttl: seconds the message waits to be taken before it is dropped (default
-                ``expire_after``); e.g. a little more than the step's deadline.
+                ``expire_after``; at most ``early_ttl`` for a pass not opened here).
 
         Returns:
             True if stored, False if dropped because ``key``'s step was discarded.
         Raises:
             ValueError: a message for the same ``(key, src)`` is already waiting.
+            MailboxFull: ``src`` would hold more than its bytes or entries (nothing is stored).
         """
         with self._cond:
             now = self._expire()
@@ -78,18 +119,53 @@ class Mailbox:
             slot = (key, src)
             if slot in self._slots:
                 raise ValueError(f"duplicate message for key {key!r} from partition {src}")
-            expires = now + (self._expire_after if ttl is None else max(0.0, ttl))
+            early = key[0] not in self._open
+            ttl = self._expire_after if ttl is None else max(0.0, ttl)
+            if early:
+                ttl = min(ttl, self._early_ttl)
+            held = self._held.setdefault(src, [0, 0, 0, 0])
+            want = [held[0] + array.nbytes, held[1] + 1, held[2] + array.nbytes, held[3] + 1]
+            names = ("bytes", "messages", "bytes for passes not running here", "messages for passes not running here")
+            for i, (cap, name) in enumerate(zip(self._caps, names)):
+                if cap is not None and (i < 2 or early) and want[i] > cap:
+                    raise MailboxFull(f"partition {src} would hold {want[i]} {name} in this mailbox, more than "
+                                      f"its {cap}; message for key {key!r} refused")
+            held[0], held[1] = want[0], want[1]
+            if early:
+                held[2], held[3] = want[2], want[3]
+                self._early.add(slot)
+            expires = now + ttl
             self._slots[slot] = (array, expires)
             self._next_expiry = min(self._next_expiry, expires)
             self._cond.notify_all()
             return True
+
+    def _drop(self, slot: tuple[tuple, int]) -> np.ndarray:
+        """Remove ``slot`` and give its bytes and entry back to its src (caller holds the lock)."""
+        array, _ = self._slots.pop(slot)
+        held = self._held[slot[1]]
+        held[0] -= array.nbytes
+        held[1] -= 1
+        if slot in self._early:
+            self._early.discard(slot)
+            held[2] -= array.nbytes
+            held[3] -= 1
+        if not held[1]:
+            del self._held[slot[1]]
+        return array
+
+    def held(self, src: int) -> tuple[int, int]:
+        """``(bytes, messages)`` waiting here from ``src``."""
+        with self._cond:
+            held = self._held.get(src, [0, 0])
+            return held[0], held[1]
 
     def _expire(self) -> float:
         """Drop the messages whose time to live has passed (caller holds the lock); returns now."""
         now = self._clock()
         if now >= self._next_expiry:
             for slot in [slot for slot, (_, expires) in self._slots.items() if expires <= now]:
-                del self._slots[slot]
+                self._drop(slot)
             self._next_expiry = min((expires for _, expires in self._slots.values()), default=float("inf"))
         return now
 
@@ -123,7 +199,7 @@ class Mailbox:
                     raise StepAborted(f"step {key[0]!r} was discarded while waiting for key {key!r}")
                 missing = [s for s in wanted if (key, s) not in self._slots]
                 if not missing:
-                    return {s: self._slots.pop((key, s))[0] for s in wanted}
+                    return {s: self._drop((key, s)) for s in wanted}
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
@@ -140,7 +216,8 @@ class Mailbox:
         with self._cond:
             stale = [slot for slot in self._slots if slot[0][0] == pass_id]
             for slot in stale:
-                del self._slots[slot]
+                self._drop(slot)
+            self._open.pop(pass_id, None)
             self._discarded[pass_id] = None
             self._discarded.move_to_end(pass_id)
             while len(self._discarded) > self._remember:

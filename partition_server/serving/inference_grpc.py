@@ -35,11 +35,15 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
             A call waiting for a pass slot holds a thread of the partition server's gRPC pool,
             which the passes themselves need for ``RunPass`` and ``Exchange``; so the waiting is
             bounded here, and REST requests (which wait on the REST server's own threads) wait instead.
+        max_request_bytes: largest ``ModelInferRequest``, bytes (RESOURCE_EXHAUSTED beyond); None: no cap
+            besides the port's message limit. A port that carries only this service should also
+            set its ``grpc.max_receive_message_length`` to it, so larger messages are never decoded.
     """
 
-    def __init__(self, model: ModelInference, max_calls: int = 8):
+    def __init__(self, model: ModelInference, max_calls: int = 8, *, max_request_bytes: int | None = None):
         self.model = model
         self.max_calls = max_calls
+        self.max_request_bytes = max_request_bytes
         self._calls = threading.BoundedSemaphore(max_calls)
 
     def ServerLive(self, request, context):
@@ -63,6 +67,10 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
                                          outputs=[tensor(**t) for t in meta["outputs"]])
 
     def ModelInfer(self, request, context):
+        if self.max_request_bytes is not None and request.ByteSize() > self.max_request_bytes:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"model {self.model.name!r}: the request takes {request.ByteSize()} bytes, more than "
+                          f"{self.max_request_bytes}")
         if not self._calls.acquire(blocking=False):
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"model {self.model.name!r}: {self.max_calls} inference calls are in progress on this "

@@ -10,7 +10,12 @@ passes are not counted: an engine runs one at a time, and one thread is reserved
 
 from __future__ import annotations
 
-__all__ = ["default_workers", "max_infer_calls", "pass_slots"]
+import os
+import threading
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["ByteBudget", "ServerLimits", "default_workers", "max_infer_calls", "pass_slots"]
 
 
 def max_infer_calls(workers: int) -> int:
@@ -36,3 +41,106 @@ def default_workers(partitions: int) -> int:
     while pass_slots(workers) < partitions + 1:
         workers += 8
     return workers
+
+
+# ---------------------------------------------------------------- what a caller can hold
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every resource a caller of a partition server can hold, bounded by the server whatever the
+    request asks. Each field can be set by an environment variable (:meth:`from_env`).
+
+    Attributes:
+        max_request_bytes: largest public request: a REST body as sent and after decompression,
+            and a ``ModelInfer`` message (``MPNN_MAX_REQUEST_BYTES``, default 64 MiB). Peer
+            messages (``mpnn.v1.Partition``) may be larger (``channels.MAX_MESSAGE_BYTES``).
+        max_inflight_request_bytes: REST request bytes held at once by all requests together,
+            as sent plus inflated; a request beyond it is answered 503 at once
+            (``MPNN_MAX_INFLIGHT_REQUEST_BYTES``, default 128 MiB; at least ``max_request_bytes``).
+        max_pass_seconds: longest a ``RunPass`` runs (and waits for its peers' messages),
+            whatever deadline the caller sent (``MPNN_MAX_PASS_SECONDS``, default 120 s).
+        training_lease_seconds: a training session with no training pass for this long may be
+            replaced by a new one (``MPNN_TRAINING_LEASE_SECONDS``, default 30 s).
+        mailbox_peer_bytes, mailbox_peer_entries: tensors one peer may have waiting in this
+            partition's mailbox, for passes running here (``MPNN_MAILBOX_PEER_BYTES``, default
+            512 MiB; ``MPNN_MAILBOX_PEER_ENTRIES``, default 4096).
+        mailbox_early_bytes, mailbox_early_entries: of those, for passes not (yet) running here:
+            a peer's message may arrive before this partition's own ``RunPass`` of the pass
+            (``MPNN_MAILBOX_EARLY_BYTES``, default 64 MiB; ``MPNN_MAILBOX_EARLY_ENTRIES``, default 64).
+        mailbox_early_seconds: how long such a message waits for its pass to start here before
+            it is dropped (``MPNN_MAILBOX_EARLY_SECONDS``, default 30 s).
+    """
+
+    max_request_bytes: int = 64 * MiB
+    max_inflight_request_bytes: int = 128 * MiB
+    max_pass_seconds: float = 120.0
+    training_lease_seconds: float = 30.0
+    mailbox_peer_bytes: int = 512 * MiB
+    mailbox_peer_entries: int = 4096
+    mailbox_early_bytes: int = 64 * MiB
+    mailbox_early_entries: int = 64
+    mailbox_early_seconds: float = 30.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                    or value == float("inf"):
+                raise ValueError(f"{f.name}: must be a finite number >= 0, got {value!r}")
+        if self.max_inflight_request_bytes < self.max_request_bytes:
+            raise ValueError(f"max_inflight_request_bytes ({self.max_inflight_request_bytes}) must be at least "
+                             f"max_request_bytes ({self.max_request_bytes})")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ServerLimits":
+        """The defaults, overridden by ``MPNN_<FIELD>`` variables (upper case, e.g. ``MPNN_MAX_PASS_SECONDS``).
+
+        Raises:
+            ValueError: a variable that is not a number, naming it and its value.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = f"MPNN_{f.name.upper()}"
+            if var in environ:
+                kind = int if f.type in ("int", int) else float
+                try:
+                    values[f.name] = kind(environ[var])
+                except ValueError:
+                    raise ValueError(f"{var}: must be {'an integer' if kind is int else 'a number'}, "
+                                     f"got {environ[var]!r}") from None
+        return cls(**values)
+
+
+class ByteBudget:
+    """A count of bytes held by requests in flight, at most ``capacity``: a request takes what it
+    needs before holding it (:meth:`take`, never waiting) and gives it back when done. Thread-safe.
+
+    Args:
+        capacity: bytes, >= 0.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        """Bytes taken and not given back."""
+        return self._held
+
+    def take(self, nbytes: int) -> bool:
+        """Take ``nbytes`` if they fit; returns whether they were taken."""
+        with self._lock:
+            if nbytes < 0 or self._held + nbytes > self.capacity:
+                return False
+            self._held += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        """Give back ``nbytes`` taken before."""
+        with self._lock:
+            self._held = max(0, self._held - nbytes)

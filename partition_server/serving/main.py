@@ -25,9 +25,10 @@ from partition_server import logs
 from partition_server.api.environment import PARENT_PID_ENV
 from partition_server.api.manifest import parse_network_document
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
+from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
 
-__all__ = ["exit_with_parent", "main", "partition_from_hostname", "peer_credentials"]
+__all__ = ["exit_with_parent", "main", "partition_from_hostname", "peer_credentials", "return_large_buffers"]
 
 log = logging.getLogger("mpnn.server")
 
@@ -43,6 +44,20 @@ def partition_from_hostname(hostname: str | None = None) -> int:
     if not m:
         raise ValueError(f"partition: not given (--partition / MPNN_PARTITION) and hostname {hostname!r} has no ordinal")
     return int(m.group(1))
+
+
+def return_large_buffers(threshold: int = 1 << 20) -> bool:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when
+    freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold after
+    such frees). Without it, a burst of large messages that the server refuses or drops (tensors,
+    request bodies) stays resident in the allocator's arenas, one per gRPC thread. Returns whether
+    it took effect (False off glibc)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -82,13 +97,15 @@ def main(args: Any) -> int:
         FieldError: no readable peer key (``--peer-key-file``) or TLS directory (``--tls-dir``).
     """
     logs.configure(args.log_level)
+    limits = ServerLimits.from_env()  # a bad MPNN_* bound fails here, naming the variable and its value
+    return_large_buffers()
     if os.environ.get(PARENT_PID_ENV):
         exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()
     name, model = parse_network_document(json.loads(Path(args.network).read_text()))
     credentials = peer_credentials(name, args)
     server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir,
-                             credentials=credentials)
+                             credentials=credentials, limits=limits)
     server.start(args.host, args.port, peer_port=args.peer_port, http_port=args.http_port or None)
     done = threading.Event()
 

@@ -171,13 +171,14 @@ class ModelProtocol:
             if nbytes != count * WIRE_FP32.itemsize:
                 raise invalid(f"input {INPUT!r}: {nbytes} bytes of data do not fit shape {list(shape)} "
                               f"of {DATATYPE} ({count * WIRE_FP32.itemsize} bytes)")
-            return np.frombuffer(t.data, dtype=WIRE_FP32).astype(np.float32).reshape(shape)
+            return _finite(np.frombuffer(t.data, dtype=WIRE_FP32).astype(np.float32).reshape(shape))
         data = np.asarray(t.data)
         if data.dtype.kind not in "iuf":
             raise invalid(f"input {INPUT!r}: data must be numbers, got {data.dtype.name}")
         if data.size != count:
             raise invalid(f"input {INPUT!r}: {data.size} elements do not fit shape {list(shape)} ({count} elements)")
-        return data.astype(np.float32).reshape(shape)
+        with np.errstate(over="ignore"):
+            return _finite(data.astype(np.float32).reshape(shape))
 
     def check_outputs(self, names: Sequence[str]) -> None:
         """Raise InferenceError INVALID_ARGUMENT for a requested output the model does not have."""
@@ -188,3 +189,13 @@ class ModelProtocol:
     def empty_output(self) -> np.ndarray:
         """The output of an empty batch: ``[0, units_last]`` float32."""
         return np.zeros((0, self.model.layer_units[-1]), np.float32)
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    """``x``, or INVALID_ARGUMENT naming the first element that is NaN, infinite or beyond FP32."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise invalid(f"input {INPUT!r}: element [{row}, {col}] is {x[row, col]}; inputs must be finite FP32 "
+                      f"numbers ({int(bad.sum())} are not)")
+    return x

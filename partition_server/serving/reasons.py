@@ -12,6 +12,10 @@ Reasons:
     An inference ``RunPass`` asked for a weights version (optimizer step) this partition no
     longer keeps, or one ahead of it with no training step running (the engine's
     ``WeightsChanged``). A new pass with the entry point's current version may succeed.
+
+``training-session`` (with PERMISSION_DENIED or FAILED_PRECONDITION)
+    A training ``RunPass`` without the current training session's token, or an ``OpenTraining``
+    while another session holds the partition (see ``training``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from typing import NoReturn
 
 import grpc
 
-__all__ = ["ERROR_KEY", "WEIGHTS_CHANGED", "abort", "reason_of"]
+from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION, WEIGHTS_CHANGED
 
-ERROR_KEY = "mpnn-error"          # trailing metadata key (gRPC keys are lower-case ASCII)
-WEIGHTS_CHANGED = "weights-changed"
+__all__ = ["ERROR_KEY", "TRAINING_SESSION", "WEIGHTS_CHANGED", "abort", "reason_of"]
+
+# ERROR_KEY (the trailing metadata key; gRPC keys are lower-case ASCII) and the reasons are
+# defined in the api, so that clients read them without importing the serving side.
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, *,

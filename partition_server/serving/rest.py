@@ -16,8 +16,11 @@ Bodies and replies are encoded by ``rest_codec`` (JSON, the binary tensor data e
 gzip/deflate request bodies). Errors are ``{"error": "..."}`` (``application/json``) with 400,
 404, 503 or 504 (see ``inference``); 405 with ``Allow`` for a known path with the wrong method,
 404 for an unknown path, 411 for a chunked body (send ``Content-Length``), 413 for a body above
-1 GiB (:data:`MAX_BODY_BYTES`) as sent or after decompression, 408 for a body that does not
-arrive within :data:`IDLE_TIMEOUT`, 500 for a bug.
+64 MiB (:data:`MAX_BODY_BYTES`, ``ServerLimits.max_request_bytes``) as sent or after decompression,
+503 when the bytes of all requests in flight would exceed ``max_inflight_bytes`` (a global budget,
+taken from ``Content-Length`` before the body is read and from each inflated slice before it is
+kept), 408 for a body that does not arrive within :data:`IDLE_TIMEOUT`, 500 for a bug (the
+answer names the exception, never a stack trace).
 
 Threads: the server runs its own asyncio event loop in a thread of its own (``rest-<port>``).
 What blocks (decompressing, parsing, the forward pass, which calls every partition over gRPC,
@@ -47,8 +50,8 @@ from typing import Any, Callable, TypeVar
 import grpc
 from aiohttp import web
 
-from partition_server.api.channels import MAX_MESSAGE_BYTES
 from partition_server.serving.inference import ModelInference
+from partition_server.serving.limits import ByteBudget, ServerLimits
 from partition_server.serving.protocol import InferenceError
 from partition_server.serving.rest_codec import HEADER_LENGTH, HttpError, decode_body, encode_reply, parse_request
 
@@ -56,7 +59,7 @@ __all__ = ["IDLE_TIMEOUT", "MAX_BODY_BYTES", "RestServer"]
 
 log = logging.getLogger("mpnn.rest")
 
-MAX_BODY_BYTES = MAX_MESSAGE_BYTES  # a request body, as sent and after decompression
+MAX_BODY_BYTES = ServerLimits().max_request_bytes  # a request body, as sent and after decompression
 IDLE_TIMEOUT = 120.0                # seconds a keep-alive connection may idle, or a body take to arrive
 _PROBE_THREADS = 2                  # worker threads inference requests leave to readiness checks
 
@@ -76,17 +79,23 @@ class RestServer:
         max_body_bytes: largest request body, bytes, as sent and after decompression
             (default :data:`MAX_BODY_BYTES`).
         ssl_context: serve HTTPS with it; None: plain HTTP.
+        max_inflight_bytes: request bytes all requests in flight may hold together, as sent plus
+            inflated (default ``2 * max_body_bytes``, at least ``max_body_bytes``); a request
+            that does not fit is answered 503 at once.
 
     Raises:
         OSError: the address cannot be bound.
     """
 
     def __init__(self, model: ModelInference, host: str, port: int, *, threads: int = 16,
-                 max_body_bytes: int | None = None, ssl_context: ssl.SSLContext | None = None):
+                 max_body_bytes: int | None = None, max_inflight_bytes: int | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self.model = model
         self.ssl_context = ssl_context
         self.threads = max(threads, _PROBE_THREADS + 1)
         self.max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
+        self.budget = ByteBudget(max(self.max_body_bytes, 2 * self.max_body_bytes if max_inflight_bytes is None
+                                     else max_inflight_bytes))
         self._sock = _bind(host, port)
         self.port: int = self._sock.getsockname()[1]
         self._executor: ThreadPoolExecutor | None = None
@@ -223,43 +232,50 @@ class RestServer:
 
     async def _infer(self, request: web.Request) -> web.Response:
         arrived = time.monotonic()
-        body = await self._body(request)
-        name, version = _model_of(request)
-        encoding = request.headers.get("Content-Encoding", "identity")
-        header_length = request.headers.get(HEADER_LENGTH)
-        remaining = self.model.timeout - (time.monotonic() - arrived)
+        held = _Held(self.budget)
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                await self._gate.acquire()
-        except TimeoutError:
-            raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.model.name!r}: no free slot for a "
-                                 f"forward pass within {self.model.timeout:g} s") from None
-        try:
-            blob, content_type, headers = await self._blocking(
-                self._answer_infer, body, name=name, version=version, encoding=encoding,
-                header_length=header_length, arrived=arrived)
+            body = await self._body(request, held)
+            name, version = _model_of(request)
+            encoding = request.headers.get("Content-Encoding", "identity")
+            header_length = request.headers.get(HEADER_LENGTH)
+            remaining = self.model.timeout - (time.monotonic() - arrived)
+            try:
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    await self._gate.acquire()
+            except TimeoutError:
+                raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.model.name!r}: no free slot for a "
+                                     f"forward pass within {self.model.timeout:g} s") from None
+            try:
+                blob, content_type, headers = await self._blocking(
+                    self._answer_infer, body, name=name, version=version, encoding=encoding,
+                    header_length=header_length, arrived=arrived, held=held)
+            finally:
+                self._gate.release()
         finally:
-            self._gate.release()
+            held.release()
         return web.Response(status=200, body=blob, content_type=content_type, headers=headers)
 
     def _answer_infer(self, body: bytes, *, name: str, version: str, encoding: str, header_length: str | None,
-                      arrived: float) -> tuple[bytes, str, dict[str, str]]:
+                      arrived: float, held: "_Held") -> tuple[bytes, str, dict[str, str]]:
         """The blocking part of an inference request, on a worker thread: decode, check, run, encode."""
-        body = decode_body(body, encoding=encoding, limit=self.max_body_bytes)
+        body = decode_body(body, encoding=encoding, limit=self.max_body_bytes, reserve=held.take)
         self.model.check_model(name, version)
         request = parse_request(self.model, body, header_length=header_length)
+        del body
         remaining = self.model.timeout - (time.monotonic() - arrived)
         y = self.model.infer(request.x, max(remaining, 0.001))
         return encode_reply(self.model.name, request, y)
 
-    async def _body(self, request: web.Request) -> bytes:
-        """The request body as sent (not decompressed), within the limits."""
+    async def _body(self, request: web.Request, held: "_Held") -> bytes:
+        """The request body as sent (not decompressed), within the limits; its ``Content-Length``
+        is taken from the byte budget before it is read."""
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             raise HttpError(411, "send the body with a Content-Length, not chunked", close=True)
         length = request.content_length or 0
         if length > self.max_body_bytes:
             raise HttpError(413, f"Content-Length must be 0..{self.max_body_bytes}, "
                                  f"got {request.headers.get('Content-Length')}", close=True)
+        held.take(length, close=True)
         try:
             async with asyncio.timeout(IDLE_TIMEOUT):
                 return await request.read()
@@ -269,6 +285,27 @@ class RestServer:
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on a worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+
+class _Held:
+    """The bytes one request holds of the server's :class:`ByteBudget`; :meth:`release` gives them all back."""
+
+    def __init__(self, budget: ByteBudget):
+        self.budget = budget
+        self.nbytes = 0
+
+    def take(self, nbytes: int, *, close: bool = False) -> None:
+        """Take ``nbytes`` more, or raise HttpError 503 (closing the connection when ``close``:
+        the body is then unread)."""
+        if not self.budget.take(nbytes):
+            raise HttpError(503, f"the server holds {self.budget.held} bytes of requests in flight and takes at "
+                                 f"most {self.budget.capacity}; this request needs {nbytes} more; retry",
+                            close=close)
+        self.nbytes += nbytes
+
+    def release(self) -> None:
+        self.budget.give(self.nbytes)
+        self.nbytes = 0
 
 
 async def _errors_as_json(request: web.Request, handler: Callable) -> web.StreamResponse:

@@ -20,7 +20,14 @@ call's deadline, UNAVAILABLE while no model is loaded, RESOURCE_EXHAUSTED for an
 ``RunPass`` whose caller has already gone, ABORTED for a failed exchange or an inference
 ``RunPass`` whose ``weights_version`` this partition no longer keeps; the latter carries the
 trailing metadata ``mpnn-error: weights-changed`` (see ``reasons``) and the message "weights
-changed during the pass; retry".
+changed during the pass; retry". A training ``RunPass`` without the current training session's
+token is PERMISSION_DENIED with ``mpnn-error: training-session`` and changes nothing (``training``);
+an ``Exchange`` beyond what its peer may hold in the mailbox is RESOURCE_EXHAUSTED.
+
+Bounds (``limits.ServerLimits``): a ``RunPass`` runs at most ``max_pass_seconds`` whatever its
+deadline; an ``Exchange`` must name a peer partition of the table, a layer of the network and a
+phase, and is held within the mailbox's per-peer caps (tighter for passes not running here);
+a ``ModelInfer`` message may take ``max_request_bytes``.
 
 Threads: every RPC runs on one pool of ``workers`` threads; inference passes are bounded below
 its size so that ``Exchange`` always finds a thread (see ``limits``). Entry points size their
@@ -42,7 +49,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from partition_server.api.channels import CHANNEL_OPTIONS
+from partition_server.api.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from partition_server.api.lookup import LookupTable, read_version
 from partition_server.api.manifest import ModelSpec
 from partition_server.api.peer_auth import AuthInterceptor, PeerCredentials, TlsFiles
@@ -50,14 +57,15 @@ from partition_server.api.protos import grpc_predict_v2_pb2_grpc as inference_gr
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import from_tensor, to_tensor
-from partition_server.engine import ExchangeError, Mailbox, OptimizerConfig, WeightsChanged, is_phase
+from partition_server.engine import ExchangeError, Mailbox, MailboxFull, OptimizerConfig, WeightsChanged, is_phase
 from partition_server.serving import reasons
 from partition_server.serving.inference import ModelInference
 from partition_server.serving.inference_grpc import InferenceServicer
-from partition_server.serving.limits import default_workers, max_infer_calls, pass_slots
+from partition_server.serving.limits import ServerLimits, default_workers, max_infer_calls, pass_slots
 from partition_server.serving.loading import Loaded, load_partition
 from partition_server.serving.peers import GrpcTransport, Peers
 from partition_server.serving.rest import RestServer
+from partition_server.serving.training import SessionRefused, TrainingSessions
 from partition_server.storage.store import (
     ForeignReservationError,
     ModelStore,
@@ -85,6 +93,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
         poll_seconds: how often the lookup file's version is checked, seconds.
         credentials: the network's peer key (and TLS files): the peer port admits only calls
             signed with it, and this server signs its own calls to its peers with it.
+        limits: what a caller can hold (default: ``ServerLimits.from_env()``).
 
     Attributes:
         workers: threads of the gRPC pool (set by :meth:`start`).
@@ -98,14 +107,19 @@ class PartitionServer(pb_grpc.PartitionServicer):
     """
 
     def __init__(self, index: int, name: str, model: ModelSpec, lookup_path: str | Path,
-                 model_dir: str | Path, poll_seconds: float = 2.0, *, credentials: PeerCredentials):
+                 model_dir: str | Path, poll_seconds: float = 2.0, *, credentials: PeerCredentials,
+                 limits: ServerLimits | None = None):
         self.index = index
         self.name = name
         self.model = model
         self.lookup_path = Path(lookup_path)
         self.model_dir = Path(model_dir)
         self.store = ModelStore(self.model_dir)
-        self.mailbox = Mailbox()
+        self.limits = limits = limits if limits is not None else ServerLimits.from_env()
+        self.mailbox = Mailbox(peer_bytes=limits.mailbox_peer_bytes, peer_entries=limits.mailbox_peer_entries,
+                               early_bytes=limits.mailbox_early_bytes, early_entries=limits.mailbox_early_entries,
+                               early_ttl=limits.mailbox_early_seconds)
+        self.sessions = TrainingSessions(limits.training_lease_seconds)
         self.credentials = credentials
         self.peers = Peers(credentials)
         self.health = health.HealthServicer()
@@ -125,7 +139,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self._pass_slots = threading.Semaphore(self.pass_limit)
         self.port: int | None = None
         self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version,
-                                        credentials=credentials)
+                                        credentials=credentials, timeout=min(60.0, limits.max_pass_seconds))
         self._rest: RestServer | None = None
         self.http_port: int | None = None
 
@@ -189,36 +203,58 @@ class PartitionServer(pb_grpc.PartitionServicer):
             self.messages_sent += 1
             self.bytes_sent += nbytes
 
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        """Seconds this call may take: the caller's deadline, capped at ``limits.max_pass_seconds``."""
+        remaining = context.time_remaining()
+        cap = self.limits.max_pass_seconds
+        return cap if remaining is None else max(0.0, min(remaining, cap))
+
     def RunPass(self, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
         loaded = self._current(request.lookup_version, context)
-        # A cancelled pass (the driver saw another partition fail) wakes the engine waiting on its mailbox.
-        if not context.add_callback(lambda: self.mailbox.discard(request.pass_id)):
-            self.mailbox.discard(request.pass_id)
-            context.abort(grpc.StatusCode.CANCELLED, f"partition {self.index}: pass {request.pass_id} "
-                                                     f"was cancelled before it started")
-        if request.train:  # one at a time per engine; reserved for in pass_slots()
-            return self._run_pass(loaded, request, context)
+        if request.train:  # refused before it touches the mailbox, the training lock or the weights
+            if request.HasField("optimizer"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "optimizer: fixed per training session (OpenTraining), not sent with a RunPass")
+            try:
+                optimizer = self.sessions.begin(request.session)
+            except SessionRefused as exc:
+                reasons.abort(context, exc.code, f"partition {self.index}: {exc.message}",
+                              reason=reasons.TRAINING_SESSION)
+            try:
+                return self._admitted_pass(loaded, request, context, optimizer)
+            finally:
+                self.sessions.end(request.session)
         if not self._pass_slots.acquire(blocking=False):
-            self.mailbox.discard(request.pass_id)
+            self.mailbox.discard(request.pass_id)  # its peers' messages are not kept for it
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"partition {self.index}: {self.pass_limit} forward passes are running, the most "
                           f"its {self.workers}-thread pool takes while keeping threads for Exchange; retry")
         try:
-            return self._run_pass(loaded, request, context)
+            return self._admitted_pass(loaded, request, context, None)
         finally:
             self._pass_slots.release()
 
-    def _run_pass(self, loaded: Loaded, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
+    def _admitted_pass(self, loaded: Loaded, request: pb.PassRequest, context: grpc.ServicerContext,
+                       optimizer: OptimizerConfig | None) -> pb.PassReply:
+        timeout = self._timeout(context)
+        # A cancelled pass (the driver saw another partition fail) wakes the engine waiting on its mailbox.
+        self.mailbox.open(request.pass_id, ttl=timeout + 10.0)
+        if not context.add_callback(lambda: self.mailbox.discard(request.pass_id)):
+            self.mailbox.discard(request.pass_id)
+            context.abort(grpc.StatusCode.CANCELLED, f"partition {self.index}: pass {request.pass_id} "
+                                                     f"was cancelled before it started")
+        return self._run_pass(loaded, request, context, timeout, optimizer)
+
+    def _run_pass(self, loaded: Loaded, request: pb.PassRequest, context: grpc.ServicerContext, timeout: float,
+                  optimizer: OptimizerConfig | None) -> pb.PassReply:
         engine = loaded.engine
-        timeout = context.time_remaining() or DEFAULT_TIMEOUT
         try:
             x = from_tensor(request.inputs, "inputs", "float32", [None, self.model.inputs])
             transport = GrpcTransport(index=self.index, table=loaded.table, peers=self.peers,
                                       mailbox=self.mailbox, count_sent=self.count_sent)
             if request.train:
                 y = from_tensor(request.labels, "labels", "int64", [x.shape[0]])
-                if request.HasField("optimizer"):
-                    engine.optimizer = OptimizerConfig(**_optimizer_fields(request.optimizer))
+                engine.optimizer = optimizer
                 result = engine.train_step(request.pass_id, x, y, transport, timeout)
                 outputs, loss, correct = result.outputs, result.loss, result.correct
             else:
@@ -244,20 +280,44 @@ class PartitionServer(pb_grpc.PartitionServicer):
         return reply
 
     def Exchange(self, request: pb.ExchangeRequest, context: grpc.ServicerContext) -> pb.ExchangeReply:
-        self._current(request.lookup_version, context)
+        loaded = self._current(request.lookup_version, context)
         if not is_phase(request.phase):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"phase must be fwd or bwd, got {request.phase!r} (fwd.N and bwd.N name round N "
                           f"of a log-depth collective)")
+        partitions, layers = loaded.table.num_partitions, len(self.model.layers)
+        if not 0 <= request.source < partitions or request.source == self.index:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"source must be a peer partition 0..{partitions - 1} "
+                                                            f"other than {self.index}, got {request.source}")
+        if not 0 <= request.layer < layers:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer must be 0..{layers - 1}, got {request.layer}")
         try:
             arr = from_tensor(request.tensor, "tensor", "float32")
-            # The sender's pass ends by its deadline, and this partition's part of the same pass
-            # by (about) the same one: a message still here well after it is never taken.
-            ttl = 2 * (context.time_remaining() or DEFAULT_TIMEOUT) + 10.0
+            # The server's own bound, not the caller's deadline: a pass running here ends by
+            # max_pass_seconds; the mailbox keeps a message for a pass not running here far shorter.
+            ttl = 2 * self.limits.max_pass_seconds + 10.0
             self.mailbox.put((request.pass_id, request.phase, request.layer), request.source, arr, ttl)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except MailboxFull as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"partition {self.index}: {exc}")
         return pb.ExchangeReply()
+
+    def OpenTraining(self, request: pb.OpenTrainingRequest, context: grpc.ServicerContext) -> pb.OpenTrainingReply:
+        try:
+            optimizer = OptimizerConfig(**_optimizer_fields(request.optimizer))
+        except (TypeError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"partition {self.index}: optimizer: {exc}")
+        try:
+            self.sessions.open(request.session, optimizer)
+        except SessionRefused as exc:
+            reasons.abort(context, exc.code, f"partition {self.index}: {exc.message}", reason=reasons.TRAINING_SESSION)
+        log.info("training session opened", extra={"partition": self.index, "session": request.session[:8],
+                                                   "optimizer": optimizer.name})
+        return pb.OpenTrainingReply(lease_seconds=self.sessions.lease)
+
+    def CloseTraining(self, request: pb.CloseTrainingRequest, context: grpc.ServicerContext) -> pb.CloseTrainingReply:
+        return pb.CloseTrainingReply(closed=self.sessions.close(request.session))
 
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointReply:
         """Write this partition's shard of a checkpoint the driver reserved on the shared volume.
@@ -348,10 +408,14 @@ class PartitionServer(pb_grpc.PartitionServicer):
         peer_server = grpc.server(self._executor, options=CHANNEL_OPTIONS, interceptors=[auth])
         pb_grpc.add_PartitionServicer_to_server(self, peer_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, peer_server)
-        server = grpc.server(self._executor, options=CHANNEL_OPTIONS)
+        # The public port admits messages up to the public request limit; peers may send more.
+        public_options = [("grpc.max_receive_message_length", self.limits.max_request_bytes),
+                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        server = grpc.server(self._executor, options=public_options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.inference, max_calls=max_infer_calls(workers)), server)
+            InferenceServicer(self.inference, max_calls=max_infer_calls(workers),
+                              max_request_bytes=self.limits.max_request_bytes), server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         tls = self.credentials.tls
         try:
@@ -368,8 +432,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
         if self.port == 0 or self.peer_port == 0:
             raise OSError(f"cannot bind {host}:{port if self.port == 0 else peer_port}")
         if http_port is not None:
-            self._rest = RestServer(self.inference, host, http_port,
-                                    **({"ssl_context": _server_ssl_context(tls)} if tls is not None else {}))
+            self._rest = RestServer(self.inference, host, http_port, max_body_bytes=self.limits.max_request_bytes,
+                                    max_inflight_bytes=self.limits.max_inflight_request_bytes,
+                                    ssl_context=_server_ssl_context(tls) if tls is not None else None)
             self.http_port = self._rest.port
         try:
             self.load()

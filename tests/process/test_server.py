@@ -32,9 +32,9 @@ from tests.support.dataplane import INPUTS, MODEL, TOL, UNITS, Cluster, batch, b
 SGD = OptimizerConfig("sgd", learning_rate=0.1, momentum=0.9)
 
 
-def pass_request(table, x, y=None, version=None) -> pb.PassRequest:
+def pass_request(table, x, y=None, version=None, session="") -> pb.PassRequest:
     req = pb.PassRequest(lookup_version=table.version if version is None else version,
-                         pass_id=uuid.uuid4().hex, train=y is not None, inputs=to_tensor(x))
+                         pass_id=uuid.uuid4().hex, train=y is not None, inputs=to_tensor(x), session=session)
     if y is not None:
         req.labels.CopyFrom(to_tensor(y))
     return req
@@ -66,7 +66,8 @@ def test_bad_pass_is_invalid_argument_naming_the_field(cluster4, make, field, de
     x, y = batch(0)
     bad_x, bad_y = make(x, y)
     stub = cluster4.stub(2)
-    err = rpc_error(stub.RunPass, pass_request(cluster4.table, bad_x, bad_y), timeout=10)
+    session = cluster4.driver().open_training(SGD)
+    err = rpc_error(stub.RunPass, pass_request(cluster4.table, bad_x, bad_y, session=session), timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(f"{field}: ")
     assert detail in err.details()
@@ -77,7 +78,8 @@ def test_bad_pass_is_invalid_argument_naming_the_field(cluster4, make, field, de
 def test_out_of_range_label_is_invalid_argument(cluster4):
     x, y = batch(0)
     y[3] = UNITS[-1]
-    err = rpc_error(cluster4.stub(0).RunPass, pass_request(cluster4.table, x, y), timeout=10)
+    session = cluster4.driver().open_training(SGD)
+    err = rpc_error(cluster4.stub(0).RunPass, pass_request(cluster4.table, x, y, session=session), timeout=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "y: labels must be in [0, 5), got 5" in err.details()
 
@@ -120,9 +122,12 @@ def test_exchanges_of_a_pass_that_never_runs_expire(cluster4):
     for i in range(3):
         exchange(f"ghost{i}")
     assert len(server.mailbox.pending()) == 3
-    now[0] = 25.0  # past twice the calls' 5 s deadline, plus 10 s
+    now[0] = 29.0  # the caller's deadline does not matter: a pass not running here is kept 30 s
     exchange("later")
-    assert [key[0] for key, _ in server.mailbox.pending()] == ["later"]
+    assert len(server.mailbox.pending()) == 4
+    now[0] = 31.0
+    exchange("latest")
+    assert [key[0] for key, _ in server.mailbox.pending()] == ["later", "latest"]
 
 
 def test_stale_lookup_version_is_failed_precondition(cluster4):

@@ -31,6 +31,7 @@ from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import LayerSpec, ModelSpec
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.testing import ReferenceNetwork, gather_rows
+from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
 
 HOST = "127.0.0.1"
@@ -84,8 +85,11 @@ class Cluster:
     def __init__(self, root: Path, partitions: int, distribution: Distribution = Distribution(),
                  model: ModelSpec = MODEL, name: str = NAME, start: Iterable[int] | None = None,
                  poll_seconds: float = 3600.0, ports: Sequence[int] | None = None,
-                 credentials: PeerCredentials | None = None):
+                 credentials: PeerCredentials | None = None, limits: ServerLimits | None = None):
         self.root = Path(root)
+        # Tests open many drivers one after another without closing each: a session may be
+        # replaced as soon as it has no training pass running (tests/security checks the lease).
+        self.limits = limits if limits is not None else ServerLimits(training_lease_seconds=0.0)
         self.model = model
         self.name = name
         self.ports = list(ports) if ports is not None else free_ports(partitions, HOST)
@@ -108,7 +112,8 @@ class Cluster:
         try:
             for i in self._start:
                 server = PartitionServer(i, self.name, self.model, self.lookup_path, self.model_dir,
-                                         poll_seconds=self.poll_seconds, credentials=self.credentials)
+                                         poll_seconds=self.poll_seconds, credentials=self.credentials,
+                                         limits=self.limits)
                 self.servers[i] = server
                 server.start(HOST, 0, peer_port=self.ports[i])
                 bound = server.peer_port

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nmpnn.proto\x12\x07mpnn.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x89\x01\n\x0f\x45xchangeRequest\x12\x16\n\x0elookup_version\x18\x01 \x01(\t\x12\x0f\n\x07pass_id\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x0e\n\x06source\x18\x05 \x01(\x05\x12\x1f\n\x06tensor\x18\x06 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\"\x0f\n\rExchangeReply\"\x89\x01\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x04 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x05 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x06 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x01\"\xe6\x01\n\x0bPassRequest\x12\x16\n\x0elookup_version\x18\x01 \x01(\t\x12\x0f\n\x07pass_id\x18\x02 \x01(\t\x12\r\n\x05train\x18\x03 \x01(\x08\x12\x1f\n\x06inputs\x18\x04 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\x12\x1f\n\x06labels\x18\x05 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\x12+\n\toptimizer\x18\x06 \x01(\x0b\x32\x18.mpnn.v1.OptimizerConfig\x12\x1c\n\x0fweights_version\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_weights_version\"a\n\tPassReply\x12\x13\n\x0bhas_outputs\x18\x01 \x01(\x08\x12 \n\x07outputs\x18\x02 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x03\"h\n\x11\x43heckpointRequest\x12\x16\n\x0elookup_version\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x19\n\x11reservation_token\x18\x04 \x01(\t\"=\n\x0f\x43heckpointReply\x12\x12\n\nshard_json\x18\x01 \x01(\t\x12\x16\n\x0eoptimizer_step\x18\x02 \x01(\x03\"\x0f\n\rReloadRequest\"\x0f\n\rStatusRequest\"\xcc\x01\n\x0bStatusReply\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x16\n\x0elookup_version\x18\x02 \x01(\t\x12\x0f\n\x07neurons\x18\x03 \x01(\x03\x12\x12\n\nparameters\x18\x04 \x01(\x03\x12\x1b\n\x13\x63heckpoint_sequence\x18\x05 \x01(\x03\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x15\n\rmessages_sent\x18\x07 \x01(\x03\x12\x12\n\nbytes_sent\x18\x08 \x01(\x03\x12\x16\n\x0eweights_source\x18\t \x01(\t2\xb2\x02\n\tPartition\x12\x33\n\x07RunPass\x12\x14.mpnn.v1.PassRequest\x1a\x12.mpnn.v1.PassReply\x12<\n\x08\x45xchange\x12\x18.mpnn.v1.ExchangeRequest\x1a\x16.mpnn.v1.ExchangeReply\x12\x42\n\nCheckpoint\x12\x1a.mpnn.v1.CheckpointRequest\x1a\x18.mpnn.v1.CheckpointReply\x12\x36\n\x06Reload\x12\x16.mpnn.v1.ReloadRequest\x1a\x14.mpnn.v1.StatusReply\x12\x36\n\x06Status\x12\x16.mpnn.v1.StatusRequest\x1a\x14.mpnn.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nmpnn.proto\x12\x07mpnn.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x89\x01\n\x0f\x45xchangeRequest\x12\x16\n\x0elookup_version\x18\x01 \x01(\t\x12\x0f\n\x07pass_id\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\x0e\n\x06source\x18\x05 \x01(\x05\x12\x1f\n\x06tensor\x18\x06 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\"\x0f\n\rExchangeReply\"\x89\x01\n\x0fOptimizerConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x04 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x05 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x06 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x07 \x01(\x01\"S\n\x13OpenTrainingRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12+\n\toptimizer\x18\x02 \x01(\x0b\x32\x18.mpnn.v1.OptimizerConfig\"*\n\x11OpenTrainingReply\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\"\'\n\x14\x43loseTrainingRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"$\n\x12\x43loseTrainingReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\xf7\x01\n\x0bPassRequest\x12\x16\n\x0elookup_version\x18\x01 \x01(\t\x12\x0f\n\x07pass_id\x18\x02 \x01(\t\x12\r\n\x05train\x18\x03 \x01(\x08\x12\x1f\n\x06inputs\x18\x04 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\x12\x1f\n\x06labels\x18\x05 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\x12+\n\toptimizer\x18\x06 \x01(\x0b\x32\x18.mpnn.v1.OptimizerConfig\x12\x1c\n\x0fweights_version\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07session\x18\x08 \x01(\tB\x12\n\x10_weights_version\"a\n\tPassReply\x12\x13\n\x0bhas_outputs\x18\x01 \x01(\x08\x12 \n\x07outputs\x18\x02 \x01(\x0b\x32\x0f.mpnn.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x03\"h\n\x11\x43heckpointRequest\x12\x16\n\x0elookup_version\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x19\n\x11reservation_token\x18\x04 \x01(\t\"=\n\x0f\x43heckpointReply\x12\x12\n\nshard_json\x18\x01 \x01(\t\x12\x16\n\x0eoptimizer_step\x18\x02 \x01(\x03\"\x0f\n\rReloadRequest\"\x0f\n\rStatusRequest\"\xcc\x01\n\x0bStatusReply\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x16\n\x0elookup_version\x18\x02 \x01(\t\x12\x0f\n\x07neurons\x18\x03 \x01(\x03\x12\x12\n\nparameters\x18\x04 \x01(\x03\x12\x1b\n\x13\x63heckpoint_sequence\x18\x05 \x01(\x03\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x15\n\rmessages_sent\x18\x07 \x01(\x03\x12\x12\n\nbytes_sent\x18\x08 \x01(\x03\x12\x16\n\x0eweights_source\x18\t \x01(\t2\xc9\x03\n\tPartition\x12\x33\n\x07RunPass\x12\x14.mpnn.v1.PassRequest\x1a\x12.mpnn.v1.PassReply\x12<\n\x08\x45xchange\x12\x18.mpnn.v1.ExchangeRequest\x1a\x16.mpnn.v1.ExchangeReply\x12\x42\n\nCheckpoint\x12\x1a.mpnn.v1.CheckpointRequest\x1a\x18.mpnn.v1.CheckpointReply\x12\x36\n\x06Reload\x12\x16.mpnn.v1.ReloadRequest\x1a\x14.mpnn.v1.StatusReply\x12\x36\n\x06Status\x12\x16.mpnn.v1.StatusRequest\x1a\x14.mpnn.v1.StatusReply\x12H\n\x0cOpenTraining\x12\x1c.mpnn.v1.OpenTrainingRequest\x1a\x1a.mpnn.v1.OpenTrainingReply\x12K\n\rCloseTraining\x12\x1d.mpnn.v1.CloseTrainingRequest\x1a\x1b.mpnn.v1.CloseTrainingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,20 +39,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXCHANGEREPLY']._serialized_end=232
   _globals['_OPTIMIZERCONFIG']._serialized_start=235
   _globals['_OPTIMIZERCONFIG']._serialized_end=372
-  _globals['_PASSREQUEST']._serialized_start=375
-  _globals['_PASSREQUEST']._serialized_end=605
-  _globals['_PASSREPLY']._serialized_start=607
-  _globals['_PASSREPLY']._serialized_end=704
-  _globals['_CHECKPOINTREQUEST']._serialized_start=706
-  _globals['_CHECKPOINTREQUEST']._serialized_end=810
-  _globals['_CHECKPOINTREPLY']._serialized_start=812
-  _globals['_CHECKPOINTREPLY']._serialized_end=873
-  _globals['_RELOADREQUEST']._serialized_start=875
-  _globals['_RELOADREQUEST']._serialized_end=890
-  _globals['_STATUSREQUEST']._serialized_start=892
-  _globals['_STATUSREQUEST']._serialized_end=907
-  _globals['_STATUSREPLY']._serialized_start=910
-  _globals['_STATUSREPLY']._serialized_end=1114
-  _globals['_PARTITION']._serialized_start=1117
-  _globals['_PARTITION']._serialized_end=1423
+  _globals['_OPENTRAININGREQUEST']._serialized_start=374
+  _globals['_OPENTRAININGREQUEST']._serialized_end=457
+  _globals['_OPENTRAININGREPLY']._serialized_start=459
+  _globals['_OPENTRAININGREPLY']._serialized_end=501
+  _globals['_CLOSETRAININGREQUEST']._serialized_start=503
+  _globals['_CLOSETRAININGREQUEST']._serialized_end=542
+  _globals['_CLOSETRAININGREPLY']._serialized_start=544
+  _globals['_CLOSETRAININGREPLY']._serialized_end=580
+  _globals['_PASSREQUEST']._serialized_start=583
+  _globals['_PASSREQUEST']._serialized_end=830
+  _globals['_PASSREPLY']._serialized_start=832
+  _globals['_PASSREPLY']._serialized_end=929
+  _globals['_CHECKPOINTREQUEST']._serialized_start=931
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1035
+  _globals['_CHECKPOINTREPLY']._serialized_start=1037
+  _globals['_CHECKPOINTREPLY']._serialized_end=1098
+  _globals['_RELOADREQUEST']._serialized_start=1100
+  _globals['_RELOADREQUEST']._serialized_end=1115
+  _globals['_STATUSREQUEST']._serialized_start=1117
+  _globals['_STATUSREQUEST']._serialized_end=1132
+  _globals['_STATUSREPLY']._serialized_start=1135
+  _globals['_STATUSREPLY']._serialized_end=1339
+  _globals['_PARTITION']._serialized_start=1342
+  _globals['_PARTITION']._serialized_end=1799
 # @@protoc_insertion_point(module_scope)

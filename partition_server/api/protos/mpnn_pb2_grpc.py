@@ -59,6 +59,16 @@ class PartitionStub:
                 request_serializer=mpnn__pb2.StatusRequest.SerializeToString,
                 response_deserializer=mpnn__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.OpenTraining = channel.unary_unary(
+                '/mpnn.v1.Partition/OpenTraining',
+                request_serializer=mpnn__pb2.OpenTrainingRequest.SerializeToString,
+                response_deserializer=mpnn__pb2.OpenTrainingReply.FromString,
+                _registered_method=True)
+        self.CloseTraining = channel.unary_unary(
+                '/mpnn.v1.Partition/CloseTraining',
+                request_serializer=mpnn__pb2.CloseTrainingRequest.SerializeToString,
+                response_deserializer=mpnn__pb2.CloseTrainingReply.FromString,
+                _registered_method=True)
 
 
 class PartitionServicer:
@@ -94,6 +104,18 @@ class PartitionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenTraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseTraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartitionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +143,16 @@ def add_PartitionServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=mpnn__pb2.StatusRequest.FromString,
                     response_serializer=mpnn__pb2.StatusReply.SerializeToString,
+            ),
+            'OpenTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenTraining,
+                    request_deserializer=mpnn__pb2.OpenTrainingRequest.FromString,
+                    response_serializer=mpnn__pb2.OpenTrainingReply.SerializeToString,
+            ),
+            'CloseTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseTraining,
+                    request_deserializer=mpnn__pb2.CloseTrainingRequest.FromString,
+                    response_serializer=mpnn__pb2.CloseTrainingReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +290,60 @@ class Partition:
             '/mpnn.v1.Partition/Status',
             mpnn__pb2.StatusRequest.SerializeToString,
             mpnn__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpnn.v1.Partition/OpenTraining',
+            mpnn__pb2.OpenTrainingRequest.SerializeToString,
+            mpnn__pb2.OpenTrainingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mpnn.v1.Partition/CloseTraining',
+            mpnn__pb2.CloseTrainingRequest.SerializeToString,
+            mpnn__pb2.CloseTrainingReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                         "spec.server.image (env MPNN_SERVER_IMAGE; default: %(default)s)")
     o.add_argument("--liveness-port", type=_port, default=os.environ.get("MPNN_LIVENESS_PORT", "8080"),
                    help="serve /healthz on this port (default: %(default)s)")
+    o.add_argument("--metrics-port", type=_port, default=os.environ.get("MPNN_METRICS_PORT", "8081"),
+                   help="serve Prometheus /metrics on this port; 0: none (default: %(default)s)")
     o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     o.set_defaults(target="mpnn_operator.main:main")
 

@@ -240,7 +240,11 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict[
             "selector": {"matchLabels": naming.selector(net.name)},
             "template": {
                 "metadata": {"labels": pod_labels,
-                             "annotations": {f"{naming.GROUP}/network-config": config_hash}},
+                             "annotations": {f"{naming.GROUP}/network-config": config_hash,
+                                             # /metrics on the REST port (docs/metrics.md)
+                                             "prometheus.io/scrape": "true",
+                                             "prometheus.io/port": str(net.server.http_port),
+                                             "prometheus.io/path": "/metrics"}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,

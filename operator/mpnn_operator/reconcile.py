@@ -23,6 +23,7 @@ from partition_server.api.manifest import DEFAULT_IMAGE, KIND, ManifestError, Ne
 from . import builders, naming
 from .conditions import HEALTHY, Finding, network_status
 from .kube import Kube
+from .metrics import OperatorMetrics
 from .placement import Placement, STRATEGY, parse_ranges, partition_index, plan
 from .retry import RetryLater
 from .training import Training
@@ -93,6 +94,7 @@ class Reconciler:
         self.volumes = Volumes(kube, emit=emit, adopt=adopt)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self.metrics = OperatorMetrics()
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -110,10 +112,12 @@ class Reconciler:
                 owner, recorded as Degraded; the model volume still being deleted); callers
                 reconcile again after ``delay``.
         """
-        with self._lock(namespace, name):
+        with self.metrics.reconcile(RetryLater), self._lock(namespace, name):
             body = self._network(namespace, name)
             if body is not None:
                 self._reconcile(body)
+            else:
+                self.metrics.network_deleted(namespace, name)
 
     def refresh_status(self, namespace: str, name: str) -> None:
         """Recompute readiness (NeuralNetwork conditions, Partition ``status.ready``) after a
@@ -165,6 +169,8 @@ class Reconciler:
     def cleanup(self, body: Mapping[str, Any]) -> None:
         """On NeuralNetwork deletion: delete its PersistentVolume, which no ownerReference can
         reach (cluster-scoped). Reclaim policy Retain keeps the data on the NFS export."""
+        meta = body.get("metadata") or {}
+        self.metrics.network_deleted(meta.get("namespace", ""), meta.get("name", ""))
         self.volumes.cleanup(body)
 
     # -- the reconcile -------------------------------------------------------
@@ -404,6 +410,7 @@ class Reconciler:
 
     def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         status = body.get("status") or {}
+        self.metrics.network_status(body["metadata"]["namespace"], body["metadata"]["name"], {**status, **new})
         if any(status.get(k) != v for k, v in new.items()):
             meta = body["metadata"]
             self.kube.patch_status(naming.API_VERSION, NN_KIND, name=meta["name"], namespace=meta["namespace"],

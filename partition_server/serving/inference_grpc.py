@@ -10,6 +10,7 @@ returned in ``raw_output_contents`` (little-endian FP32). Errors abort the call 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import grpc
@@ -35,10 +36,13 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
             A call waiting for a pass slot holds a thread of the partition server's gRPC pool,
             which the passes themselves need for ``RunPass`` and ``Exchange``; so the waiting is
             bounded here, and REST requests (which wait on the REST server's own threads) wait instead.
+        metrics: a :class:`~partition_server.serving.metrics.ServerMetrics` that counts ``ModelInfer``
+            calls (``protocol="grpc"``, ``status``: the gRPC code name), or None.
     """
 
-    def __init__(self, model: ModelInference, max_calls: int = 8):
+    def __init__(self, model: ModelInference, max_calls: int = 8, *, metrics: Any = None):
         self.model = model
+        self.metrics = metrics  # a metrics.ServerMetrics, or None
         self.max_calls = max_calls
         self._calls = threading.BoundedSemaphore(max_calls)
 
@@ -63,6 +67,18 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
                                          outputs=[tensor(**t) for t in meta["outputs"]])
 
     def ModelInfer(self, request, context):
+        arrived, status = time.monotonic(), grpc.StatusCode.OK
+        try:
+            return self._model_infer(request, context)
+        except BaseException:
+            status = context.code() or grpc.StatusCode.UNKNOWN  # set by context.abort
+            raise
+        finally:
+            if self.metrics is not None:
+                code = status.name if isinstance(status, grpc.StatusCode) else str(status)
+                self.metrics.inference(protocol="grpc", status=code, seconds=time.monotonic() - arrived)
+
+    def _model_infer(self, request, context):
         if not self._calls.acquire(blocking=False):
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"model {self.model.name!r}: {self.max_calls} inference calls are in progress on this "

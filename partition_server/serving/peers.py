@@ -76,11 +76,12 @@ class GrpcTransport:
         table: the lookup table the pass runs under (peer addresses, its version).
         peers: the channels to the peers.
         mailbox: where the peers' messages to this partition arrive.
-        count_sent: called with the payload bytes of every message sent (traffic counters).
+        count_sent: called with the payload bytes of every message sent, and keywords ``peer``
+            (its index) and ``phase`` (traffic counters).
     """
 
     def __init__(self, *, index: int, table: LookupTable, peers: Peers, mailbox: Mailbox,
-                 count_sent: Callable[[int], None]):
+                 count_sent: Callable[..., None]):
         self.index = index
         self.table = table
         self.peers = peers
@@ -103,7 +104,7 @@ class GrpcTransport:
                                          layer=layer, source=self.index, tensor=tensor)
             stub = self.peers.stub(self.table.addresses[peer])
             calls.append((peer, stub.Exchange.future(request, timeout=timeout)))
-            self.count_sent(len(tensor.data))
+            self.count_sent(len(tensor.data), peer=peer, phase=phase)
         for peer, call in calls:
             try:
                 call.result()

@@ -51,6 +51,7 @@ from partition_server.serving.inference import ModelInference
 from partition_server.serving.inference_grpc import InferenceServicer
 from partition_server.serving.limits import default_workers, max_infer_calls, pass_slots
 from partition_server.serving.loading import Loaded, load_partition
+from partition_server.serving.metrics import ServerMetrics
 from partition_server.serving.peers import GrpcTransport, Peers
 from partition_server.serving.rest import RestServer
 from partition_server.storage.store import ModelStore, StoreError
@@ -111,6 +112,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
         self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version)
         self._rest: RestServer | None = None
         self.http_port: int | None = None
+        self.metrics = ServerMetrics(network=name, partition=index,
+                                     committed=lambda: (self.store.sequences() or [0])[-1])
 
     # ------------------------------------------------------------ loading
 
@@ -122,6 +125,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
             loaded = load_partition(self.index, self.model, lookup_path=self.lookup_path, store=self.store)
             self._loaded = loaded
             closed = self.peers.retain(loaded.table.addresses)
+            self.metrics.instrument_engine(loaded.engine)
+            self.metrics.loaded(lookup_version=loaded.table.version, checkpoint=loaded.checkpoint,
+                                parameters=_parameters(loaded), neurons=loaded.table.neuron_count(self.index))
         if closed:
             log.info("closed channels to addresses no longer in the lookup",
                      extra={"partition": self.index, "addresses": closed})
@@ -166,11 +172,14 @@ class PartitionServer(pb_grpc.PartitionServicer):
                           f"the served {loaded.table.version}")
         return loaded
 
-    def count_sent(self, nbytes: int) -> None:
-        """Count one message of ``nbytes`` payload bytes sent to a peer (``Status`` reports them)."""
+    def count_sent(self, nbytes: int, *, peer: int | None = None, phase: str = "") -> None:
+        """Count one message of ``nbytes`` payload bytes sent to partition ``peer`` in ``phase``
+        (``Status`` reports the totals, ``/metrics`` them by peer and phase)."""
         with self._counter_lock:
             self.messages_sent += 1
             self.bytes_sent += nbytes
+        if peer is not None:
+            self.metrics.sent(nbytes, peer=peer, phase=phase)
 
     def RunPass(self, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
         loaded = self._current(request.lookup_version, context)
@@ -204,6 +213,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
                     engine.optimizer = OptimizerConfig(**_optimizer_fields(request.optimizer))
                 result = engine.train_step(request.pass_id, x, y, transport, timeout)
                 outputs, loss, correct = result.outputs, result.loss, result.correct
+                self.metrics.training_steps.inc()
             else:
                 version = request.weights_version if request.HasField("weights_version") else None
                 outputs, loss, correct = engine.forward(request.pass_id, x, transport, timeout, version), None, None
@@ -265,10 +275,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
         reply = pb.StatusReply(partition=self.index, ready=loaded is not None,
                                messages_sent=self.messages_sent, bytes_sent=self.bytes_sent)
         if loaded is not None:
-            tensors = loaded.engine.state_tensors()
             reply.lookup_version = loaded.table.version
             reply.neurons = loaded.table.neuron_count(self.index)
-            reply.parameters = sum(t["weight"].size + t["bias"].size for t in tensors.values())
+            reply.parameters = _parameters(loaded)
             reply.checkpoint_sequence = loaded.checkpoint
             reply.weights_source = loaded.source
         return reply
@@ -303,13 +312,13 @@ class PartitionServer(pb_grpc.PartitionServicer):
         pb_grpc.add_PartitionServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.inference, max_calls=max_infer_calls(workers)), server)
+            InferenceServicer(self.inference, max_calls=max_infer_calls(workers), metrics=self.metrics), server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         if http_port is not None:
-            self._rest = RestServer(self.inference, host, http_port)
+            self._rest = RestServer(self.inference, host, http_port, metrics=self.metrics)
             self.http_port = self._rest.port
         try:
             self.load()
@@ -345,6 +354,11 @@ class PartitionServer(pb_grpc.PartitionServicer):
         """Block until the gRPC server has stopped."""
         if self._grpc is not None:
             self._grpc.wait_for_termination()
+
+
+def _parameters(loaded: Loaded) -> int:
+    """Weights plus biases of the rows ``loaded`` holds."""
+    return sum(t["weight"].size + t["bias"].size for t in loaded.engine.state_tensors().values())
 
 
 def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Objects per network ``N`` in namespace ``NS`` (see ``docs/operator.md``):
 - ``Partition`` ``N-<i>`` per partition (``spec.ranges``: ``L:A-B`` strings),
 - ``ConfigMap`` ``N-lookup`` (``lookup.json`` or, when large, ``lookup.json.gz`` in ``binaryData``; ``network.json``),
 - headless ``Service`` ``N``, ``StatefulSet`` ``N``, ClusterIP ``Service`` ``N-inference``,
+- ``PodDisruptionBudget`` ``N`` over the partition servers (:func:`disruption_budget`),
 - with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``,
 - with ``spec.training`` and ``spec.storage``: the training ``Job`` of ``spec.training.runId``.
 """
@@ -26,7 +27,7 @@ from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, Trainin
 
 from . import naming
 
-__all__ = ["CONFIG_DIR", "EXIT_USAGE", "MODEL_ROOT", "RUN_AS", "TRAIN_BACKOFF_LIMIT", "children", "headless_service",
+__all__ = ["CONFIG_DIR", "disruption_budget", "training_active", "EXIT_USAGE", "MODEL_ROOT", "RUN_AS", "TRAIN_BACKOFF_LIMIT", "children", "headless_service",
            "inference_service", "lookup_configmap", "lookup_table", "model_volume", "network_json", "owned_neurons",
            "partition_parameters", "partition_ranges", "partitions", "persistent_volume", "server_image",
            "statefulset", "training_job", "training_json", "volume_claim", "without_claim_ref"]
@@ -257,6 +258,41 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE) -> dict[
     }
 
 
+# Phases of status.training after which no trainer steps the servers (see training.py).
+_RUN_OVER = frozenset({"Succeeded", "Failed", "Stopped", "Blocked"})
+
+
+def training_active(net: NeuralNetwork, status: Any = None) -> bool:
+    """Whether a training run of ``net`` is (or is about to be) stepping its servers.
+
+    Args:
+        status: the NeuralNetwork's ``.status`` (a mapping) or None (``mpnn render``: a network
+            with ``spec.training`` and storage is taken to be training, which is what applying it does).
+    """
+    if net.training is None or net.storage is None:
+        return False
+    run = (status or {}).get("training") or {}
+    if run.get("run") != net.training.run_id:
+        return True  # the run of spec.training.runId has not started or not reported yet
+    return run.get("phase") not in _RUN_OVER
+
+
+def disruption_budget(net: NeuralNetwork, *, training: bool) -> dict[str, Any]:
+    """The PodDisruptionBudget of the partition servers.
+
+    Every partition holds neurons no other partition has: with one pod evicted the whole network
+    stops answering and a training step cannot complete. While a run is ``training``,
+    ``maxUnavailable: 0``: a ``kubectl drain`` waits (and says why) instead of costing the run
+    the steps since its last checkpoint. Otherwise 1: a drain evicts one server at a time,
+    inference is briefly unavailable (503 naming the partition) and the pod comes back with the
+    current checkpoint, so node maintenance is never blocked indefinitely by a serving network.
+    """
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _meta(net, net.name, naming.SERVER),
+            "spec": {"maxUnavailable": 0 if training else 1,
+                     "selector": {"matchLabels": naming.selector(net.name)}}}
+
+
 def training_json(training: TrainingSpec) -> str:
     """``spec.training`` as the training Job passes it to ``mpnn train --training``."""
     return json.dumps(training_document(training), sort_keys=True, separators=(",", ":"))
@@ -341,14 +377,17 @@ def _container_security_context() -> dict[str, Any]:
 
 
 def children(net: NeuralNetwork, assignment: Assignment, *, cluster_domain: str = "cluster.local",
-             default_image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+             default_image: str = DEFAULT_IMAGE, status: Any = None) -> list[dict[str, Any]]:
     """Every object the operator creates for ``net`` under ``assignment``, in apply order; the
-    training Job, last, is created once per run rather than applied."""
+    training Job, last, is created once per run rather than applied. The disruption budget, in
+    place before the servers, depends on the run's state (``status``: the NeuralNetwork's, see
+    :func:`training_active`)."""
     storage = [o for o in (persistent_volume(net), volume_claim(net)) if o is not None]
     job = training_job(net, default_image)
     return [*storage, headless_service(net), inference_service(net),
             lookup_configmap(net, lookup_table(net, assignment, cluster_domain)),
-            *partitions(net, assignment), statefulset(net, default_image), *([job] if job else [])]
+            *partitions(net, assignment), disruption_budget(net, training=training_active(net, status)),
+            statefulset(net, default_image), *([job] if job else [])]
 
 
 def _meta(net: NeuralNetwork, name: str, component: str) -> dict[str, Any]:

@@ -149,6 +149,17 @@ class Reconciler:
             except ManifestError:
                 return  # the reconcile reports it; an invalid spec starts nothing
             self.training.sync(body, net)
+            self._apply_budget(self._network(namespace, name) or body, net)
+
+    def _apply_budget(self, owner: Mapping[str, Any], net: NeuralNetwork,
+                      unless: Mapping[str, Any] | None = None) -> None:
+        """Apply the servers' PodDisruptionBudget: none may be evicted while a run trains
+        (:func:`builders.disruption_budget`); skipped when the NeuralNetwork ``unless`` (the budget
+        was applied for it) implies the same budget."""
+        active = builders.training_active(net, owner.get("status"))
+        if unless is not None and builders.training_active(net, unless.get("status")) == active:
+            return
+        self.kube.apply(self._owned(builders.disruption_budget(net, training=active), owner))
 
     def partition_changed(self, partition: Mapping[str, Any], deleted: bool = False) -> None:
         """React to a Partition event: reconcile its network unless the Partition already
@@ -224,6 +235,8 @@ class Reconciler:
         self._announce(body, net, placement, table)
         try:
             self.training.sync(body, net)
+            # The run's state may have changed (started, over): the budget follows in the same pass.
+            self._apply_budget(self._network(namespace, name) or body, net, unless=body)
         except DynamicApiError as exc:
             self._finish(body, Finding(True, "ApplyFailed", f"starting or watching the training Job failed: "
                                                            f"{exc.summary()}"), extra)
@@ -268,6 +281,7 @@ class Reconciler:
                     self.kube.delete(naming.API_VERSION, PARTITION_KIND, name=stale["metadata"]["name"],
                                      namespace=net.namespace)
             partitions = self._partitions(net.namespace, net.name)
+        self._apply_budget(owner, net)
         self.kube.apply(self._owned(builders.statefulset(net, self.server_image), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table, claim_problem

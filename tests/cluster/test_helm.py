@@ -32,6 +32,7 @@ NAMESPACED_RULES = {
     ("", "services"): {"get", "create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("batch", "jobs"): {"create", "list", "watch", "delete"},

@@ -42,7 +42,8 @@ def _by_kind(objs: list[dict]) -> dict[str, list[dict]]:
 def test_digits_renders_every_child_with_labels_and_no_owner():
     objs = render(str(DIGITS))
     # digits.yaml has training but no storage: no Job.
-    assert [o["kind"] for o in objs] == ["Service", "Service", "ConfigMap"] + ["Partition"] * 4 + ["StatefulSet"]
+    assert [o["kind"] for o in objs] == (["Service", "Service", "ConfigMap"] + ["Partition"] * 4
+                                         + ["PodDisruptionBudget", "StatefulSet"])
     for o in objs:
         meta = o["metadata"]
         assert meta["namespace"] == "default"

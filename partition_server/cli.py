@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--predict", metavar="INPUT.npy", help="skip training; write outputs for this [batch, inputs] array")
     r.add_argument("--output", metavar="OUT.npy", help="where --predict writes the outputs")
     r.add_argument("--serve", action="store_true", help="keep the servers up after training and print endpoints")
+    r.add_argument("--max-restarts", type=_restarts, default=3,
+                   help="restart crashed partition servers this many times in all, then fail naming the "
+                        "server (default: %(default)s); training resumes from the last committed checkpoint")
     r.set_defaults(target="partition_server.client.local:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
@@ -78,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--report", action="store_true", help="patch status.training of the NeuralNetwork")
     t.add_argument("--timeout", type=float, default=120.0, help="deadline of each step, seconds")
     t.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every partition")
+    t.add_argument("--recovery-timeout", type=float, default=300.0,
+                   help="seconds to wait for a failed partition to come back before the attempt fails "
+                        "(then the Job retries); 0: fail at once")
     t.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     t.set_defaults(target="partition_server.client.trainer:main")
 
@@ -106,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
                         "operator's --server-image (default: %(default)s)")
     n.set_defaults(target="mpnn_operator.render:main")
     return p
+
+
+def _restarts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _port(text: str) -> int:

@@ -15,6 +15,11 @@ Workdir layout (the volume)::
 
 Every server also answers the Open Inference Protocol v2 for the whole network on
 its gRPC port and on a REST port of its own; ``--serve`` prints them.
+
+A server that crashes is started again on its ports, up to ``--max-restarts`` times in all
+(:meth:`LocalDeployment.restart_crashed`): during training the driver then brings every
+partition back to the last committed checkpoint and resumes (``driver.Recovery``); while
+serving, the restarted server loads the current checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 
 from partition_server.data.datasets import load_dataset
 from partition_server.api.distributor import distribute
-from partition_server.client.driver import Driver, DriverError, train
+from partition_server.client.driver import Driver, DriverError, Recovery, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from partition_server.api.environment import PARENT_PID_ENV
@@ -81,14 +86,21 @@ class LocalDeployment:
         workdir: the directory standing in for the shared volume.
         host: loopback address to bind.
 
+        max_restarts: crashed servers :meth:`restart_crashed` starts again, in all.
+
+    Attributes:
+        restarts: servers restarted so far.
+
     Use as a context manager: entering starts the servers and waits until all are
     SERVING; leaving stops every one of them.
     """
 
-    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1"):
+    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1", *, max_restarts: int = 0):
         self.net = net
         self.workdir = Path(workdir)
         self.host = host
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.model_dir = self.workdir / net.name
         self.procs: list[subprocess.Popen] = []
         ports = free_ports(2 * net.partitions, host)
@@ -156,6 +168,33 @@ class LocalDeployment:
                 return None
             time.sleep(0.05)
 
+    def restart_crashed(self, error: Exception | None = None, wait: float = 2.0) -> list[int]:
+        """Start every server that has exited again, on its ports; returns their indexes.
+
+        A failed call may reach the driver before the dead process is reaped: polls up to ``wait``
+        seconds for one to show. None crashed (a stall, a deadline): nothing is restarted.
+
+        Raises:
+            ServerCrashed: restarting would exceed ``max_restarts``; names the server.
+        """
+        del error  # the call that failed; the processes say which server it was
+        deadline = time.monotonic() + wait
+        crashed: list[int] = []
+        while not crashed:
+            crashed = [i for i, proc in enumerate(self.procs) if proc.poll() is not None]
+            if crashed or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for i in crashed:
+            if self.restarts >= self.max_restarts:
+                raise ServerCrashed(f"{self.describe_exit(i, self.procs[i].returncode)}\n"
+                                    f"not restarted: {self.restarts} of --max-restarts {self.max_restarts} used")
+            self.restarts += 1
+            print(f"mpnn run: {self.describe_exit(i, self.procs[i].returncode).splitlines()[0]}; restarting it "
+                  f"({self.restarts} of --max-restarts {self.max_restarts})", file=sys.stderr, flush=True)
+            self.procs[i] = self._spawn(i)
+        return crashed
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after ``grace`` seconds."""
         for proc in self.procs:
@@ -208,7 +247,7 @@ def _run(args: Any, net: NeuralNetwork, predict_input: np.ndarray | None) -> int
             workdir = Path(args.workdir).resolve()
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mpnn-")))
-        deployment = LocalDeployment(net, workdir)
+        deployment = LocalDeployment(net, workdir, max_restarts=args.max_restarts)
         try:
             stack.enter_context(deployment)
             driver = stack.enter_context(Driver(deployment.table))
@@ -263,14 +302,18 @@ def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Dr
             path = str(workdir / path)
         data = load_dataset(net.training.dataset.format, path)
         store = ModelStore(deployment.model_dir)
-        result = train(driver, data, net.training, store, net.model, show_bar=not args.json)
+        recoveries: list[dict[str, Any]] = []
+        recovery = Recovery(wait_seconds=120.0, max_recoveries=max(args.max_restarts, 1) * 3,
+                            restart=deployment.restart_crashed, report=_recovery_reporter(recoveries))
+        result = train(driver, data, net.training, store, net.model, show_bar=not args.json, recovery=recovery)
         evaluation = driver.evaluate(data.x_test, data.y_test)
         messages, nbytes = driver.traffic()
         summary.update(accuracy=round(evaluation.accuracy, 6), loss=round(evaluation.loss, 6),
                        epochs=net.training.epochs, train_seconds=round(result.seconds, 3),
                        steps=result.steps, messages=messages, bytes_sent=nbytes,
                        checkpoint=result.checkpoint, dataset=data.name,
-                       train_samples=len(data.x_train), test_samples=len(data.x_test))
+                       train_samples=len(data.x_train), test_samples=len(data.x_test),
+                       restarts=deployment.restarts, recoveries=recoveries)
     else:
         messages, nbytes = driver.traffic()
         summary.update(messages=messages, bytes_sent=nbytes)
@@ -279,6 +322,22 @@ def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Dr
     else:
         _print_summary(summary)
     return _serve_forever(args, deployment) if args.serve else EXIT_OK
+
+
+def _recovery_reporter(recoveries: list[dict[str, Any]]):
+    """A ``Recovery.report`` that tells the user and keeps each resumption for the summary."""
+    def report(event: dict[str, Any]) -> None:
+        if event["event"] == "unavailable":
+            print(f"mpnn run: step {event['step'] + 1} failed ({event['error'].splitlines()[0]}); waiting up to "
+                  f"{event['wait_seconds']:.0f} s for every partition, then resuming from the last committed "
+                  f"checkpoint", file=sys.stderr, flush=True)
+        else:
+            recoveries.append({"resumed_at_step": event["step"], "lost_steps": event["lost_steps"],
+                               "seconds": round(event["seconds"], 3), "checkpoint": event["checkpoint"],
+                               "resumed_at": time.time()})
+            print(f"mpnn run: resumed at step {event['step']} from checkpoint {event['checkpoint']} after "
+                  f"{event['seconds']:.1f} s; {event['lost_steps']} steps redone", file=sys.stderr, flush=True)
+    return report
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -307,5 +366,7 @@ def _serve_forever(args: Any, deployment: LocalDeployment) -> int:
         print(f"  {i}  REST http://{deployment.host}:{deployment.http_ports[i]}  gRPC {address}")
     print("Ctrl-C stops them.", flush=True)
     while True:
-        deployment.check_alive()
-        time.sleep(1.0)
+        # A crashed server is started again (it loads the current checkpoint) within --max-restarts;
+        # beyond that, ServerCrashed ends the run naming it.
+        deployment.restart_crashed(wait=0.0)
+        time.sleep(0.2)

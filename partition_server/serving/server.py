@@ -264,6 +264,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
         return pb.CheckpointReply(shard_json=json.dumps(info.to_dict()), optimizer_step=optimizer_step)
 
     def Reload(self, request: pb.ReloadRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        # After a partition failure every partition reloads: new channels reach a restarted peer at
+        # once, where the old ones may still wait out a reconnect backoff.
+        self.peers.close()
         try:
             self.load()
         except Exception as exc:  # the last valid state stays in force

@@ -49,6 +49,15 @@ class _Refused(Exception):
         self.finding, self.retry = finding, retry
 
 
+UNAVAILABLE = "PartitionUnavailable"
+
+
+def _degraded_by(status: Mapping[str, Any], reason: str) -> bool:
+    """Whether ``status`` holds a true Degraded condition with ``reason``."""
+    return any(c.get("type") == "Degraded" and c.get("status") == "True" and c.get("reason") == reason
+               for c in status.get("conditions") or [])
+
+
 def controlled_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
     """Whether ``obj`` has a controlling ownerReference to the object with ``uid``."""
     refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
@@ -128,7 +137,10 @@ class Reconciler:
                 return
             status = body.get("status") or {}
             sts = self._statefulset(body)
-            new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=None,
+            finding = self._availability(body, status.get("partitions"))
+            if finding is not None and finding.degraded and not _degraded_by(status, UNAVAILABLE):
+                self.emit(body, "Warning", finding.reason, finding.message)
+            new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=finding,
                                  generation=status.get("observedGeneration"))
             self._write_status(body, new)
             try:
@@ -226,7 +238,10 @@ class Reconciler:
         elif claim_problem:
             finding = Finding(True, "ClaimNotBound", claim_problem)
         else:
-            finding = HEALTHY
+            # A partition server down since the network was up stays reported until it is back.
+            finding = self._availability(body, table.num_partitions if table else None) or HEALTHY
+            if not finding.degraded:
+                finding = HEALTHY
         extra: dict[str, Any] = {"selector": naming.selector_string(name)}
         if table is not None:
             extra.update(partitions=table.num_partitions, lookupVersion=table.version)
@@ -415,6 +430,34 @@ class Reconciler:
                **network_status(status, statefulset=sts, desired=desired, finding=finding,
                                 generation=meta["generation"])}
         self._write_status(body, new)
+
+    def _availability(self, body: Mapping[str, Any], partitions: int | None) -> Finding | None:
+        """``PartitionUnavailable`` naming the server pods that are not ready, once the network has
+        been Ready (during a rollout unready pods are expected, and Progressing says so); HEALTHY
+        when they are all back; None when there is nothing to say (conditions stay as they are).
+
+        Every partition holds neurons no other has: one pod down stops inference (503 naming the
+        partition) and training (the trainer waits for it, then resumes from the last checkpoint).
+        """
+        status = body.get("status") or {}
+        was_down = _degraded_by(status, UNAVAILABLE)
+        was_up = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if not partitions or not (was_up or was_down):
+            return None
+        meta = body["metadata"]
+        pods = self.kube.list("v1", "Pod", namespace=meta["namespace"],
+                              label_selector=naming.selector_string(meta["name"]))
+        ready = {p["metadata"]["name"] for p in pods
+                 if not p["metadata"].get("deletionTimestamp")
+                 and any(c.get("type") == "Ready" and c.get("status") == "True"
+                         for c in (p.get("status") or {}).get("conditions") or [])}
+        down = [naming.pod_name(meta["name"], i) for i in range(partitions)
+                if naming.pod_name(meta["name"], i) not in ready]
+        if down:
+            return Finding(True, UNAVAILABLE, f"partition server pod{'s' if len(down) > 1 else ''} "
+                                              f"{', '.join(down)} not ready: inference answers 503 naming "
+                                              f"the partition, and a training run waits for it")
+        return HEALTHY if was_down else None
 
     def _statefulset(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """The network's StatefulSet, if it is this NeuralNetwork's (not one of the same name)."""

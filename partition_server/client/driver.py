@@ -112,8 +112,10 @@ class Driver:
         if errors:
             for call in calls:
                 call.cancel()
-            # The root cause is usually the one that is not a knock-on deadline.
-            errors.sort(key=lambda e: e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED)
+            # The root cause is usually the one that is not a knock-on deadline, and a partition that
+            # cannot be reached at all (UNAVAILABLE) before its peers' failed exchanges with it.
+            errors.sort(key=lambda e: (e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       e[1].code() != grpc.StatusCode.UNAVAILABLE))
             i, exc = errors[0]
             raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "
                               f"{exc.code().name}: {exc.details()}", exc.code()) from exc

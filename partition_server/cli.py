@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--predict", metavar="INPUT.npy", help="skip training; write outputs for this [batch, inputs] array")
     r.add_argument("--output", metavar="OUT.npy", help="where --predict writes the outputs")
     r.add_argument("--serve", action="store_true", help="keep the servers up after training and print endpoints")
+    r.add_argument("--repartition", action="append", metavar="STEP:PARTITIONS[:balanced|layers]",
+                   help="after training step STEP, checkpoint and move to PARTITIONS partitions (and strategy) "
+                        "without losing progress; repeatable")
     r.add_argument("--max-restarts", type=_restarts, default=3,
                    help="restart crashed partition servers this many times in all, then fail naming the "
                         "server (default: %(default)s); training resumes from the last committed checkpoint")

@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent import futures
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -258,6 +258,22 @@ class TrainResult:
     restarts: int = 0  # partition failures recovered from (Recovery)
 
 
+@dataclass
+class Rescale:
+    """A repartitioning during a run, at the boundary after step ``at_step``, without loss.
+
+    The driver first commits a checkpoint of that step (unless one was just committed), then calls
+    ``apply(driver)``, which publishes the new lookup table, brings up the servers it names, makes
+    every one of them reload the checkpoint (each reads the rows it now owns from whichever shards
+    hold them) and returns a driver for the new table; the run continues on it. The math does not
+    depend on the split, only the summation order does.
+    """
+
+    at_step: int
+    apply: Callable[[Driver], Driver]
+    done: bool = False
+
+
 # What a partition that died or stalls looks like to the driver: its own call fails UNAVAILABLE
 # (connection refused) or outlives its deadline; a peer's Exchange to it fails the peer's RunPass
 # ABORTED; the driver cancelling the others' calls surfaces as CANCELLED.
@@ -339,7 +355,7 @@ def optimizer_of(training: TrainingSpec) -> OptimizerConfig:
 
 def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelStore, model: ModelSpec,
           progress: Callable[[dict], None] | None = None, show_bar: bool = True, *,
-          recovery: Recovery | None = None) -> TrainResult:
+          recovery: Recovery | None = None, rescales: Sequence[Rescale] = ()) -> TrainResult:
     """Train on ``data`` per ``training``, checkpointing into ``store``; resume if possible.
 
     A checkpoint of the same ``runId`` resumes the run at its optimizer step (the servers
@@ -353,6 +369,8 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
             (``step``: optimizer steps of the run so far; ``checkpoint``: the committed sequence).
         recovery: how to survive a partition that fails mid-run (see :class:`Recovery`); None: the
             first failure ends the run (raised).
+        rescales: repartitionings at step boundaries (see :class:`Rescale`); the steps after one
+            run on the driver it returns.
     """
     from tqdm import tqdm
 
@@ -399,6 +417,16 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
                         if progress:
                             progress({"run": training.run_id, "epoch": done // per_epoch, "step": done,
                                       "loss": loss, "checkpoint": ckpt_sequence})
+                    for rescale in rescales:
+                        if rescale.at_step == done and not rescale.done:
+                            latest = store.latest()
+                            if latest is None or latest.meta.get("run_step") != done or \
+                                    latest.meta.get("run_id") != training.run_id:
+                                meta = {"run_id": training.run_id, "run_step": done, "epoch": done / per_epoch,
+                                        "loss": loss, "optimizer": asdict(optimizer)}
+                                ckpt_sequence = driver.checkpoint(store, model, meta).sequence
+                            driver = rescale.apply(driver)
+                            rescale.done = True
                 break
             except DriverError as exc:
                 if recovery is None or not recovery.recoverable(exc) or restarts >= recovery.max_recoveries:

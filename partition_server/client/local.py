@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from partition_server.data.datasets import load_dataset
-from partition_server.api.distributor import distribute
-from partition_server.client.driver import Driver, DriverError, Recovery, train
+from partition_server.api.distributor import Distribution, distribute
+from partition_server.client.driver import Driver, DriverError, Recovery, Rescale, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from partition_server.api.environment import PARENT_PID_ENV
@@ -195,6 +195,35 @@ class LocalDeployment:
             self.procs[i] = self._spawn(i)
         return crashed
 
+    def repartition(self, net: NeuralNetwork) -> LookupTable:
+        """Move to ``net``'s partition count and distribution: stop the servers beyond it, write the
+        new ``lookup.json`` (partitions kept keep their ports), start the new ones. The kept servers
+        serve their old rows until they reload (``Reload``, or their lookup watch). Returns the table.
+        """
+        assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
+        ports = [int(a.rsplit(":", 1)[1]) for a in self.table.addresses[:net.partitions]]
+        http = self.http_ports[:net.partitions]
+        grow = net.partitions - len(ports)
+        if grow > 0:
+            fresh = free_ports(2 * grow, self.host)
+            ports, http = ports + fresh[:grow], http + fresh[grow:]
+        for proc in self.procs[net.partitions:]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs[net.partitions:]:
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        del self.procs[net.partitions:]
+        self.net, self.http_ports = net, http
+        self.table = LookupTable.build(net.name, net.model.layer_units, assignment, loopback_addresses(ports, self.host))
+        write_atomically(self.workdir / "lookup.json", self.table.to_json())
+        for i in range(len(self.procs), net.partitions):
+            self.procs.append(self._spawn(i))
+        return self.table
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after ``grace`` seconds."""
         for proc in self.procs:
@@ -233,6 +262,8 @@ def main(args: Any) -> int:
             raise ManifestError("--epochs", args.epochs, "must be at least 1")
         net = replace(net, training=replace(net.training, epochs=args.epochs))
     predict_input = _load_predict_input(args, net)
+    for text in getattr(args, "repartition", None) or []:  # a usage error before anything runs
+        parse_repartition(text, net)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(args, net, predict_input)
@@ -305,15 +336,25 @@ def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Dr
         recoveries: list[dict[str, Any]] = []
         recovery = Recovery(wait_seconds=120.0, max_recoveries=max(args.max_restarts, 1) * 3,
                             restart=deployment.restart_crashed, report=_recovery_reporter(recoveries))
-        result = train(driver, data, net.training, store, net.model, show_bar=not args.json, recovery=recovery)
-        evaluation = driver.evaluate(data.x_test, data.y_test)
-        messages, nbytes = driver.traffic()
+        current = [driver]  # the driver of each table the run used; the first is closed by the caller
+        try:
+            result = train(driver, data, net.training, store, net.model, show_bar=not args.json, recovery=recovery,
+                           rescales=[Rescale(at, lambda d, apply=apply: current.append(apply(d)) or current[-1])
+                                     for at, apply in _rescales(args, net, deployment)])
+            driver = current[-1]
+            evaluation = driver.evaluate(data.x_test, data.y_test)
+            messages, nbytes = driver.traffic()
+        finally:
+            for extra in current[1:]:
+                extra.close()
         summary.update(accuracy=round(evaluation.accuracy, 6), loss=round(evaluation.loss, 6),
                        epochs=net.training.epochs, train_seconds=round(result.seconds, 3),
                        steps=result.steps, messages=messages, bytes_sent=nbytes,
                        checkpoint=result.checkpoint, dataset=data.name,
                        train_samples=len(data.x_train), test_samples=len(data.x_test),
-                       restarts=deployment.restarts, recoveries=recoveries)
+                       restarts=deployment.restarts, recoveries=recoveries,
+                       final_partitions=deployment.net.partitions, final_strategy=deployment.net.distribution.strategy,
+                       lookupVersion=deployment.table.version)
     else:
         messages, nbytes = driver.traffic()
         summary.update(messages=messages, bytes_sent=nbytes)
@@ -322,6 +363,65 @@ def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Dr
     else:
         _print_summary(summary)
     return _serve_forever(args, deployment) if args.serve else EXIT_OK
+
+
+def parse_repartition(text: str, net: NeuralNetwork) -> tuple[int, NeuralNetwork]:
+    """``STEP:PARTITIONS[:STRATEGY]`` (``--repartition``): after step STEP, run on PARTITIONS
+    partitions, distributed by STRATEGY: ``balanced``, or ``layers`` (whole layers, cut into
+    PARTITIONS contiguous near-equal runs); without it, the manifest's strategy.
+
+    Raises:
+        ManifestError: malformed, or the distribution does not fit the network.
+    """
+    parts = text.split(":")
+    try:
+        step, partitions = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise ManifestError("--repartition", text, "must be STEP:PARTITIONS[:balanced|layers]") from None
+    if step < 1 or partitions < 1 or len(parts) > 3:
+        raise ManifestError("--repartition", text, "must be STEP:PARTITIONS[:balanced|layers], STEP and PARTITIONS >= 1")
+    strategy = parts[2] if len(parts) == 3 else None
+    distribution = net.distribution
+    if strategy == "balanced":
+        distribution = Distribution()
+    elif strategy == "layers":
+        layers = len(net.model.layer_units)
+        if partitions > layers:
+            raise ManifestError("--repartition", text, f"layers gives each of {partitions} partitions a whole layer; "
+                                                       f"the network has {layers}")
+        cuts = [round(i * layers / partitions) for i in range(partitions + 1)]
+        distribution = Distribution("layers", layers=tuple(tuple(range(cuts[i], cuts[i + 1]))
+                                                           for i in range(partitions)))
+    elif strategy is not None:
+        raise ManifestError("--repartition", text, "STRATEGY must be balanced or layers")
+    return step, replace(net, distribution=distribution).with_partitions(partitions)
+
+
+def _rescales(args: Any, net: NeuralNetwork, deployment: LocalDeployment) -> list[tuple[int, Any]]:
+    """``(step, apply)`` per ``--repartition``, in step order; ``apply(driver)`` repartitions the
+    deployment, reloads every server from the checkpoint just committed and returns the new driver."""
+    plans = sorted((parse_repartition(text, net) for text in (getattr(args, "repartition", None) or [])),
+                   key=lambda plan: plan[0])
+
+    def applier(target: NeuralNetwork):
+        def apply(old: Driver) -> Driver:
+            table = deployment.repartition(target)
+            new = Driver(table, timeout=old.timeout)
+            try:
+                new.wait_ready(timeout=120, alive=deployment.check_alive)
+                replies = new.reload()
+            except BaseException:
+                new.close()
+                raise
+            stale = [r.partition for r in replies if r.lookup_version != table.version]
+            if stale:
+                raise DriverError(f"partitions {stale} did not take lookup {table.version}")
+            print(f"mpnn run: repartitioned to {target.partitions} partitions ({target.distribution.strategy}); "
+                  f"lookup {table.version[:19]}", file=sys.stderr, flush=True)
+            return new
+        return apply
+
+    return [(step, applier(target)) for step, target in plans]
 
 
 def _recovery_reporter(recoveries: list[dict[str, Any]]):

@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
                         "TLS between the servers (and the driver), TLS on their gRPC and REST ports; the "
                         "certificate must name 127.0.0.1 and be good for server and client auth "
                         "(env MPNN_TLS_DIR; default: plaintext)")
+    r.add_argument("--repartition", action="append", metavar="STEP:PARTITIONS[:balanced|layers]",
+                   help="after training step STEP, checkpoint and move to PARTITIONS partitions (and strategy) "
+                        "without losing progress; repeatable")
+    r.add_argument("--max-restarts", type=_restarts, default=3,
+                   help="restart crashed partition servers this many times in all, then fail naming the "
+                        "server (default: %(default)s); training resumes from the last committed checkpoint")
     r.set_defaults(target="partition_server.client.local:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
@@ -91,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--timeout", type=float, default=120.0, help="deadline of each step, seconds")
     t.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every partition")
     _peer_security(t)
+    t.add_argument("--recovery-timeout", type=float, default=300.0,
+                   help="seconds to wait for a failed partition to come back before the attempt fails "
+                        "(then the Job retries); 0: fail at once")
     t.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     t.set_defaults(target="partition_server.client.trainer:main")
 
@@ -107,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                         "spec.server.resources (env MPNN_SERVER_RESOURCES; the chart's serverResources)")
     o.add_argument("--liveness-port", type=_port, default=os.environ.get("MPNN_LIVENESS_PORT", "8080"),
                    help="serve /healthz on this port (default: %(default)s)")
+    o.add_argument("--metrics-port", type=_port, default=os.environ.get("MPNN_METRICS_PORT", "8081"),
+                   help="serve Prometheus /metrics on this port; 0: none (default: %(default)s)")
     o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     o.set_defaults(target="mpnn_operator.main:main")
 
@@ -132,6 +143,16 @@ def _peer_security(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-dir", default=os.environ.get("MPNN_TLS_DIR") or None,
                    help="directory of a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt): mutual TLS between "
                         "peers, TLS on the public ports (env MPNN_TLS_DIR; default: plaintext)")
+
+
+def _restarts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _port(text: str) -> int:

@@ -13,6 +13,7 @@ Objects per network ``N`` in namespace ``NS`` (see ``docs/operator.md``):
 - ``NetworkPolicy`` ``N-peers`` unless ``spec.server.networkPolicy`` is false,
 - ``Secret`` ``N-peer-key`` (:func:`peer_key_secret`, created once by the reconciler with a random
   key, never applied or rendered; the pods mount it),
+- ``PodDisruptionBudget`` ``N`` over the partition servers (:func:`disruption_budget`),
 - with ``spec.storage.nfs``: ``PersistentVolume`` ``mpnn.NS.N`` and ``PersistentVolumeClaim`` ``N-model``,
 - with ``spec.training`` and ``spec.storage``: the training ``Job`` of ``spec.training.runId``.
 """
@@ -32,11 +33,38 @@ from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, Trainin
 
 from . import naming
 
-__all__ = ["CONFIG_DIR", "EXIT_USAGE", "MODEL_ROOT", "PEER_KEY_DIR", "RUN_AS", "TLS_DIR", "TRAIN_BACKOFF_LIMIT",
-           "children", "headless_service", "inference_service", "lookup_configmap", "lookup_table", "model_volume",
-           "network_json", "network_policy", "owned_neurons", "partition_parameters", "partition_ranges",
-           "partitions", "peer_key_secret", "persistent_volume", "server_image", "server_resources",
-           "statefulset", "training_job", "training_json", "volume_claim", "without_claim_ref"]
+__all__ = [
+    "CONFIG_DIR",
+    "EXIT_USAGE",
+    "MODEL_ROOT",
+    "PEER_KEY_DIR",
+    "RUN_AS",
+    "TLS_DIR",
+    "TRAIN_BACKOFF_LIMIT",
+    "children",
+    "disruption_budget",
+    "headless_service",
+    "inference_service",
+    "lookup_configmap",
+    "lookup_table",
+    "model_volume",
+    "network_json",
+    "network_policy",
+    "owned_neurons",
+    "partition_parameters",
+    "partition_ranges",
+    "partitions",
+    "peer_key_secret",
+    "persistent_volume",
+    "server_image",
+    "server_resources",
+    "statefulset",
+    "training_active",
+    "training_job",
+    "training_json",
+    "volume_claim",
+    "without_claim_ref",
+]
 
 CONFIG_DIR = "/etc/mpnn"
 MODEL_ROOT = "/var/lib/mpnn"
@@ -288,7 +316,11 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE,
             "selector": {"matchLabels": naming.selector(net.name)},
             "template": {
                 "metadata": {"labels": pod_labels,
-                             "annotations": {f"{naming.GROUP}/network-config": config_hash}},
+                             "annotations": {f"{naming.GROUP}/network-config": config_hash,
+                                             # /metrics on the REST port (docs/metrics.md)
+                                             "prometheus.io/scrape": "true",
+                                             "prometheus.io/port": str(net.server.http_port),
+                                             "prometheus.io/path": "/metrics"}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
@@ -299,6 +331,41 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE,
             },
         },
     }
+
+
+# Phases of status.training after which no trainer steps the servers (see training.py).
+_RUN_OVER = frozenset({"Succeeded", "Failed", "Stopped", "Blocked"})
+
+
+def training_active(net: NeuralNetwork, status: Any = None) -> bool:
+    """Whether a training run of ``net`` is (or is about to be) stepping its servers.
+
+    Args:
+        status: the NeuralNetwork's ``.status`` (a mapping) or None (``mpnn render``: a network
+            with ``spec.training`` and storage is taken to be training, which is what applying it does).
+    """
+    if net.training is None or net.storage is None:
+        return False
+    run = (status or {}).get("training") or {}
+    if run.get("run") != net.training.run_id:
+        return True  # the run of spec.training.runId has not started or not reported yet
+    return run.get("phase") not in _RUN_OVER
+
+
+def disruption_budget(net: NeuralNetwork, *, training: bool) -> dict[str, Any]:
+    """The PodDisruptionBudget of the partition servers.
+
+    Every partition holds neurons no other partition has: with one pod evicted the whole network
+    stops answering and a training step cannot complete. While a run is ``training``,
+    ``maxUnavailable: 0``: a ``kubectl drain`` waits (and says why) instead of costing the run
+    the steps since its last checkpoint. Otherwise 1: a drain evicts one server at a time,
+    inference is briefly unavailable (503 naming the partition) and the pod comes back with the
+    current checkpoint, so node maintenance is never blocked indefinitely by a serving network.
+    """
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": _meta(net, net.name, naming.SERVER),
+            "spec": {"maxUnavailable": 0 if training else 1,
+                     "selector": {"matchLabels": naming.selector(net.name)}}}
 
 
 def training_json(training: TrainingSpec) -> str:
@@ -410,17 +477,20 @@ def _container_security_context() -> dict[str, Any]:
 
 
 def children(net: NeuralNetwork, assignment: Assignment, *, cluster_domain: str = "cluster.local",
-             default_image: str = DEFAULT_IMAGE, default_resources: dict[str, Any] | None = None
-             ) -> list[dict[str, Any]]:
+             default_image: str = DEFAULT_IMAGE, default_resources: dict[str, Any] | None = None,
+             status: Any = None) -> list[dict[str, Any]]:
     """Every object the operator applies for ``net`` under ``assignment``, in apply order; the
     training Job, last, is created once per run rather than applied. Not the peer-key Secret,
-    whose random content only the reconciler makes (the pods refer to it by name)."""
+    whose random content only the reconciler makes (the pods refer to it by name). The disruption
+    budget, in place before the servers, depends on the run's state (``status``: the
+    NeuralNetwork's, see :func:`training_active`)."""
     storage = [o for o in (persistent_volume(net), volume_claim(net)) if o is not None]
     job = training_job(net, default_image)
     policy = network_policy(net)
     return [*storage, headless_service(net), inference_service(net), *([policy] if policy else []),
             lookup_configmap(net, lookup_table(net, assignment, cluster_domain)),
-            *partitions(net, assignment), statefulset(net, default_image, default_resources), *([job] if job else [])]
+            *partitions(net, assignment), disruption_budget(net, training=training_active(net, status)),
+            statefulset(net, default_image, default_resources), *([job] if job else [])]
 
 
 def _meta(net: NeuralNetwork, name: str, component: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Standalone (no peering objects): run exactly one replica. Watches the given
 namespaces, or all of them. ``/healthz`` on ``--liveness-port`` answers once
-the operator is up (0 disables it).
+the operator is up (0 disables it); ``/metrics`` on ``--metrics-port`` (0 disables it) serves
+the Prometheus metrics of :mod:`mpnn_operator.metrics`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from typing import Any, Mapping
 
 import kopf
+from prometheus_client import start_http_server
 
 from partition_server.api.errors import FieldError
 
@@ -63,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
     reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt, server_image=args.server_image,
                             server_resources=server_resources_flag(args.server_resources))
     later = Later()  # reconciles that watch events deferred (handlers.run_for_event)
+    if getattr(args, "metrics_port", 0):
+        start_http_server(args.metrics_port, registry=reconciler.metrics.registry)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     try:
         kopf.run(registry=handlers.registry, settings=settings(), standalone=True,

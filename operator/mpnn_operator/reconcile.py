@@ -25,6 +25,7 @@ from partition_server.api.manifest import DEFAULT_IMAGE, KIND, ManifestError, Ne
 from . import builders, naming
 from .conditions import HEALTHY, Finding, network_status
 from .kube import Kube
+from .metrics import OperatorMetrics
 from .placement import Placement, STRATEGY, parse_ranges, partition_index, plan
 from .retry import RetryLater
 from .training import Training
@@ -48,6 +49,15 @@ class _Refused(Exception):
     def __init__(self, finding: Finding, retry: bool = False):
         super().__init__(finding.message)
         self.finding, self.retry = finding, retry
+
+
+UNAVAILABLE = "PartitionUnavailable"
+
+
+def _degraded_by(status: Mapping[str, Any], reason: str) -> bool:
+    """Whether ``status`` holds a true Degraded condition with ``reason``."""
+    return any(c.get("type") == "Degraded" and c.get("status") == "True" and c.get("reason") == reason
+               for c in status.get("conditions") or [])
 
 
 def controlled_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
@@ -98,6 +108,7 @@ class Reconciler:
         self.volumes = Volumes(kube, emit=emit, adopt=adopt)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self.metrics = OperatorMetrics()
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -115,10 +126,12 @@ class Reconciler:
                 owner, recorded as Degraded; the model volume still being deleted); callers
                 reconcile again after ``delay``.
         """
-        with self._lock(namespace, name):
+        with self.metrics.reconcile(RetryLater), self._lock(namespace, name):
             body = self._network(namespace, name)
             if body is not None:
                 self._reconcile(body)
+            else:
+                self.metrics.network_deleted(namespace, name)
 
     def refresh_status(self, namespace: str, name: str) -> None:
         """Recompute readiness (NeuralNetwork conditions, Partition ``status.ready``) after a
@@ -129,7 +142,10 @@ class Reconciler:
                 return
             status = body.get("status") or {}
             sts = self._statefulset(body)
-            new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=None,
+            finding = self._availability(body, status.get("partitions"))
+            if finding is not None and finding.degraded and not _degraded_by(status, UNAVAILABLE):
+                self.emit(body, "Warning", finding.reason, finding.message)
+            new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=finding,
                                  generation=status.get("observedGeneration"))
             self._write_status(body, new)
             try:
@@ -150,6 +166,17 @@ class Reconciler:
             except ManifestError:
                 return  # the reconcile reports it; an invalid spec starts nothing
             self.training.sync(body, net)
+            self._apply_budget(self._network(namespace, name) or body, net)
+
+    def _apply_budget(self, owner: Mapping[str, Any], net: NeuralNetwork,
+                      unless: Mapping[str, Any] | None = None) -> None:
+        """Apply the servers' PodDisruptionBudget: none may be evicted while a run trains
+        (:func:`builders.disruption_budget`); skipped when the NeuralNetwork ``unless`` (the budget
+        was applied for it) implies the same budget."""
+        active = builders.training_active(net, owner.get("status"))
+        if unless is not None and builders.training_active(net, unless.get("status")) == active:
+            return
+        self.kube.apply(self._owned(builders.disruption_budget(net, training=active), owner))
 
     def partition_changed(self, partition: Mapping[str, Any], deleted: bool = False) -> None:
         """React to a Partition event: reconcile its network unless the Partition already
@@ -170,6 +197,8 @@ class Reconciler:
     def cleanup(self, body: Mapping[str, Any]) -> None:
         """On NeuralNetwork deletion: delete its PersistentVolume, which no ownerReference can
         reach (cluster-scoped). Reclaim policy Retain keeps the data on the NFS export."""
+        meta = body.get("metadata") or {}
+        self.metrics.network_deleted(meta.get("namespace", ""), meta.get("name", ""))
         self.volumes.cleanup(body)
 
     # -- the reconcile -------------------------------------------------------
@@ -214,7 +243,10 @@ class Reconciler:
         elif claim_problem:
             finding = Finding(True, "ClaimNotBound", claim_problem)
         else:
-            finding = HEALTHY
+            # A partition server down since the network was up stays reported until it is back.
+            finding = self._availability(body, table.num_partitions if table else None) or HEALTHY
+            if not finding.degraded:
+                finding = HEALTHY
         extra: dict[str, Any] = {"selector": naming.selector_string(name)}
         if table is not None:
             extra.update(partitions=table.num_partitions, lookupVersion=table.version)
@@ -223,6 +255,8 @@ class Reconciler:
         self._announce(body, net, placement, table)
         try:
             self.training.sync(body, net)
+            # The run's state may have changed (started, over): the budget follows in the same pass.
+            self._apply_budget(self._network(namespace, name) or body, net, unless=body)
         except DynamicApiError as exc:
             self._finish(body, Finding(True, "ApplyFailed", f"starting or watching the training Job failed: "
                                                            f"{exc.summary()}"), extra)
@@ -268,6 +302,7 @@ class Reconciler:
                     self.kube.delete(naming.API_VERSION, PARTITION_KIND, name=stale["metadata"]["name"],
                                      namespace=net.namespace)
             partitions = self._partitions(net.namespace, net.name)
+        self._apply_budget(owner, net)
         self.kube.apply(self._owned(builders.statefulset(net, self.server_image, self.server_resources), owner))
         self._partition_statuses(net.namespace, net.name, net, partitions)
         return table, claim_problem
@@ -419,6 +454,34 @@ class Reconciler:
                                 generation=meta["generation"])}
         self._write_status(body, new)
 
+    def _availability(self, body: Mapping[str, Any], partitions: int | None) -> Finding | None:
+        """``PartitionUnavailable`` naming the server pods that are not ready, once the network has
+        been Ready (during a rollout unready pods are expected, and Progressing says so); HEALTHY
+        when they are all back; None when there is nothing to say (conditions stay as they are).
+
+        Every partition holds neurons no other has: one pod down stops inference (503 naming the
+        partition) and training (the trainer waits for it, then resumes from the last checkpoint).
+        """
+        status = body.get("status") or {}
+        was_down = _degraded_by(status, UNAVAILABLE)
+        was_up = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if not partitions or not (was_up or was_down):
+            return None
+        meta = body["metadata"]
+        pods = self.kube.list("v1", "Pod", namespace=meta["namespace"],
+                              label_selector=naming.selector_string(meta["name"]))
+        ready = {p["metadata"]["name"] for p in pods
+                 if not p["metadata"].get("deletionTimestamp")
+                 and any(c.get("type") == "Ready" and c.get("status") == "True"
+                         for c in (p.get("status") or {}).get("conditions") or [])}
+        down = [naming.pod_name(meta["name"], i) for i in range(partitions)
+                if naming.pod_name(meta["name"], i) not in ready]
+        if down:
+            return Finding(True, UNAVAILABLE, f"partition server pod{'s' if len(down) > 1 else ''} "
+                                              f"{', '.join(down)} not ready: inference answers 503 naming "
+                                              f"the partition, and a training run waits for it")
+        return HEALTHY if was_down else None
+
     def _statefulset(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """The network's StatefulSet, if it is this NeuralNetwork's (not one of the same name)."""
         meta = body["metadata"]
@@ -427,6 +490,7 @@ class Reconciler:
 
     def _write_status(self, body: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         status = body.get("status") or {}
+        self.metrics.network_status(body["metadata"]["namespace"], body["metadata"]["name"], {**status, **new})
         if any(status.get(k) != v for k, v in new.items()):
             meta = body["metadata"]
             self.kube.patch_status(naming.API_VERSION, NN_KIND, name=meta["name"], namespace=meta["namespace"],

@@ -32,8 +32,8 @@ PENDING, BLOCKED, RUNNING, SUCCEEDED, FAILED, STOPPED = ("Pending", "Blocked", "
 # Phases of a run that has not finished: its Job gone, the run is Stopped.
 UNFINISHED = (PENDING, BLOCKED, RUNNING)
 # Every key of status.training but ``run``: cleared when a new run begins.
-RUN_FIELDS = ("job", "phase", "epoch", "step", "loss", "accuracy", "checkpoint", "startTime", "completionTime",
-              "message")
+RUN_FIELDS = ("job", "phase", "epoch", "step", "loss", "accuracy", "checkpoint", "restarts", "startTime",
+              "completionTime", "message")
 NO_STORAGE = ("spec.training needs spec.storage: the trainer and the partition servers share the model and "
               "its checkpoints on that volume (spec.storage is immutable: create the NeuralNetwork again with "
               "storage to train it)")

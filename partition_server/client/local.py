@@ -18,6 +18,11 @@ Every server also answers the Open Inference Protocol v2 for the whole network o
 its public gRPC port and on a REST port of its own; ``--serve`` prints them. The peer
 ports (``mpnn.v1.Partition``, the addresses in lookup.json) admit only calls signed
 with the peer key ``mpnn run`` generates for the run (``api.peer_auth``).
+
+A server that crashes is started again on its ports, up to ``--max-restarts`` times in all
+(:meth:`LocalDeployment.restart_crashed`): during training the driver then brings every
+partition back to the last committed checkpoint and resumes (``driver.Recovery``); while
+serving, the restarted server loads the current checkpoint.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from partition_server.data.datasets import load_dataset
-from partition_server.api.distributor import distribute
-from partition_server.client.driver import Driver, DriverError, train
+from partition_server.api.distributor import Distribution, distribute
+from partition_server.client.driver import Driver, DriverError, Recovery, Rescale, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from partition_server.api.environment import PARENT_PID_ENV
@@ -87,6 +92,11 @@ class LocalDeployment:
         tls_dir: a directory of ``tls.crt``, ``tls.key`` and ``ca.crt`` (``mpnn run --tls-dir``):
             the servers serve mutual TLS to each other and TLS on their public ports; None: plaintext.
 
+        max_restarts: crashed servers :meth:`restart_crashed` starts again, in all.
+
+    Attributes:
+        restarts: servers restarted so far.
+
     Use as a context manager: entering starts the servers and waits until all are
     SERVING; leaving stops every one of them.
 
@@ -96,10 +106,13 @@ class LocalDeployment:
         credentials: this deployment's peer key (a new one per deployment), for drivers.
     """
 
-    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1", tls_dir: Path | None = None):
+    def __init__(self, net: NeuralNetwork, workdir: Path, host: str = "127.0.0.1", tls_dir: Path | None = None,
+                 *, max_restarts: int = 0):
         self.net = net
         self.workdir = Path(workdir)
         self.host = host
+        self.max_restarts = max_restarts
+        self.restarts = 0
         self.model_dir = self.workdir / net.name
         self.procs: list[subprocess.Popen] = []
         p = net.partitions
@@ -176,6 +189,62 @@ class LocalDeployment:
                 return None
             time.sleep(0.05)
 
+    def restart_crashed(self, error: Exception | None = None, wait: float = 2.0) -> list[int]:
+        """Start every server that has exited again, on its ports; returns their indexes.
+
+        A failed call may reach the driver before the dead process is reaped: polls up to ``wait``
+        seconds for one to show. None crashed (a stall, a deadline): nothing is restarted.
+
+        Raises:
+            ServerCrashed: restarting would exceed ``max_restarts``; names the server.
+        """
+        del error  # the call that failed; the processes say which server it was
+        deadline = time.monotonic() + wait
+        crashed: list[int] = []
+        while not crashed:
+            crashed = [i for i, proc in enumerate(self.procs) if proc.poll() is not None]
+            if crashed or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for i in crashed:
+            if self.restarts >= self.max_restarts:
+                raise ServerCrashed(f"{self.describe_exit(i, self.procs[i].returncode)}\n"
+                                    f"not restarted: {self.restarts} of --max-restarts {self.max_restarts} used")
+            self.restarts += 1
+            print(f"mpnn run: {self.describe_exit(i, self.procs[i].returncode).splitlines()[0]}; restarting it "
+                  f"({self.restarts} of --max-restarts {self.max_restarts})", file=sys.stderr, flush=True)
+            self.procs[i] = self._spawn(i)
+        return crashed
+
+    def repartition(self, net: NeuralNetwork) -> LookupTable:
+        """Move to ``net``'s partition count and distribution: stop the servers beyond it, write the
+        new ``lookup.json`` (partitions kept keep their ports), start the new ones. The kept servers
+        serve their old rows until they reload (``Reload``, or their lookup watch). Returns the table.
+        """
+        assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
+        ports = [int(a.rsplit(":", 1)[1]) for a in self.table.addresses[:net.partitions]]
+        http = self.http_ports[:net.partitions]
+        grow = net.partitions - len(ports)
+        if grow > 0:
+            fresh = free_ports(2 * grow, self.host)
+            ports, http = ports + fresh[:grow], http + fresh[grow:]
+        for proc in self.procs[net.partitions:]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs[net.partitions:]:
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        del self.procs[net.partitions:]
+        self.net, self.http_ports = net, http
+        self.table = LookupTable.build(net.name, net.model.layer_units, assignment, loopback_addresses(ports, self.host))
+        write_atomically(self.workdir / "lookup.json", self.table.to_json())
+        for i in range(len(self.procs), net.partitions):
+            self.procs.append(self._spawn(i))
+        return self.table
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after ``grace`` seconds."""
         for proc in self.procs:
@@ -214,6 +283,8 @@ def main(args: Any) -> int:
             raise ManifestError("--epochs", args.epochs, "must be at least 1")
         net = replace(net, training=replace(net.training, epochs=args.epochs))
     predict_input = _load_predict_input(args, net)
+    for text in getattr(args, "repartition", None) or []:  # a usage error before anything runs
+        parse_repartition(text, net)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _run(args, net, predict_input)
@@ -228,7 +299,8 @@ def _run(args: Any, net: NeuralNetwork, predict_input: np.ndarray | None) -> int
             workdir = Path(args.workdir).resolve()
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mpnn-")))
-        deployment = LocalDeployment(net, workdir, tls_dir=getattr(args, "tls_dir", None))
+        deployment = LocalDeployment(net, workdir, tls_dir=getattr(args, "tls_dir", None),
+                                     max_restarts=args.max_restarts)
         try:
             stack.enter_context(deployment)
             driver = stack.enter_context(Driver(deployment.table, credentials=deployment.credentials))
@@ -283,14 +355,28 @@ def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Dr
             path = str(workdir / path)
         data = load_dataset(net.training.dataset.format, path)
         store = ModelStore(deployment.model_dir)
-        result = train(driver, data, net.training, store, net.model, show_bar=not args.json)
-        evaluation = driver.evaluate(data.x_test, data.y_test)
-        messages, nbytes = driver.traffic()
+        recoveries: list[dict[str, Any]] = []
+        recovery = Recovery(wait_seconds=120.0, max_recoveries=max(args.max_restarts, 1) * 3,
+                            restart=deployment.restart_crashed, report=_recovery_reporter(recoveries))
+        current = [driver]  # the driver of each table the run used; the first is closed by the caller
+        try:
+            result = train(driver, data, net.training, store, net.model, show_bar=not args.json, recovery=recovery,
+                           rescales=[Rescale(at, lambda d, apply=apply: current.append(apply(d)) or current[-1])
+                                     for at, apply in _rescales(args, net, deployment)])
+            driver = current[-1]
+            evaluation = driver.evaluate(data.x_test, data.y_test)
+            messages, nbytes = driver.traffic()
+        finally:
+            for extra in current[1:]:
+                extra.close()
         summary.update(accuracy=round(evaluation.accuracy, 6), loss=round(evaluation.loss, 6),
                        epochs=net.training.epochs, train_seconds=round(result.seconds, 3),
                        steps=result.steps, messages=messages, bytes_sent=nbytes,
                        checkpoint=result.checkpoint, dataset=data.name,
-                       train_samples=len(data.x_train), test_samples=len(data.x_test))
+                       train_samples=len(data.x_train), test_samples=len(data.x_test),
+                       restarts=deployment.restarts, recoveries=recoveries,
+                       final_partitions=deployment.net.partitions, final_strategy=deployment.net.distribution.strategy,
+                       lookupVersion=deployment.table.version)
     else:
         messages, nbytes = driver.traffic()
         summary.update(messages=messages, bytes_sent=nbytes)
@@ -299,6 +385,81 @@ def _work(args: Any, net: NeuralNetwork, deployment: LocalDeployment, driver: Dr
     else:
         _print_summary(summary)
     return _serve_forever(args, deployment) if args.serve else EXIT_OK
+
+
+def parse_repartition(text: str, net: NeuralNetwork) -> tuple[int, NeuralNetwork]:
+    """``STEP:PARTITIONS[:STRATEGY]`` (``--repartition``): after step STEP, run on PARTITIONS
+    partitions, distributed by STRATEGY: ``balanced``, or ``layers`` (whole layers, cut into
+    PARTITIONS contiguous near-equal runs); without it, the manifest's strategy.
+
+    Raises:
+        ManifestError: malformed, or the distribution does not fit the network.
+    """
+    parts = text.split(":")
+    try:
+        step, partitions = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise ManifestError("--repartition", text, "must be STEP:PARTITIONS[:balanced|layers]") from None
+    if step < 1 or partitions < 1 or len(parts) > 3:
+        raise ManifestError("--repartition", text, "must be STEP:PARTITIONS[:balanced|layers], STEP and PARTITIONS >= 1")
+    strategy = parts[2] if len(parts) == 3 else None
+    distribution = net.distribution
+    if strategy == "balanced":
+        distribution = Distribution()
+    elif strategy == "layers":
+        layers = len(net.model.layer_units)
+        if partitions > layers:
+            raise ManifestError("--repartition", text, f"layers gives each of {partitions} partitions a whole layer; "
+                                                       f"the network has {layers}")
+        cuts = [round(i * layers / partitions) for i in range(partitions + 1)]
+        distribution = Distribution("layers", layers=tuple(tuple(range(cuts[i], cuts[i + 1]))
+                                                           for i in range(partitions)))
+    elif strategy is not None:
+        raise ManifestError("--repartition", text, "STRATEGY must be balanced or layers")
+    return step, replace(net, distribution=distribution).with_partitions(partitions)
+
+
+def _rescales(args: Any, net: NeuralNetwork, deployment: LocalDeployment) -> list[tuple[int, Any]]:
+    """``(step, apply)`` per ``--repartition``, in step order; ``apply(driver)`` repartitions the
+    deployment, reloads every server from the checkpoint just committed and returns the new driver."""
+    plans = sorted((parse_repartition(text, net) for text in (getattr(args, "repartition", None) or [])),
+                   key=lambda plan: plan[0])
+
+    def applier(target: NeuralNetwork):
+        def apply(old: Driver) -> Driver:
+            table = deployment.repartition(target)
+            new = Driver(table, timeout=old.timeout)
+            try:
+                new.wait_ready(timeout=120, alive=deployment.check_alive)
+                replies = new.reload()
+            except BaseException:
+                new.close()
+                raise
+            stale = [r.partition for r in replies if r.lookup_version != table.version]
+            if stale:
+                raise DriverError(f"partitions {stale} did not take lookup {table.version}")
+            print(f"mpnn run: repartitioned to {target.partitions} partitions ({target.distribution.strategy}); "
+                  f"lookup {table.version[:19]}", file=sys.stderr, flush=True)
+            return new
+        return apply
+
+    return [(step, applier(target)) for step, target in plans]
+
+
+def _recovery_reporter(recoveries: list[dict[str, Any]]):
+    """A ``Recovery.report`` that tells the user and keeps each resumption for the summary."""
+    def report(event: dict[str, Any]) -> None:
+        if event["event"] == "unavailable":
+            print(f"mpnn run: step {event['step'] + 1} failed ({event['error'].splitlines()[0]}); waiting up to "
+                  f"{event['wait_seconds']:.0f} s for every partition, then resuming from the last committed "
+                  f"checkpoint", file=sys.stderr, flush=True)
+        else:
+            recoveries.append({"resumed_at_step": event["step"], "lost_steps": event["lost_steps"],
+                               "seconds": round(event["seconds"], 3), "checkpoint": event["checkpoint"],
+                               "resumed_at": time.time()})
+            print(f"mpnn run: resumed at step {event['step']} from checkpoint {event['checkpoint']} after "
+                  f"{event['seconds']:.1f} s; {event['lost_steps']} steps redone", file=sys.stderr, flush=True)
+    return report
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -330,5 +491,7 @@ def _serve_forever(args: Any, deployment: LocalDeployment) -> int:
               f"peer {address}")
     print("Ctrl-C stops them.", flush=True)
     while True:
-        deployment.check_alive()
-        time.sleep(1.0)
+        # A crashed server is started again (it loads the current checkpoint) within --max-restarts;
+        # beyond that, ServerCrashed ends the run naming it.
+        deployment.restart_crashed(wait=0.0)
+        time.sleep(0.2)

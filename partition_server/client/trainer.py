@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from partition_server import logs
 from partition_server.data.datasets import load_dataset
-from partition_server.client.driver import Driver, DriverError, TrainingDiverged, train
+from partition_server.client.driver import Driver, DriverError, Recovery, TrainingDiverged, train
 from partition_server.api.errors import FieldError
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.api.lookup import LookupTable
@@ -50,7 +50,8 @@ class TrainingReporter:
 
     Fields: ``run``, ``phase`` (Running, Succeeded, Failed), ``epoch``, ``step``,
     ``loss``, ``accuracy`` (held-out split, in [0, 1]), ``checkpoint`` (last
-    committed checkpoint number), ``startTime``, ``completionTime``, ``message``.
+    committed checkpoint number), ``restarts`` (partition failures this attempt recovered
+    from), ``startTime``, ``completionTime``, ``message``.
     The operator writes the rest of ``status.training`` (``job``; phases Pending, Blocked
     and Stopped, and the outcome of a Job the trainer could not report; see
     :mod:`mpnn_operator.training`).
@@ -98,6 +99,17 @@ class TrainingReporter:
         if accuracy is not None:
             fields["accuracy"] = _number(accuracy)
         self.report(**fields)
+
+    def recovery(self, event: Mapping[str, Any]) -> None:
+        """A ``driver.Recovery`` report: a partition failed (the message says what, and how long the
+        trainer waits), or training resumed (``restarts`` counts it, the message is cleared)."""
+        if event["event"] == "unavailable":
+            self.report(phase="Running", message=(
+                f"step {event['step'] + 1} failed: {event['error']}; waiting up to {event['wait_seconds']:.0f} s "
+                f"for every partition, then resuming from the last committed checkpoint")[:1024])
+        else:
+            self.report(phase="Running", restarts=event["restarts"], step=event["step"],
+                        checkpoint=event["checkpoint"], message=None)
 
     def finished(self, accuracy: float, loss: float) -> None:
         self.report(phase="Succeeded", accuracy=_number(accuracy), loss=_number(loss), completionTime=_now(),
@@ -149,7 +161,11 @@ def main(args: Any) -> int:
                     accuracy = driver.evaluate(data.x_test, data.y_test).accuracy
                 reporter.progress(p["epoch"], p["step"], p["loss"], p["checkpoint"], accuracy)
 
-            train(driver, data, training, ModelStore(model_dir), model, progress=on_checkpoint, show_bar=False)
+            recovery = None
+            if args.recovery_timeout > 0:  # the StatefulSet restarts a failed pod; wait for it, within the bound
+                recovery = Recovery(wait_seconds=args.recovery_timeout, report=reporter.recovery)
+            train(driver, data, training, ModelStore(model_dir), model, progress=on_checkpoint, show_bar=False,
+                  recovery=recovery)
             final = driver.evaluate(data.x_test, data.y_test)
         reporter.finished(final.accuracy, final.loss)
         print(json.dumps({"run": training.run_id, "accuracy": final.accuracy, "loss": final.loss}))

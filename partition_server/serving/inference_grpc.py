@@ -10,6 +10,7 @@ returned in ``raw_output_contents`` (little-endian FP32). Errors abort the call 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import grpc
@@ -38,10 +39,14 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
         max_request_bytes: largest ``ModelInferRequest``, bytes (RESOURCE_EXHAUSTED beyond); None: no cap
             besides the port's message limit. A port that carries only this service should also
             set its ``grpc.max_receive_message_length`` to it, so larger messages are never decoded.
+        metrics: a :class:`~partition_server.serving.metrics.ServerMetrics` that counts ``ModelInfer``
+            calls (``protocol="grpc"``, ``status``: the gRPC code name), or None.
     """
 
-    def __init__(self, model: ModelInference, max_calls: int = 8, *, max_request_bytes: int | None = None):
+    def __init__(self, model: ModelInference, max_calls: int = 8, *, max_request_bytes: int | None = None,
+                 metrics: Any = None):
         self.model = model
+        self.metrics = metrics  # a metrics.ServerMetrics, or None
         self.max_calls = max_calls
         self.max_request_bytes = max_request_bytes
         self._calls = threading.BoundedSemaphore(max_calls)
@@ -67,6 +72,18 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
                                          outputs=[tensor(**t) for t in meta["outputs"]])
 
     def ModelInfer(self, request, context):
+        arrived, status = time.monotonic(), grpc.StatusCode.OK
+        try:
+            return self._model_infer(request, context)
+        except BaseException:
+            status = context.code() or grpc.StatusCode.UNKNOWN  # set by context.abort
+            raise
+        finally:
+            if self.metrics is not None:
+                code = status.name if isinstance(status, grpc.StatusCode) else str(status)
+                self.metrics.inference(protocol="grpc", status=code, seconds=time.monotonic() - arrived)
+
+    def _model_infer(self, request, context):
         if self.max_request_bytes is not None and request.ByteSize() > self.max_request_bytes:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"model {self.model.name!r}: the request takes {request.ByteSize()} bytes, more than "

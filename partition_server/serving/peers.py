@@ -21,7 +21,9 @@ from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import to_tensor
 from partition_server.engine import ExchangeError, Mailbox
 
-__all__ = ["GrpcTransport", "Peers"]
+__all__ = ["RECONNECT_WAIT", "GrpcTransport", "Peers"]
+
+RECONNECT_WAIT = 2.0  # seconds an Exchange refused UNAVAILABLE waits for its peer to (re)connect
 
 
 class Peers:
@@ -77,11 +79,12 @@ class GrpcTransport:
         table: the lookup table the pass runs under (peer addresses, its version).
         peers: the channels to the peers.
         mailbox: where the peers' messages to this partition arrive.
-        count_sent: called with the payload bytes of every message sent (traffic counters).
+        count_sent: called with the payload bytes of every message sent, and keywords ``peer``
+            (its index) and ``phase`` (traffic counters).
     """
 
     def __init__(self, *, index: int, table: LookupTable, peers: Peers, mailbox: Mailbox,
-                 count_sent: Callable[[int], None]):
+                 count_sent: Callable[..., None]):
         self.index = index
         self.table = table
         self.peers = peers
@@ -98,16 +101,26 @@ class GrpcTransport:
         """
         pass_id, phase, layer = key
         calls = []
+        requests: dict[int, pb.ExchangeRequest] = {}
         for peer, arr in outgoing.items():
             tensor = to_tensor(arr)
             request = pb.ExchangeRequest(lookup_version=self.table.version, pass_id=pass_id, phase=phase,
                                          layer=layer, source=self.index, tensor=tensor)
             stub = self.peers.stub(self.table.addresses[peer])
             calls.append((peer, stub.Exchange.future(request, timeout=timeout)))
-            self.count_sent(len(tensor.data))
+            requests[peer] = request
+            self.count_sent(len(tensor.data), peer=peer, phase=phase)
         for peer, call in calls:
             try:
-                call.result()
+                try:
+                    call.result()
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    # A peer that restarted moments ago: this channel may still wait out its reconnect
+                    # backoff (at most a second). Once more, waiting for the connection, briefly.
+                    stub = self.peers.stub(self.table.addresses[peer])
+                    stub.Exchange(requests[peer], timeout=min(timeout, RECONNECT_WAIT), wait_for_ready=True)
             except grpc.RpcError as exc:
                 raise ExchangeError(f"partition {self.index}: sending {key!r} to partition {peer} "
                                     f"({self.table.addresses[peer]}) failed: {exc.code().name} {exc.details()}") from exc

@@ -10,6 +10,7 @@ GET      ``/v2``                                  server metadata
 GET      ``/v2/models/{name}{version}``           model metadata
 GET      ``/v2/models/{name}{version}/ready``     200 ready / 400 not ready / 404 unknown model
 POST     ``/v2/models/{name}{version}/infer``     inference
+GET      ``/metrics``                             Prometheus metrics (``metrics``), when given
 =======  =======================================  =============================================
 
 Bodies and replies are encoded by ``rest_codec`` (JSON, the binary tensor data extension,
@@ -52,6 +53,8 @@ from aiohttp import web
 
 from partition_server.serving.inference import ModelInference
 from partition_server.serving.limits import ByteBudget, ServerLimits
+from partition_server.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from partition_server.serving.metrics import ServerMetrics
 from partition_server.serving.protocol import InferenceError
 from partition_server.serving.rest_codec import HEADER_LENGTH, HttpError, decode_body, encode_reply, parse_request
 
@@ -82,6 +85,8 @@ class RestServer:
         max_inflight_bytes: request bytes all requests in flight may hold together, as sent plus
             inflated (default ``2 * max_body_bytes``, at least ``max_body_bytes``); a request
             that does not fit is answered 503 at once.
+        metrics: served at ``GET /metrics``; counts inference requests (``protocol="rest"``,
+            ``status``: the HTTP status). None: no ``/metrics`` route.
 
     Raises:
         OSError: the address cannot be bound.
@@ -89,9 +94,10 @@ class RestServer:
 
     def __init__(self, model: ModelInference, host: str, port: int, *, threads: int = 16,
                  max_body_bytes: int | None = None, max_inflight_bytes: int | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, metrics: ServerMetrics | None = None):
         self.model = model
         self.ssl_context = ssl_context
+        self.metrics = metrics
         self.threads = max(threads, _PROBE_THREADS + 1)
         self.max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
         self.budget = ByteBudget(max(self.max_body_bytes, 2 * self.max_body_bytes if max_inflight_bytes is None
@@ -187,8 +193,12 @@ class RestServer:
         async def answer(request: web.Request, handler: Callable) -> web.StreamResponse:
             self._inflight += 1
             self._idle.clear()
+            arrived = time.monotonic()
             try:
                 response = await _errors_as_json(request, handler)
+                if self.metrics is not None and request.method == "POST" and request.path.endswith("/infer"):
+                    self.metrics.inference(protocol="rest", status=str(response.status),
+                                           seconds=time.monotonic() - arrived)
                 log.debug("%s %s %s", request.method, request.path_qs, response.status,
                           extra={"remote": request.remote})
                 return response
@@ -208,7 +218,13 @@ class RestServer:
             route.add_get(model, self._model_metadata, allow_head=False)
             route.add_get(model + "/ready", self._model_ready, allow_head=False)
             route.add_post(model + "/infer", self._infer)
+        if self.metrics is not None:
+            route.add_get("/metrics", self._metrics, allow_head=False)
         return app
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await self._blocking(self.metrics.exposition)
+        return web.Response(status=200, body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _server_metadata(self, request: web.Request) -> web.Response:
         return _json(200, self.model.server_metadata())

@@ -63,6 +63,7 @@ from partition_server.serving.inference import ModelInference
 from partition_server.serving.inference_grpc import InferenceServicer
 from partition_server.serving.limits import ServerLimits, default_workers, max_infer_calls, pass_slots
 from partition_server.serving.loading import Loaded, load_partition
+from partition_server.serving.metrics import ServerMetrics
 from partition_server.serving.peers import GrpcTransport, Peers
 from partition_server.serving.rest import RestServer
 from partition_server.serving.training import SessionRefused, TrainingSessions
@@ -142,6 +143,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
                                         credentials=credentials, timeout=min(60.0, limits.max_pass_seconds))
         self._rest: RestServer | None = None
         self.http_port: int | None = None
+        self.metrics = ServerMetrics(network=name, partition=index,
+                                     committed=lambda: (self.store.sequences() or [0])[-1])
 
     # ------------------------------------------------------------ loading
 
@@ -153,6 +156,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
             loaded = load_partition(self.index, self.model, lookup_path=self.lookup_path, store=self.store)
             self._loaded = loaded
             closed = self.peers.retain(loaded.table.addresses)
+            self.metrics.instrument_engine(loaded.engine)
+            self.metrics.loaded(lookup_version=loaded.table.version, checkpoint=loaded.checkpoint,
+                                parameters=_parameters(loaded), neurons=loaded.table.neuron_count(self.index))
         if closed:
             log.info("closed channels to addresses no longer in the lookup",
                      extra={"partition": self.index, "addresses": closed})
@@ -197,11 +203,14 @@ class PartitionServer(pb_grpc.PartitionServicer):
                           f"the served {loaded.table.version}")
         return loaded
 
-    def count_sent(self, nbytes: int) -> None:
-        """Count one message of ``nbytes`` payload bytes sent to a peer (``Status`` reports them)."""
+    def count_sent(self, nbytes: int, *, peer: int | None = None, phase: str = "") -> None:
+        """Count one message of ``nbytes`` payload bytes sent to partition ``peer`` in ``phase``
+        (``Status`` reports the totals, ``/metrics`` them by peer and phase)."""
         with self._counter_lock:
             self.messages_sent += 1
             self.bytes_sent += nbytes
+        if peer is not None:
+            self.metrics.sent(nbytes, peer=peer, phase=phase)
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         """Seconds this call may take: the caller's deadline, capped at ``limits.max_pass_seconds``."""
@@ -257,6 +266,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
                 engine.optimizer = optimizer
                 result = engine.train_step(request.pass_id, x, y, transport, timeout)
                 outputs, loss, correct = result.outputs, result.loss, result.correct
+                self.metrics.training_steps.inc()
             else:
                 version = request.weights_version if request.HasField("weights_version") else None
                 outputs, loss, correct = engine.forward(request.pass_id, x, transport, timeout, version), None, None
@@ -353,6 +363,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
         return pb.CheckpointReply(shard_json=json.dumps(info.to_dict()), optimizer_step=optimizer_step)
 
     def Reload(self, request: pb.ReloadRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        # After a partition failure every partition reloads: new channels reach a restarted peer at
+        # once, where the old ones may still wait out a reconnect backoff.
+        self.peers.close()
         try:
             self.load()
         except Exception as exc:  # the last valid state stays in force
@@ -364,10 +377,9 @@ class PartitionServer(pb_grpc.PartitionServicer):
         reply = pb.StatusReply(partition=self.index, ready=loaded is not None,
                                messages_sent=self.messages_sent, bytes_sent=self.bytes_sent)
         if loaded is not None:
-            tensors = loaded.engine.state_tensors()
             reply.lookup_version = loaded.table.version
             reply.neurons = loaded.table.neuron_count(self.index)
-            reply.parameters = sum(t["weight"].size + t["bias"].size for t in tensors.values())
+            reply.parameters = _parameters(loaded)
             reply.checkpoint_sequence = loaded.checkpoint
             reply.weights_source = loaded.source
         return reply
@@ -415,7 +427,7 @@ class PartitionServer(pb_grpc.PartitionServicer):
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         inference_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.inference, max_calls=max_infer_calls(workers),
-                              max_request_bytes=self.limits.max_request_bytes), server)
+                              max_request_bytes=self.limits.max_request_bytes, metrics=self.metrics), server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         tls = self.credentials.tls
         try:
@@ -434,7 +446,8 @@ class PartitionServer(pb_grpc.PartitionServicer):
         if http_port is not None:
             self._rest = RestServer(self.inference, host, http_port, max_body_bytes=self.limits.max_request_bytes,
                                     max_inflight_bytes=self.limits.max_inflight_request_bytes,
-                                    ssl_context=_server_ssl_context(tls) if tls is not None else None)
+                                    ssl_context=_server_ssl_context(tls) if tls is not None else None,
+                                    metrics=self.metrics)
             self.http_port = self._rest.port
         try:
             self.load()
@@ -484,6 +497,11 @@ class PartitionServer(pb_grpc.PartitionServicer):
             self._grpc.wait_for_termination()
         if self._peer_grpc is not None:
             self._peer_grpc.wait_for_termination()
+
+
+def _parameters(loaded: Loaded) -> int:
+    """Weights plus biases of the rows ``loaded`` holds."""
+    return sum(t["weight"].size + t["bias"].size for t in loaded.engine.state_tensors().values())
 
 
 def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:

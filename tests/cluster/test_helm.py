@@ -32,6 +32,7 @@ NAMESPACED_RULES = {
     ("", "services"): {"get", "create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("batch", "jobs"): {"create", "list", "watch", "delete"},
@@ -160,7 +161,7 @@ def test_deployment_hardening_and_probe():
     assert c["image"] == "ghcr.io/mpnn/mpnn:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["mpnn"]
     assert c["args"] == ["operator", "--cluster-domain=cluster.local", "--server-image=ghcr.io/mpnn/mpnn:0.1.0",
-                         "--liveness-port=8080", "--log-level=info"]
+                         "--liveness-port=8080", "--metrics-port=8081", "--log-level=info"]
     from partition_server.api.manifest import DEFAULT_IMAGE
     assert c["image"] == DEFAULT_IMAGE  # the chart's default image is the package's default server image
     sc = c["securityContext"]
@@ -168,7 +169,8 @@ def test_deployment_hardening_and_probe():
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
-    assert c["ports"] == [{"name": "healthz", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "healthz", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 8081, "protocol": "TCP"}]
     probe = c["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": "healthz"}
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
@@ -198,7 +200,7 @@ def test_values_reach_the_deployment():
     assert c["image"] == "registry.example.com/mpnn:dev" and c["imagePullPolicy"] == "Always"
     # The partition servers run the operator's image (docs/install.md builds and pushes one image).
     assert c["args"] == ["operator", "--cluster-domain=corp.internal", "--server-image=registry.example.com/mpnn:dev",
-                         "--liveness-port=9090", "--log-level=debug"]
+                         "--liveness-port=9090", "--metrics-port=8081", "--log-level=debug"]
     assert c["ports"][0]["containerPort"] == 9090
     assert c["resources"] == values["resources"]
     # Helm merges maps into the defaults (a key set to null removes a default).
@@ -208,7 +210,8 @@ def test_values_reach_the_deployment():
         assert pod[key] == values[key], key
     assert pod["securityContext"] == {**values["podSecurityContext"], "runAsGroup": 65532,
                                       "seccompProfile": {"type": "RuntimeDefault"}}
-    assert dep["spec"]["template"]["metadata"]["annotations"] == {"a": "b"}
+    assert dep["spec"]["template"]["metadata"]["annotations"] == {
+        "a": "b", "prometheus.io/scrape": "true", "prometheus.io/port": "8081", "prometheus.io/path": "/metrics"}
     assert pod["serviceAccountName"] == "ops"
     (sa,) = by_kind(objs, "ServiceAccount")
     assert sa["metadata"]["name"] == "ops" and sa["metadata"]["annotations"] == {"x": "y"}

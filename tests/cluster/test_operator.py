@@ -307,6 +307,17 @@ def test_documented_permissions_suffice(kubectl, kubeconfig, namespace, crds, wa
             wait_ready(kubectl, ns, 4, wait_for, op)
             wait_for(lambda: kubectl.json("get", "jobs", "-l", SELECTOR, namespace=ns)["items"], timeout=60,
                      message="the training Job")
+            # The servers' disruption budget follows the run: none evicted while it can train (Pending,
+            # Running), one at a time while it cannot (Blocked here: no trainer ServiceAccount).
+
+            def budget_follows_the_run():
+                phase = (kubectl.json("get", "nn", "digits", namespace=ns).get("status") or {}).get(
+                    "training", {}).get("phase")
+                pdb = kubectl.json("get", "poddisruptionbudget", "digits", namespace=ns)
+                want = 0 if phase in ("Pending", "Running") else 1
+                return phase and pdb["spec"]["maxUnavailable"] == want and \
+                    (pdb.get("status") or {}).get("expectedPods") == 4
+            wait_for(budget_follows_the_run, timeout=60, message="the disruption budget to follow the run")
             kubectl("scale", "nn/digits", "--replicas=5", namespace=ns)
             wait_ready(kubectl, ns, 5, wait_for, op)
             assert any(e["reason"] == "Scaled" for e in events(kubectl, ns)), op.tail()

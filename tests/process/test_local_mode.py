@@ -168,14 +168,14 @@ def test_bad_predict_input_exits_2_naming_the_option(tmp_path):
     assert not (tmp_path / "out.npy").exists()
 
 
-def _start_long_run(tmp_path: Path, reaper) -> tuple[subprocess.Popen, Path]:
+def _start_long_run(tmp_path: Path, reaper, *extra: str) -> tuple[subprocess.Popen, Path]:
     """A run that would take many minutes, once it is training (a checkpoint exists)."""
     procs, workdirs = reaper
     path = manifest(tmp_path / "net.yaml", epochs=1000, checkpoint_every=5)
     workdir = tmp_path / "work"
     workdirs.append(workdir)
     proc = subprocess.Popen([sys.executable, "-m", "partition_server.cli", "run", str(path), "--json",
-                             "--workdir", str(workdir)], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                             "--workdir", str(workdir), *extra], cwd=tmp_path, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(proc)
     store = ModelStore(workdir / "tiny-digits")
@@ -191,7 +191,8 @@ def _start_long_run(tmp_path: Path, reaper) -> tuple[subprocess.Popen, Path]:
 
 
 def test_killed_partition_server_fails_the_run_naming_it(tmp_path, reaper):
-    proc, workdir = _start_long_run(tmp_path, reaper)
+    """With no restarts left (--max-restarts 0), a crashed server ends the run, named."""
+    proc, workdir = _start_long_run(tmp_path, reaper, "--max-restarts", "0")
     victim = serve_processes(workdir)[1]
     address = LookupTable.load(workdir / "lookup.json").addresses[1]
     os.kill(victim, signal.SIGKILL)

@@ -76,7 +76,7 @@ def test_create_builds_every_child_and_a_second_pass_writes_nothing(kube, reconc
     reconciler.reconcile("ns", "digits")
     kinds = sorted({k for k, _, _ in kube.objects})
     assert kinds == ["ConfigMap", "Job", "NetworkPolicy", "NeuralNetwork", "Partition", "PersistentVolume",
-                     "PersistentVolumeClaim", "Secret", "Service", "StatefulSet"]
+                     "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Service", "StatefulSet"]
     assert kube.objects[("PersistentVolume", None, "mpnn.ns.digits")]["metadata"].get("ownerReferences") is None
     for (kind, ns, name), obj in kube.objects.items():
         if kind not in ("NeuralNetwork", "PersistentVolume"):
@@ -639,7 +639,10 @@ def test_one_job_per_run(kube, reconciler, events):
     kube.delete("batch/v1", "Job", name=job["metadata"]["name"], namespace="ns")
     kube.writes.clear()
     reconciler.reconcile("ns", "digits")
-    assert _jobs(kube) == [] and [w for w in kube.writes if w[0] != "status"] == []
+    # The run is over: its servers may be evicted one at a time again.
+    assert _jobs(kube) == [] and [w for w in kube.writes if w[0] != "status"] == [
+        ("apply", "PodDisruptionBudget", "digits")]
+    assert kube.objects[("PodDisruptionBudget", "ns", "digits")]["spec"]["maxUnavailable"] == 1
     training = _training(kube)
     assert training["phase"] == "Stopped" and training["job"] == "digits-train-digits-1"
     assert training["message"].startswith("Job digits-train-digits-1 was deleted before the run finished")

@@ -45,7 +45,7 @@ def test_digits_renders_every_child_with_labels_and_no_owner():
     objs = render(str(DIGITS))
     # digits.yaml has training but no storage: no Job.
     assert [o["kind"] for o in objs] == (["Service", "Service", "NetworkPolicy", "ConfigMap"] + ["Partition"] * 4
-                                         + ["StatefulSet"])
+                                         + ["PodDisruptionBudget", "StatefulSet"])
     for o in objs:
         meta = o["metadata"]
         assert meta["namespace"] == "default"

@@ -96,6 +96,11 @@ Each rule is justified in docs/install.md ("Permissions").
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [get, list, watch, create, patch]
+# The partition servers' disruption budget: applied (server-side apply needs only patch; create
+# for the API server's admission of a new object).
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [create, patch]
 # Pod readiness for each Partition's status.
 - apiGroups: [""]
   resources: [pods]

@@ -419,6 +419,9 @@ class Recovery:
         except DriverError as waited:
             raise DriverError(f"{waited} (after: {exc})", grpc.StatusCode.UNAVAILABLE) from exc
         driver.reload()
+        # A restarted server holds no training session: end ours everywhere, so the next step
+        # opens a fresh one on every partition.
+        driver.close_training()
         latest = store.latest()
         resume = start
         if latest is not None and latest.meta.get("run_id") == run:

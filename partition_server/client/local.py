@@ -222,12 +222,12 @@ class LocalDeployment:
         serve their old rows until they reload (``Reload``, or their lookup watch). Returns the table.
         """
         assignment = distribute(net.model.layer_units, net.partitions, net.distribution)
-        ports = [int(a.rsplit(":", 1)[1]) for a in self.table.addresses[:net.partitions]]
-        http = self.http_ports[:net.partitions]
-        grow = net.partitions - len(ports)
+        peer = [int(a.rsplit(":", 1)[1]) for a in self.table.addresses[:net.partitions]]
+        public, http = self.ports[:net.partitions], self.http_ports[:net.partitions]
+        grow = net.partitions - len(peer)
         if grow > 0:
-            fresh = free_ports(2 * grow, self.host)
-            ports, http = ports + fresh[:grow], http + fresh[grow:]
+            fresh = free_ports(3 * grow, self.host)
+            peer, public, http = peer + fresh[:grow], public + fresh[grow:2 * grow], http + fresh[2 * grow:]
         for proc in self.procs[net.partitions:]:
             if proc.poll() is None:
                 proc.terminate()
@@ -238,8 +238,8 @@ class LocalDeployment:
                 proc.kill()
                 proc.wait()
         del self.procs[net.partitions:]
-        self.net, self.http_ports = net, http
-        self.table = LookupTable.build(net.name, net.model.layer_units, assignment, loopback_addresses(ports, self.host))
+        self.net, self.ports, self.http_ports = net, public, http
+        self.table = LookupTable.build(net.name, net.model.layer_units, assignment, loopback_addresses(peer, self.host))
         write_atomically(self.workdir / "lookup.json", self.table.to_json())
         for i in range(len(self.procs), net.partitions):
             self.procs.append(self._spawn(i))
@@ -427,8 +427,9 @@ def _rescales(args: Any, net: NeuralNetwork, deployment: LocalDeployment) -> lis
 
     def applier(target: NeuralNetwork):
         def apply(old: Driver) -> Driver:
+            old.close_training()  # the kept servers take the new driver's session at once
             table = deployment.repartition(target)
-            new = Driver(table, timeout=old.timeout)
+            new = Driver(table, timeout=old.timeout, credentials=deployment.credentials)
             try:
                 new.wait_ready(timeout=120, alive=deployment.check_alive)
                 replies = new.reload()

@@ -33,6 +33,8 @@ NAMESPACED_RULES = {
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"create", "patch"},
+    ("", "secrets"): {"get", "create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("batch", "jobs"): {"create", "list", "watch", "delete"},
@@ -48,6 +50,8 @@ NAMESPACE_WATCH_RULES = {("", "namespaces"): {"list", "watch"}}
 # TrainingReporter's merge patch of status.training, nothing else.
 TRAINER_RULES = {("mpnn.dev", "neuralnetworks/status"): {"patch"}}
 TRAINER_ROLE = "mpnn-trainer"
+# The chart's default server resources (values.yaml serverResources), passed to the operator.
+SERVER_RESOURCES_ARG = '--server-resources={"limits":{"memory":"2Gi"},"requests":{"cpu":"250m","memory":"256Mi"}}'
 
 
 def chart_crds() -> list[dict[str, Any]]:
@@ -130,14 +134,16 @@ def test_default_render_is_cluster_wide():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mpnn-operator", "namespace": "mpnn-system"}]
 
 
-def test_rbac_never_grants_secrets_workloads_or_rbac():
+def test_rbac_never_reads_secrets_it_did_not_make_nor_grants_workloads_or_rbac():
     for values in (None, {"watchNamespaces": ["a"]}):
         objs = objects(render(values))
         for role in by_kind(objs, "ClusterRole") + by_kind(objs, "Role"):
             table = rule_table(role["rules"])
             resources = {r for _, r in table}
-            assert not resources & {"secrets", "deployments", "daemonsets", "serviceaccounts/token", "nodes",
+            assert not resources & {"deployments", "daemonsets", "serviceaccounts/token", "nodes",
                                     "pods/exec"}, resources
+            # Secrets: only the peer keys it creates, by name; never list or watch (no browsing).
+            assert table.get(("", "secrets"), set()) <= {"get", "create", "delete"}
             # Jobs: created once per run, never changed; ServiceAccounts: only looked at.
             assert table.get(("batch", "jobs"), set()) <= {"create", "list", "watch", "delete"}
             assert table.get(("", "serviceaccounts"), set()) <= {"get"}
@@ -161,7 +167,7 @@ def test_deployment_hardening_and_probe():
     assert c["image"] == "ghcr.io/mpnn/mpnn:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["mpnn"]
     assert c["args"] == ["operator", "--cluster-domain=cluster.local", "--server-image=ghcr.io/mpnn/mpnn:0.1.0",
-                         "--liveness-port=8080", "--metrics-port=8081", "--log-level=info"]
+                         "--liveness-port=8080", SERVER_RESOURCES_ARG, "--metrics-port=8081", "--log-level=info"]
     from partition_server.api.manifest import DEFAULT_IMAGE
     assert c["image"] == DEFAULT_IMAGE  # the chart's default image is the package's default server image
     sc = c["securityContext"]
@@ -200,7 +206,7 @@ def test_values_reach_the_deployment():
     assert c["image"] == "registry.example.com/mpnn:dev" and c["imagePullPolicy"] == "Always"
     # The partition servers run the operator's image (docs/install.md builds and pushes one image).
     assert c["args"] == ["operator", "--cluster-domain=corp.internal", "--server-image=registry.example.com/mpnn:dev",
-                         "--liveness-port=9090", "--metrics-port=8081", "--log-level=debug"]
+                         "--liveness-port=9090", SERVER_RESOURCES_ARG, "--metrics-port=8081", "--log-level=debug"]
     assert c["ports"][0]["containerPort"] == 9090
     assert c["resources"] == values["resources"]
     # Helm merges maps into the defaults (a key set to null removes a default).

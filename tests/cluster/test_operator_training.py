@@ -147,10 +147,13 @@ def test_job_pod_runs_the_driver_and_the_trainer_reports_as_its_service_account(
     assert parse_training(json.loads(c["args"][1])) == parse_neural_network(manifest_view(obj)).training
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env == {"MPNN_LOOKUP": "/etc/mpnn/lookup.json", "MPNN_NETWORK": "/etc/mpnn/network.json",
-                   "MPNN_MODEL_DIR": "/var/lib/mpnn/digits"}
+                   "MPNN_MODEL_DIR": "/var/lib/mpnn/digits", "MPNN_PEER_KEY_FILE": "/var/run/mpnn/peer-key/key"}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec["volumes"]}
     assert volumes[next(n for n, p in mounts.items() if p == "/etc/mpnn")]["configMap"]["name"] == "digits-lookup"
+    # The trainer signs its peer calls with the network's key, from the operator's Secret.
+    assert volumes[next(n for n, p in mounts.items() if p == "/var/run/mpnn/peer-key")]["secret"]["secretName"] \
+        == "digits-peer-key"
     assert volumes[next(n for n, p in mounts.items() if p == "/var/lib/mpnn")]["persistentVolumeClaim"] == \
         {"claimName": "digits-model"}
     cm = kubectl.json("get", "configmap", "digits-lookup", namespace=ns)

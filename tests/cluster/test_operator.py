@@ -5,10 +5,14 @@ the test's namespace, and is always stopped at teardown."""
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
+import sys
 import time
 
 import pytest
+import yaml
 
 from partition_server.api.distributor import check_coverage
 from tests.support.kube.operator import (  # noqa: F401 (crds, operator: fixtures)
@@ -27,7 +31,7 @@ def test_create_deploys_ready_partition_servers(kubectl, namespace, operator, wa
     table = lookup(kubectl, ns)
     assert table.num_partitions == 4 and table.layer_units == (128, 64, 10)
     assert check_coverage(table.layer_units, table.owners_by_layer) == []
-    assert table.addresses[2] == f"digits-2.digits.{ns}.svc.cluster.local:50051"
+    assert table.addresses[2] == f"digits-2.digits.{ns}.svc.cluster.local:50052"  # the peer port
     assert obj["status"]["lookupVersion"] == table.version
     assert obj["status"]["selector"] == "app.kubernetes.io/component=server,mpnn.dev/network=digits"
     assert_partitions_match(kubectl, ns, table)
@@ -254,6 +258,86 @@ def test_a_claim_deleted_by_hand_is_made_again_and_bound(kubectl, namespace, ope
     obj = wait_ready(kubectl, ns, 4, wait_for, operator)
     assert condition(obj, "Degraded")["status"] == "False"
     assert any(e["reason"] == "VolumeRecreated" for e in events(kubectl, ns)), operator.tail()
+
+
+def test_peer_key_secret_network_policy_and_split_services(kubectl, namespace, operator, wait_for, tmp_path):
+    """Issue 10 on live objects: the peer-key Secret (owned, 32 random bytes, never rewritten),
+    mounted by the servers; the NetworkPolicy keeping the peer port to the network's pods and
+    removed by ``networkPolicy: false``; the peer port only in the headless Service. And
+    ``mpnn render`` of the same manifest shows the policy and the Secret reference, never the Secret."""
+    ns = namespace
+    doc = digits()
+    kubectl.apply(doc, namespace=ns)
+    uid = wait_ready(kubectl, ns, 4, wait_for, operator)["metadata"]["uid"]
+    peer, grpc, http = 50052, 50051, 8080
+
+    secret = kubectl.json("get", "secret", "digits-peer-key", namespace=ns)
+    (ref,) = secret["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("NeuralNetwork", "digits", uid, True)
+    assert secret["type"] == "Opaque" and list(secret["data"]) == ["key"]
+    assert len(base64.b64decode(secret["data"]["key"])) == 32
+
+    pod = kubectl.json("get", "statefulset", "digits", namespace=ns)["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if (v.get("secret") or {}).get("secretName") == "digits-peer-key"]
+    (server,) = [c for c in pod["containers"] if c["name"] == "server"] or pod["containers"][:1]
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    assert mounts[vol["name"]]["mountPath"] == "/var/run/mpnn/peer-key" and mounts[vol["name"]]["readOnly"]
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports.get("peer") == peer and peer not in (ports.get("grpc"), ports.get("http"))
+    grpc, http = ports["grpc"], ports["http"]
+
+    headless = kubectl.json("get", "service", "digits", namespace=ns)["spec"]
+    assert headless["clusterIP"] == "None"
+    assert [(p["name"], p["port"]) for p in headless["ports"]] == [("peer", peer)]
+    inference = kubectl.json("get", "service", "digits-inference", namespace=ns)["spec"]
+    assert sorted((p["name"], p["port"]) for p in inference["ports"]) == [("grpc", grpc), ("http", http)]
+    assert not [p for p in inference["ports"] if peer in (p["port"], p.get("targetPort"))
+                or p.get("targetPort") == "peer"]
+
+    policy = kubectl.json("get", "networkpolicy", "digits-peers", namespace=ns)
+    (ref,) = policy["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["uid"], ref["controller"]) == ("NeuralNetwork", uid, True)
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"]["mpnn.dev/network"] == "digits"
+    assert spec["policyTypes"] == ["Ingress"]
+    by_port = {}
+    for rule in spec["ingress"]:
+        for p in rule["ports"]:
+            by_port.setdefault(p["port"], []).append(rule.get("from"))
+    assert set(by_port) == {peer, grpc, http}, spec
+    assert by_port[peer] == [[{"podSelector": {"matchLabels": {"mpnn.dev/network": "digits"}}}]], spec
+    assert by_port[grpc] == [None] and by_port[http] == [None], spec  # from anywhere
+
+    # A later reconcile (a scale) keeps the key: rotating it would cut running pods off each other.
+    kubectl("scale", "nn/digits", "--replicas=5", namespace=ns)
+    wait_ready(kubectl, ns, 5, wait_for, operator)
+    again = kubectl.json("get", "secret", "digits-peer-key", namespace=ns)
+    assert again["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
+    assert again["data"] == secret["data"]
+
+    kubectl("patch", "nn", "digits", "--type=merge", "-p", json.dumps({"spec": {"server": {"networkPolicy": False}}}),
+            namespace=ns)
+    wait_for(lambda: not kubectl.json("get", "networkpolicy", "-l", SELECTOR, namespace=ns)["items"],
+             timeout=60, message="the NetworkPolicy to be deleted")
+    wait_ready(kubectl, ns, 5, wait_for, operator)
+    assert kubectl.json("get", "secret", "digits-peer-key", namespace=ns)["data"] == secret["data"]
+
+    # `mpnn render` of the same manifest: the policy and the Secret reference, never the Secret.
+    path = tmp_path / "digits.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([sys.executable, "-m", "partition_server.cli", "render", str(path), "--namespace", ns],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rendered = list(yaml.safe_load_all(r.stdout))
+    kinds = [o["kind"] for o in rendered]
+    assert "Secret" not in kinds and "kind: Secret" not in r.stdout
+    (rpolicy,) = [o for o in rendered if o["kind"] == "NetworkPolicy"]
+    assert rpolicy["metadata"]["name"] == "digits-peers" and rpolicy["spec"] == spec
+    (rsts,) = [o for o in rendered if o["kind"] == "StatefulSet"]
+    assert vol in rsts["spec"]["template"]["spec"]["volumes"]
+    rsvc = {o["metadata"]["name"]: o["spec"] for o in rendered if o["kind"] == "Service"}
+    assert [p["port"] for p in rsvc["digits"]["ports"]] == [peer]
+    assert sorted(p["port"] for p in rsvc["digits-inference"]["ports"]) == sorted([grpc, http])
 
 
 def test_delete_removes_every_child(kubectl, namespace, operator, wait_for):

@@ -39,6 +39,12 @@ SELECTOR = "app.kubernetes.io/managed-by=mpnn-operator,mpnn.dev/network=digits"
 RBAC_DENIAL = "cannot "
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Operator:
     """`python -m partition_server.cli operator` as a child process with the given kubeconfig:
     watching ``namespaces``, or cluster-wide without them."""
@@ -46,17 +52,16 @@ class Operator:
     def __init__(self, kubeconfig: str | Path, log_path: Path, namespaces: list[str] | None = None):
         self.kubeconfig, self.log_path, self.namespaces = str(kubeconfig), log_path, namespaces or []
         self.proc: subprocess.Popen | None = None
-        self.port = 0
+        self.port = self.metrics_port = 0
 
     def start(self) -> "Operator":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port, self.metrics_port = _free_port(), _free_port()
         path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
         env.update(KUBECONFIG=self.kubeconfig, PYTHONPATH=path)
+        # Its own free ports: the defaults (8080, 8081) may be held by anything else on the machine.
         cmd = [sys.executable, "-m", "partition_server.cli", "operator", "--liveness-port", str(self.port),
-               "--log-level", "info"]
+               "--metrics-port", str(self.metrics_port), "--log-level", "info"]
         for ns in self.namespaces:
             cmd += ["--namespace", ns]
         self._log = open(self.log_path, "a")

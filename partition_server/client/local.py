@@ -21,7 +21,7 @@ with the peer key ``mpnn run`` generates for the run (``api.peer_auth``).
 
 A server that crashes is started again on its ports, up to ``--max-restarts`` times in all
 (:meth:`LocalDeployment.restart_crashed`): during training the driver then brings every
-partition back to the last committed checkpoint and resumes (``driver.Recovery``); while
+partition back to the last committed checkpoint and resumes (``training_loop.Recovery``); while
 serving, the restarted server loads the current checkpoint.
 """
 
@@ -44,7 +44,8 @@ import numpy as np
 
 from partition_server.data.datasets import load_dataset
 from partition_server.api.distributor import Distribution, distribute
-from partition_server.client.driver import Driver, DriverError, Recovery, Rescale, train
+from partition_server.client.driver import Driver, DriverError
+from partition_server.client.training_loop import Recovery, Rescale, train
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import ManifestError, NeuralNetwork, load_manifest, network_document
 from partition_server.api.environment import PARENT_PID_ENV

@@ -56,7 +56,7 @@ from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import from_tensor, to_tensor
 from partition_server.engine import ExchangeError, Mailbox, MailboxFull, OptimizerConfig, WeightsChanged, is_phase
 from partition_server.serving import reasons
-from partition_server.serving.control import ControlHandlers
+from partition_server.serving.control import ControlHandlers, _parameters
 from partition_server.serving.inference import ModelInference
 from partition_server.serving.inference_grpc import InferenceServicer
 from partition_server.serving.limits import ServerLimits, default_workers, max_infer_calls, pass_slots

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-restarts", type=_restarts, default=3,
                    help="restart crashed partition servers this many times in all, then fail naming the "
                         "server (default: %(default)s); training resumes from the last committed checkpoint")
-    r.set_defaults(target="partition_server.client.local:main")
+    r.set_defaults(target="partition_server.client.local_run:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
                        description="Serve one partition to its peers (mpnn.v1.Partition on --peer-port, calls "

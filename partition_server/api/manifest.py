@@ -19,57 +19,16 @@ from typing import Any, Mapping
 
 import yaml
 
+from partition_server.api import specs
 from partition_server.api.distributor import Distribution, STRATEGIES
 from partition_server.api.specs import (  # the parsed model, re-exported
-    ACTIVATIONS,
-    API_VERSION,
-    DATASET_FORMATS,
-    DEFAULT_HTTP_PORT,
-    DEFAULT_IMAGE,
-    DEFAULT_PEER_PORT,
-    DEFAULT_PORT,
-    DEFAULT_TRAINER_SERVICE_ACCOUNT,
-    DatasetSpec,
-    KIND,
-    LayerSpec,
-    ManifestError,
-    ModelSpec,
-    NAMESPACE_RE,
-    NFSStorage,
-    NeuralNetwork,
-    OPTIMIZERS,
-    RESERVED_NAME_SUFFIX,
-    ServerSpec,
-    StorageSpec,
-    TrainingSpec,
-    _NAME_RE,
-    _SECRET_NAME_RE,
-    _SUBDOMAIN_RE,
-    _check_distribution,
-)
+    ACTIVATIONS, API_VERSION, DATASET_FORMATS, DEFAULT_HTTP_PORT, DEFAULT_IMAGE, DEFAULT_PEER_PORT,
+    DEFAULT_PORT, DEFAULT_TRAINER_SERVICE_ACCOUNT, DatasetSpec, KIND, LayerSpec, ManifestError, ModelSpec,
+    NAMESPACE_RE, NFSStorage, NeuralNetwork, OPTIMIZERS, RESERVED_NAME_SUFFIX, ServerSpec, StorageSpec,
+    TrainingSpec, _NAME_RE, _SECRET_NAME_RE, _SUBDOMAIN_RE, _check_distribution)
 
 __all__ = [
-    "ACTIVATIONS",
-    "API_VERSION",
-    "DATASET_FORMATS",
-    "DEFAULT_HTTP_PORT",
-    "DEFAULT_IMAGE",
-    "DEFAULT_PEER_PORT",
-    "DEFAULT_PORT",
-    "DEFAULT_TRAINER_SERVICE_ACCOUNT",
-    "DatasetSpec",
-    "KIND",
-    "LayerSpec",
-    "ManifestError",
-    "ModelSpec",
-    "NAMESPACE_RE",
-    "NFSStorage",
-    "NeuralNetwork",
-    "OPTIMIZERS",
-    "RESERVED_NAME_SUFFIX",
-    "ServerSpec",
-    "StorageSpec",
-    "TrainingSpec",
+    *specs.__all__,
     "load_manifest",
     "network_document",
     "parse_network_document",
@@ -78,6 +37,7 @@ __all__ = [
     "parse_training",
     "training_document",
 ]
+
 
 def load_manifest(path: str | Path) -> NeuralNetwork:
     """Read the NeuralNetwork document from a YAML file (other documents are skipped).

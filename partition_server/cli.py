@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-restarts", type=_restarts, default=3,
                    help="restart crashed partition servers this many times in all, then fail naming the "
                         "server (default: %(default)s); training resumes from the last committed checkpoint")
-    r.set_defaults(target="partition_server.client.local:main")
+    r.set_defaults(target="partition_server.client.local_run:main")
 
     s = sub.add_parser("serve", help="run one partition server (the container entrypoint)",
                        description="Serve one partition to its peers (mpnn.v1.Partition on --peer-port, calls "
@@ -145,14 +145,20 @@ def _peer_security(p: argparse.ArgumentParser) -> None:
                         "peers, TLS on the public ports (env MPNN_TLS_DIR; default: plaintext)")
 
 
-def _restarts(text: str) -> int:
+def _at_least_zero(text: str, what: str, subject: str = "") -> int:
+    """argparse type body: ``text`` as an int >= 0; ``what`` names it when it is not a number,
+    ``subject`` (with a trailing space) starts the message when it is negative."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"{subject}must be >= 0, got {value}")
     return value
+
+
+def _restarts(text: str) -> int:
+    return _at_least_zero(text, "whole number")
 
 
 def _port(text: str) -> int:
@@ -168,13 +174,7 @@ def _port(text: str) -> int:
 
 
 def _index(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a partition index: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"partition index must be >= 0, got {value}")
-    return value
+    return _at_least_zero(text, "partition index", "partition index ")
 
 
 def distribute(args: argparse.Namespace) -> int:

@@ -162,6 +162,13 @@ kube_ldflags() {
 
 want() { local b; for b in "$@"; do [[ " ${TODO[*]} " == *" $b "* ]] && return 0; done; return 1; }
 
+build_plain() { # <bin> <version>: `go build .` in $HERE/<bin>, stripped, then installed and stamped
+  local b=$1 start=$SECONDS
+  (cd "$HERE/$b" && "$GO" build -ldflags "-s -w" -o "$TMP/$b" .)
+  log "$b $2 built in $((SECONDS - start))s"
+  mv -f "$TMP/$b" "$DEST/$b"; stamp_for "$b" > "$DEST/.stamps/$b"
+}
+
 # k8s.io/kubernetes + kubectl: one `go build` shares the common packages.
 if want kube-apiserver kube-controller-manager kube-scheduler kubectl; then
   start=$SECONDS
@@ -176,12 +183,7 @@ if want kube-apiserver kube-controller-manager kube-scheduler kubectl; then
   done
 fi
 
-if want etcd; then
-  start=$SECONDS
-  (cd "$HERE/etcd" && "$GO" build -ldflags "-s -w" -o "$TMP/etcd" .)
-  log "etcd $ETCD_VERSION built in $((SECONDS - start))s"
-  mv -f "$TMP/etcd" "$DEST/etcd"; stamp_for etcd > "$DEST/.stamps/etcd"
-fi
+if want etcd; then build_plain etcd "$ETCD_VERSION"; fi
 
 if want kwok; then
   start=$SECONDS
@@ -202,12 +204,7 @@ if want kubelet kube-proxy; then
   done
 fi
 
-if want coredns; then
-  start=$SECONDS
-  (cd "$HERE/coredns" && "$GO" build -ldflags "-s -w" -o "$TMP/coredns" .)
-  log "coredns $COREDNS_VERSION built in $((SECONDS - start))s"
-  mv -f "$TMP/coredns" "$DEST/coredns"; stamp_for coredns > "$DEST/.stamps/coredns"
-fi
+if want coredns; then build_plain coredns "$COREDNS_VERSION"; fi
 
 if want pause; then
   (cd "$HERE/pause" && "$GO" build -ldflags "-s -w" -o "$TMP/pause" .)

@@ -25,7 +25,8 @@ import hashlib
 import json
 from typing import Any, Sequence
 
-from partition_server.api.distributor import Assignment, Range, shares
+from partition_server.api.coverage import shares
+from partition_server.api.distributor import Assignment, Range
 from partition_server.api.environment import PEER_KEY_FILE_ENV, PEER_KEY_ITEM
 from partition_server.api.lookup import LookupTable, service_addresses
 from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, TrainingSpec, network_document,

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from partition_server.api.distributor import (Assignment, DistributionError, Range, check_coverage, distribute,
-                                          normalize, parse_neuron_ids)
+from partition_server.api.coverage import check_coverage, normalize
+from partition_server.api.distributor import Assignment, DistributionError, Range, distribute, parse_neuron_ids
 from partition_server.api.manifest import NeuralNetwork
 
 __all__ = ["MANUAL", "STRATEGY", "Placement", "distribution_hash", "owners_from_partitions", "parse_ranges",

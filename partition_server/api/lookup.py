@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from partition_server.api.distributor import Assignment, Range, Runs, check_coverage, normalize, range_texts
+from partition_server.api.coverage import check_coverage, normalize, range_texts
+from partition_server.api.distributor import Assignment, Range, Runs
 from partition_server.api.errors import FieldError
 
 SCHEMA_V1 = "mpnn.dev/lookup/v1"

@@ -2,7 +2,7 @@
 
 The Job's pod mounts the same lookup ConfigMap and shared volume as the
 partition servers and runs the same driver as ``mpnn run``
-(:func:`partition_server.client.driver.train`). Progress goes into the
+(:func:`partition_server.client.training_loop.train`). Progress goes into the
 NeuralNetwork's ``status.training`` through :class:`TrainingReporter`, a merge
 patch of the status subresource. A failed run resumes from the last committed
 checkpoint when the Job retries, because the driver resumes any checkpoint of
@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping
 
 from partition_server import logs
 from partition_server.data.datasets import load_dataset
-from partition_server.client.driver import Driver, DriverError, Recovery, TrainingDiverged, train
+from partition_server.client.driver import Driver, DriverError, TrainingDiverged
+from partition_server.client.training_loop import Recovery, train
 from partition_server.api.errors import FieldError
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.api.lookup import LookupTable
@@ -101,7 +102,7 @@ class TrainingReporter:
         self.report(**fields)
 
     def recovery(self, event: Mapping[str, Any]) -> None:
-        """A ``driver.Recovery`` report: a partition failed (the message says what, and how long the
+        """A ``training_loop.Recovery`` report: a partition failed (the message says what, and how long the
         trainer waits), or training resumed (``restarts`` counts it, the message is cleared)."""
         if event["event"] == "unavailable":
             self.report(phase="Running", message=(

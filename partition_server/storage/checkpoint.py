@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from partition_server.api.distributor import Range, check_coverage
+from partition_server.api.coverage import check_coverage
+from partition_server.api.distributor import Range
 from partition_server.storage.schema import COMMIT_RECORD, CommitRecord, ShardInfo, TensorSpec
 from partition_server.storage.files import sha256_file
 from partition_server.storage.validation import (

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from partition_server.api.distributor import check_coverage
+from partition_server.api.coverage import check_coverage
 from partition_server.api.lookup import CONFIGMAP_LIMIT
 from tests.support.kube.operator import (  # noqa: F401 (crds, operator: fixtures)
     assert_partitions_match, condition, crds, digits, lookup, nn, operator, partitions, wait_ready,

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from partition_server.api.distributor import check_coverage
+from partition_server.api.coverage import check_coverage
 from tests.support.kube.operator import (  # noqa: F401 (crds, operator: fixtures)
     CHILD_KINDS, NFS, ROOT, SELECTOR, Operator, assert_partitions_match, condition, crds, digits, events, lookup,
     nn, operator, partitions, resource_versions, token_kubeconfig, wait_ready,

@@ -23,7 +23,6 @@ import gzip
 import json
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +37,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-import yaml
-from safetensors.numpy import save_file
 from tritonclient.utils import InferenceServerException
 
 from partition_server.api.distributor import Distribution, distribute
@@ -52,6 +49,7 @@ from partition_server.engine import init_params
 from partition_server.testing import ReferenceNetwork
 from partition_server.serving.retry import RetryPolicy
 from partition_server.serving.server import PartitionServer
+from tests.support.serve_run import served_by_mpnn_run, write_imported_network
 
 NAME = "tiny-infer"
 INPUTS = 12
@@ -74,6 +72,14 @@ def forward(params: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.nd
             e = np.exp(z - z.max(axis=1, keepdims=True))
             a = e / e.sum(axis=1, keepdims=True)
     return a
+
+
+def _start_and_join(threads: list[threading.Thread], timeout: float) -> None:
+    """Start every thread, then wait up to ``timeout`` seconds for each in turn."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 def read_endpoints(proc: subprocess.Popen, lines: queue.Queue, timeout: float) -> dict:
@@ -102,16 +108,7 @@ def served(tmp_path_factory):
     """``mpnn run --serve`` with imported weights; yields its endpoints and the expected outputs."""
     root = tmp_path_factory.mktemp("inference")
     rng = np.random.default_rng(42)
-    fan_in = [INPUTS] + [u for u, _ in LAYERS[:-1]]
-    params = [(rng.normal(0, 0.5, (u, n)).astype(np.float32), rng.normal(0, 0.1, u).astype(np.float32))
-              for (u, _), n in zip(LAYERS, fan_in)]
-    save_file({f"layers.{k}.{t}": a for k, p in enumerate(params) for t, a in zip(("weight", "bias"), p)},
-              str(root / "weights.safetensors"))
-    doc = {"apiVersion": "mpnn.dev/v1alpha1", "kind": "NeuralNetwork", "metadata": {"name": NAME},
-           "spec": {"model": {"inputs": INPUTS, "weights": "weights.safetensors",
-                              "layers": [{"units": u, "activation": a} for u, a in LAYERS]},
-                    "partitions": PARTITIONS, "distribution": {"strategy": "balanced"}}}
-    (root / "net.yaml").write_text(yaml.safe_dump(doc))
+    params = write_imported_network(root, rng, NAME, INPUTS, LAYERS, PARTITIONS)
     x = rng.uniform(0, 1, (5, INPUTS)).astype(np.float32)
     np.save(root / "x.npy", x)
     workdir = root / "work"
@@ -122,31 +119,8 @@ def served(tmp_path_factory):
     assert done.returncode == 0, done.stderr
     predicted = np.load(root / "y.npy")
 
-    proc = subprocess.Popen([*cli, "--serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=pump, name="serve-stdout", daemon=True)
-    reader.start()
-    try:
-        endpoints = read_endpoints(proc, lines, RUN_TIMEOUT)
+    with served_by_mpnn_run([*cli, "--serve"], read_endpoints, RUN_TIMEOUT, "mpnn run --serve") as endpoints:
         yield {**endpoints, "x": x, "predicted": predicted, "expected": forward(params, x), "workdir": workdir}
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: mpnn run stops every server
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        reader.join(10)
-        stderr = proc.stderr.read()
-        proc.stderr.close()
-        assert code == 130, f"mpnn run --serve exited {code} on Ctrl-C: {stderr}"
 
 
 @pytest.fixture
@@ -522,11 +496,7 @@ def test_grpc_calls_beyond_the_cap_are_unavailable_at_once(tmp_path, expected_in
             client.close()
 
     try:
-        threads = [threading.Thread(target=call) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        _start_and_join([threading.Thread(target=call) for _ in range(2)], 30)
     finally:
         hole.close()
         servers.stop()
@@ -556,11 +526,7 @@ def test_many_entry_points_and_clients_do_not_starve_the_exchanges(tmp_path, exp
             outcomes.append(infer_json(servers.rest(i % partitions), x))
 
     try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        _start_and_join([threading.Thread(target=client, args=(i,)) for i in range(clients)], 120)
     finally:
         servers.stop()
     assert len(outcomes) == clients * per_client

@@ -15,23 +15,16 @@ A CA (``tests.support.certs``, the ``cryptography`` package) signs one certifica
 
 from __future__ import annotations
 
-import queue
-import signal
 import ssl
-import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-import yaml
-from safetensors.numpy import save_file
 from tritonclient.utils import InferenceServerException
 
 from partition_server.api.distributor import Distribution
@@ -41,6 +34,7 @@ from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.engine import OptimizerConfig
 from tests.process.test_inference import INPUTS, LAYERS, PARTITIONS, RUN_TIMEOUT, TOL, forward, read_endpoints
 from tests.support.certs import CA
+from tests.support.serve_run import served_by_mpnn_run, write_imported_network
 from tests.support.dataplane import Cluster, batch, reference
 
 NAME = "tiny-tls"
@@ -107,44 +101,13 @@ def served(tmp_path_factory, ca):
     root = tmp_path_factory.mktemp("tls")
     tls_dir = ca.secret_dir(root / "tls")
     rng = np.random.default_rng(7)
-    fan_in = [INPUTS] + [u for u, _ in LAYERS[:-1]]
-    params = [(rng.normal(0, 0.5, (u, n)).astype(np.float32), rng.normal(0, 0.1, u).astype(np.float32))
-              for (u, _), n in zip(LAYERS, fan_in)]
-    save_file({f"layers.{k}.{t}": a for k, p in enumerate(params) for t, a in zip(("weight", "bias"), p)},
-              str(root / "weights.safetensors"))
-    doc = {"apiVersion": "mpnn.dev/v1alpha1", "kind": "NeuralNetwork", "metadata": {"name": NAME},
-           "spec": {"model": {"inputs": INPUTS, "weights": "weights.safetensors",
-                              "layers": [{"units": u, "activation": a} for u, a in LAYERS]},
-                    "partitions": PARTITIONS, "distribution": {"strategy": "balanced"}}}
-    (root / "net.yaml").write_text(yaml.safe_dump(doc))
+    params = write_imported_network(root, rng, NAME, INPUTS, LAYERS, PARTITIONS)
     x = rng.uniform(0, 1, (5, INPUTS)).astype(np.float32)
     workdir = root / "work"
-    proc = subprocess.Popen([sys.executable, "-m", "partition_server.cli", "run", str(root / "net.yaml"),
-                             "--workdir", str(workdir), "--tls-dir", str(tls_dir), "--serve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=pump, name="serve-stdout", daemon=True)
-    reader.start()
-    try:
-        endpoints = read_endpoints(proc, lines, RUN_TIMEOUT)
+    cmd = [sys.executable, "-m", "partition_server.cli", "run", str(root / "net.yaml"),
+           "--workdir", str(workdir), "--tls-dir", str(tls_dir), "--serve"]
+    with served_by_mpnn_run(cmd, read_endpoints, RUN_TIMEOUT, "mpnn run --serve --tls-dir") as endpoints:
         yield {**endpoints, "x": x, "expected": forward(params, x), "tls": tls_dir, "workdir": workdir}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        reader.join(10)
-        stderr = proc.stderr.read()
-        proc.stderr.close()
-        assert code == 130, f"mpnn run --serve --tls-dir exited {code} on Ctrl-C: {stderr}"
 
 
 def _http_infer(client: httpclient.InferenceServerClient, x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from partition_server.data.datasets import load_digits_dataset
-from partition_server.client.driver import Driver, DriverError, TrainingDiverged, optimizer_of, train
+from partition_server.client.driver import Driver, DriverError, TrainingDiverged
+from partition_server.client.training_loop import optimizer_of, train
 from partition_server.client.local import LocalDeployment
 from partition_server.api.manifest import parse_neural_network, training_document
 from partition_server.storage.store import ModelStore

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from partition_server.api import manifest
-from partition_server.api.distributor import STRATEGIES, Distribution, distribute, shares
+from partition_server.api.coverage import shares
+from partition_server.api.distributor import STRATEGIES, Distribution, distribute
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 

@@ -5,17 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from partition_server.api.coverage import check_coverage, normalize, range_texts, shares
 from partition_server.api.distributor import (
     Distribution,
     DistributionError,
     Range,
-    check_coverage,
     distribute,
-    normalize,
     parse_neuron_ids,
     percentages_to_counts,
-    range_texts,
-    shares,
     Runs,
 )
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from mpnn_operator import builders
 from mpnn_operator.conditions import Finding, network_status, set_condition
 from mpnn_operator.placement import MANUAL, STRATEGY, distribution_hash, owners_from_partitions, plan
-from partition_server.api.distributor import Distribution, distribute, normalize
+from partition_server.api.coverage import normalize
+from partition_server.api.distributor import Distribution, distribute
 from partition_server.api.manifest import load_manifest
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.yaml"

@@ -555,13 +555,18 @@ def test_a_claim_that_does_not_bind_is_reported(kube, reconciler, events):
     assert _condition(kube, "Degraded")["status"] == "False"
 
 
-def test_removing_storage_prunes_volume_and_claim(kube, reconciler):
+def _reconciled_then_without(kube, reconciler, key: str) -> None:
+    """Create and reconcile the digits network, then remove ``spec.<key>`` and reconcile again."""
     kube.create_network(_digits())
     reconciler.reconcile("ns", "digits")
     obj = kube.get("", "NeuralNetwork", name="digits", namespace="ns")
-    del obj["spec"]["storage"]
+    del obj["spec"][key]
     kube.objects[("NeuralNetwork", "ns", "digits")]["spec"] = obj["spec"]
     reconciler.reconcile("ns", "digits")
+
+
+def test_removing_storage_prunes_volume_and_claim(kube, reconciler):
+    _reconciled_then_without(kube, reconciler, "storage")
     assert not [k for k in kube.objects if k[0] in ("PersistentVolume", "PersistentVolumeClaim")]
     model = next(v for v in kube.objects[("StatefulSet", "ns", "digits")]["spec"]["template"]["spec"]["volumes"]
                  if v["name"] == "model")
@@ -750,12 +755,17 @@ def test_trainer_reports_are_kept(kube, reconciler):
     assert _training(kube)["epoch"] == 2 and _training(kube)["job"] == "digits-train-digits-1"
 
 
-def test_a_failed_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler, events):
+def _running_training_job(kube, reconciler, epoch: int) -> dict:
+    """Reconcile the digits network with training, report it Running at ``epoch``; returns its Job."""
     _trainer_account(kube)
     kube.create_network(_digits())
     reconciler.reconcile("ns", "digits")
-    _report(kube, {"training": {"phase": "Running", "epoch": 1}})
-    job = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    _report(kube, {"training": {"phase": "Running", "epoch": epoch}})
+    return kube.objects[("Job", "ns", "digits-train-digits-1")]
+
+
+def test_a_failed_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler, events):
+    job = _running_training_job(kube, reconciler, epoch=1)
     job["status"] = {"failed": 4, "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
          "message": "Job has reached the specified backoff limit", "lastTransitionTime": "2025-01-01T01:00:00Z"}]}
@@ -777,11 +787,7 @@ def test_a_failed_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconc
 
 
 def test_a_complete_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reconciler):
-    _trainer_account(kube)
-    kube.create_network(_digits())
-    reconciler.reconcile("ns", "digits")
-    _report(kube, {"training": {"phase": "Running", "epoch": 4}})
-    job = kube.objects[("Job", "ns", "digits-train-digits-1")]
+    job = _running_training_job(kube, reconciler, epoch=4)
     job["status"] = {"succeeded": 1, "conditions": [
         {"type": "Complete", "status": "True", "lastTransitionTime": "2025-01-01T02:00:00Z"}]}
     reconciler.refresh_training("ns", "digits")
@@ -801,12 +807,7 @@ def test_a_complete_job_is_mirrored_when_the_trainer_could_not_say_so(kube, reco
 
 def test_removing_training_stops_the_job(kube, reconciler):
     _trainer_account(kube)
-    kube.create_network(_digits())
-    reconciler.reconcile("ns", "digits")
-    obj = kube.get("", "NeuralNetwork", name="digits", namespace="ns")
-    del obj["spec"]["training"]
-    kube.objects[("NeuralNetwork", "ns", "digits")]["spec"] = obj["spec"]
-    reconciler.reconcile("ns", "digits")
+    _reconciled_then_without(kube, reconciler, "training")
     assert _jobs(kube) == []
     assert _training(kube)["run"] == "digits-1"  # the last run's record stays
 

@@ -16,7 +16,8 @@ from mpnn_operator import builders, naming
 from partition_server import cli
 from mpnn_operator.reconcile import Reconciler
 from mpnn_operator.render import render
-from partition_server.api.distributor import check_coverage, parse_neuron_ids, Range
+from partition_server.api.coverage import check_coverage
+from partition_server.api.distributor import parse_neuron_ids, Range
 from partition_server.api.lookup import LookupTable
 from partition_server.api.manifest import DEFAULT_IMAGE, LayerSpec, ManifestError, ModelSpec, load_manifest, parse_training
 from tests.support.fake_kube import FakeKube

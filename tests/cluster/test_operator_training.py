@@ -158,7 +158,8 @@ def test_job_pod_runs_the_driver_and_the_trainer_reports_as_its_service_account(
         {"claimName": "digits-model"}
     cm = kubectl.json("get", "configmap", "digits-lookup", namespace=ns)
     table = LookupTable.from_dict(json.loads(cm["data"]["lookup.json"]))
-    assert table.addresses == tuple(f"digits-{i}.digits.{ns}.svc.cluster.local:50051" for i in range(4))
+    # Lookup addresses name the peer port.
+    assert table.addresses == tuple(f"digits-{i}.digits.{ns}.svc.cluster.local:50052" for i in range(4))
     # The Job controller made the pod, as the trainer's ServiceAccount (it exists).
     (pod,) = wait_for(lambda: kubectl.json("get", "pods", "-l", "batch.kubernetes.io/job-name=digits-train-run-1",
                                            namespace=ns)["items"], timeout=90, message="the Job's pod")

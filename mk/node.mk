@@ -3,14 +3,15 @@
 #
 #   make image            build/reuse the mpnn image: an OCI archive under $(IMAGE_CACHE), keyed by
 #                         a content hash of its inputs (hack/image/build.sh; needs root, debootstrap)
-#   make node-packages    apt-get install containerd, runc, the CNI plugins, iptables, conntrack
+#   make node-packages    apt-get install containerd, runc, the CNI plugins, iptables, conntrack and
+#                         debootstrap (for the image's base)
 #                         (only those missing)
 #   make node-binaries    build/reuse kubelet, kube-proxy, CoreDNS and pause (hack/k8s/build.sh --node)
 #   make cluster NODE=real   the control plane plus a real node running the mpnn image
 
 IMAGE_CACHE ?= $(HOME)/.cache/mpnn/image
 NODE ?= kwok
-NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack debootstrap
 
 .PHONY: image node-packages node-binaries node-images e2e-prereqs
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -147,6 +147,18 @@ class PartitionEngine(Collectives):
         self.last_grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_deltas: dict[int, np.ndarray] = {}
         self.last_output_grads: dict[int, np.ndarray] = {}
+        # Called with ("forward" | "backward" | "update", seconds) after each phase, failed ones
+        # too; the server's metrics set it. None: nothing is timed.
+        self.phase_observer: Callable[[str, float], None] | None = None
+
+    def _timed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.phase_observer is None:
+            return fn(*args)
+        began = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.phase_observer(phase, time.perf_counter() - began)
 
     # ----------------------------------------------------------------- introspection
 
@@ -201,7 +213,7 @@ class PartitionEngine(Collectives):
         batch = validate_batch(self.inputs, self._plans[-1].units, x)
         deadline = time.monotonic() + timeout
         params = self.params_at(version, deadline)
-        return self._forward(pass_id, x, batch, params, transport, deadline)[2]
+        return self._timed("forward", self._forward, pass_id, x, batch, params, transport, deadline)[2]
 
     def params_at(self, version: int | None, deadline: float) -> Params:
         """The parameters of ``version`` (None: the latest); see :meth:`forward`.
@@ -251,7 +263,8 @@ class PartitionEngine(Collectives):
         try:
             deadline = time.monotonic() + timeout
             params = self._versions.params
-            full, local, outputs, logits = self._forward(pass_id, x, batch, params, transport, deadline)
+            full, local, outputs, logits = self._timed("forward", self._forward, pass_id, x, batch, params,
+                                                       transport, deadline)
             loss = correct = None
             if outputs is not None:
                 loss, top = self._loss_and_top_grad(logits, outputs, y, batch)
@@ -259,11 +272,11 @@ class PartitionEngine(Collectives):
                 deltas = {len(self._plans) - 1: top}
             else:
                 deltas = {}
-            grads, out_grads = self._backward(pass_id, x, batch, params, full, local, deltas,
-                                              transport, deadline)
+            grads, out_grads = self._timed("backward", self._backward, pass_id, x, batch, params, full, local,
+                                           deltas, transport, deadline)
             self.last_grads, self.last_deltas, self.last_output_grads = grads, deltas, out_grads
             if apply:
-                self._apply(grads)
+                self._timed("update", self._apply, grads)
             return StepResult(loss, outputs, correct)
         finally:
             self._train_lock.release()

@@ -26,8 +26,6 @@ name                                           type       labels / meaning
 
 from __future__ import annotations
 
-import functools
-import time
 from typing import Any, Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
@@ -39,9 +37,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Engine phases run from well under a millisecond (a small layer) to seconds (a large batch).
 _PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# The engine's methods timed by instrument_engine, by phase (private names: engine changes show up in
-# tests/process/test_metrics.py, whose histograms would stay empty).
-_ENGINE_PHASES = {"forward": "_forward", "backward": "_backward", "update": "_apply"}
 
 
 class ServerMetrics:
@@ -99,24 +94,8 @@ class ServerMetrics:
 
     def instrument_engine(self, engine: Any) -> None:
         """Time ``engine``'s forward, backward and update phases into ``mpnn_pass_phase_seconds``
-        (wraps its methods on the instance; the engine itself knows nothing of metrics)."""
-        for phase, attr in _ENGINE_PHASES.items():
-            method = getattr(engine, attr, None)
-            if method is not None and not getattr(method, "_mpnn_timed", False):
-                setattr(engine, attr, self._timed(method, self.phase_seconds.labels(phase)))
-
-    @staticmethod
-    def _timed(fn: Callable, histogram: Any) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            began = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                histogram.observe(time.perf_counter() - began)
-
-        timed._mpnn_timed = True  # type: ignore[attr-defined]
-        return timed
+        (through its ``phase_observer``; the engine itself knows nothing of metrics)."""
+        engine.phase_observer = lambda phase, seconds: self.phase_seconds.labels(phase).observe(seconds)
 
     def exposition(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``) of every metric, now."""

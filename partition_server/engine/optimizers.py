@@ -2,8 +2,9 @@
 
 Optimizer state lives with the rows it updates (``DESIGN.md``, "Execution engine"): each owned
 layer keeps its buffers, named ``{weight|bias}.{buffer}`` as :meth:`OptimizerConfig.buffer_names`
-lists them, next to its parameters. An update never modifies an array in place: it returns
-new, read-only arrays, so snapshots taken earlier stay valid.
+lists them, next to its parameters. An update never modifies a parameter: it returns new,
+read-only arrays, so the versions inference reads stay valid. The buffers are the training
+step's alone and are updated in place; a checkpoint copies them (``Engine.state_snapshot``).
 """
 
 from __future__ import annotations
@@ -77,23 +78,40 @@ def _effective_grad(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, out: np.
     return out
 
 
+def _in_place(state: dict[str, np.ndarray], key: str) -> np.ndarray | None:
+    """``state[key]`` when it can be updated in place (present and writeable), else None.
+
+    A buffer loaded from a checkpoint may be a read-only view of the file's bytes: the first step
+    after the load replaces it with a new array, every later step updates that one."""
+    buf = state.get(key)
+    return buf if buf is not None and buf.flags.writeable else None
+
+
+def _decayed(state: dict[str, np.ndarray], key: str, rate: np.float32, like: np.ndarray) -> np.ndarray:
+    """``state[key] *= rate`` in place, or a new array ``rate * state[key]`` (zeros when missing)
+    stored in ``state`` when the buffer cannot be written."""
+    buf = _in_place(state, key)
+    if buf is not None:
+        buf *= rate
+        return buf
+    old = state.get(key)
+    buf = np.multiply(old, rate) if old is not None else np.zeros_like(like, dtype=F32)
+    state[key] = buf
+    return buf
+
+
 def _sgd(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray],
          name: str, t: int) -> np.ndarray:
-    # New arrays: the parameter and, with momentum, the velocity; everything else is computed
-    # in place in those two (``-lr*v + p`` rounds exactly as ``p - lr*v``).
+    # New arrays: the parameter only; the velocity is updated in place (``-lr*v + p`` rounds
+    # exactly as ``p - lr*v``).
     new_p = np.empty_like(p, dtype=F32)
     g = _effective_grad(cfg, p, g, new_p)
     if cfg.momentum == 0:
         np.multiply(g, -F32(cfg.learning_rate), out=new_p)
         new_p += p
         return new_p
-    key = f"{name}.momentum"
-    if key in state:
-        v = np.multiply(state[key], F32(cfg.momentum))
-        v += g
-    else:
-        v = np.array(g, dtype=F32, copy=True)
-    state[key] = v
+    v = _decayed(state, f"{name}.momentum", F32(cfg.momentum), p)
+    v += g
     np.multiply(v, -F32(cfg.learning_rate), out=new_p)
     new_p += p
     return new_p
@@ -101,24 +119,20 @@ def _sgd(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, state: dict[str, np
 
 def _adam(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray],
           name: str, t: int) -> np.ndarray:
-    # New arrays: m, v and the parameter, nothing else (the parameter's buffer is the scratch
-    # space until it receives the result); none of the inputs is modified.
-    mk, vk = f"{name}.adam_m", f"{name}.adam_v"
+    # New arrays: the parameter, plus one scratch array when weight decay puts the effective
+    # gradient into the parameter's buffer; m and v are updated in place.
     b1, b2 = F32(cfg.beta1), F32(cfg.beta2)
     new_p = np.empty_like(p, dtype=F32)
     g = _effective_grad(cfg, p, g, new_p)  # lives in new_p with weight decay
-    m = np.multiply(g, F32(1) - b1)
-    v = np.empty_like(m)
-    if mk in state:
-        np.multiply(state[mk], b1, out=v)
-        m += v
-    np.multiply(g, g, out=v)
-    v *= F32(1) - b2
-    if vk in state:
-        np.multiply(state[vk], b2, out=new_p)  # g is no longer needed
-        v += new_p
-    state[mk], state[vk] = m, v
-    # p - lr * (m / bc1) / (sqrt(v / bc2) + eps)
+    scratch = np.empty_like(new_p) if g is new_p else new_p
+    m = _decayed(state, f"{name}.adam_m", b1, p)
+    v = _decayed(state, f"{name}.adam_v", b2, p)
+    np.multiply(g, F32(1) - b1, out=scratch)
+    m += scratch
+    np.multiply(g, g, out=scratch)
+    scratch *= F32(1) - b2
+    v += scratch
+    # p - lr * (m / bc1) / (sqrt(v / bc2) + eps); g is no longer needed
     np.divide(v, F32(1 - cfg.beta2 ** t), out=new_p)
     np.sqrt(new_p, out=new_p)
     new_p += F32(cfg.eps)
@@ -139,16 +153,17 @@ def update(cfg: OptimizerConfig, param: np.ndarray, grad: np.ndarray, state: dic
         cfg: the optimizer.
         param: the parameter, float32, any shape (``[n_local, in_k]`` or ``[n_local]``).
         grad: its gradient, float32, same shape.
-        state: the layer's buffers; the entries ``{name}.{buffer}`` are replaced by new arrays
-            (a missing buffer counts as zeros).
+        state: the layer's buffers ``{name}.{buffer}``, float32, shaped as ``param``; updated in
+            place (a missing or read-only buffer is replaced by a new array; missing counts as zeros).
         name: ``"weight"`` or ``"bias"``, the buffers' prefix.
         t: the step number, ``>= 1`` (Adam's bias correction).
 
     Returns:
         the updated parameter, a new float32 array of the same shape.
 
-    Memory: the only full-size arrays allocated are the results, the new parameter and its new
-    buffers (SGD: 1, SGD with momentum: 2, Adam: 3); no temporaries. Nothing given is modified.
+    Memory: full-size arrays allocated per step: the new parameter, plus for Adam with weight decay
+    one scratch array: at most 2. A buffer created or replaced adds one that step.
+    ``param`` and ``grad`` are not modified: versioned inference reads old parameters.
     """
     return _RULES[cfg.name](cfg, param, grad, state, name, t)
 
@@ -156,7 +171,8 @@ def update(cfg: OptimizerConfig, param: np.ndarray, grad: np.ndarray, state: dic
 def apply_gradients(cfg: OptimizerConfig, grads: Mapping[int, tuple[np.ndarray, np.ndarray]], *,
                     params: Params, opt_state: Mapping[int, Mapping[str, np.ndarray]],
                     t: int) -> tuple[Params, dict[int, dict[str, np.ndarray]]]:
-    """One optimizer step of every layer in ``grads``; the inputs are not modified.
+    """One optimizer step of every layer in ``grads``; parameters are not modified, buffers are
+    updated in place (the caller serializes this with readers of ``opt_state``).
 
     Args:
         cfg: the optimizer.
@@ -166,7 +182,7 @@ def apply_gradients(cfg: OptimizerConfig, grads: Mapping[int, tuple[np.ndarray, 
         t: the step number this update makes, ``>= 1``.
 
     Returns:
-        ``(params, opt_state)`` after the step: new dicts, read-only arrays; layers without a
+        ``(params, opt_state)`` after the step: new dicts; new, read-only parameters; layers without a
         gradient keep their arrays.
     """
     new_params = dict(params)
@@ -176,8 +192,6 @@ def apply_gradients(cfg: OptimizerConfig, grads: Mapping[int, tuple[np.ndarray, 
         state = dict(opt_state[k])
         w2 = update(cfg, w, dw, state, name="weight", t=t)
         b2 = update(cfg, b, db, state, name="bias", t=t)
-        for arr in state.values():
-            arr.flags.writeable = False
         new_params[k] = (frozen(w2), frozen(b2))
         new_state[k] = state
     return new_params, new_state

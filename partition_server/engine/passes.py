@@ -102,8 +102,9 @@ class PartitionEngine(Collectives):
 
     Thread safety: ``forward`` may run concurrently with anything (it reads a consistent
     snapshot of the parameters); ``train_step`` and ``load_state`` are exclusive and raise
-    ``RuntimeError`` if another one is running. Parameters and optimizer buffers are
-    replaced, never modified in place, so arrays returned by ``state_tensors`` stay valid.
+    ``RuntimeError`` if another one is running. Parameters are replaced, never modified in
+    place; optimizer buffers are updated in place by ``train_step``, and ``state_tensors`` copies
+    them between steps (waiting for a running step to end), so the arrays it returns stay valid.
 
     Versions: the parameters after ``n`` optimizer updates are version ``n``
     (``optimizer_step``). Every partition counts every training step, including steps where
@@ -409,15 +410,17 @@ class PartitionEngine(Collectives):
 
     def state_snapshot(self) -> tuple[dict[int, dict[str, np.ndarray]], int]:
         """``(state_tensors(), optimizer_step)`` taken together, consistent with each other."""
-        params, opt_state, step = self._versions.snapshot()
-        out: dict[int, dict[str, np.ndarray]] = {}
-        for k, (w, b) in params.items():
-            tensors = {"weight": w, "bias": b}
-            for suffix in self.optimizer.buffer_names():
-                for name, ref in (("weight", w), ("bias", b)):
-                    key = f"{name}.{suffix}"
-                    tensors[key] = opt_state[k].get(key, frozen(np.zeros_like(ref)))
-            out[k] = tensors
+        # The training step updates the optimizer buffers in place: copy them between steps.
+        with self._train_lock:
+            params, opt_state, step = self._versions.snapshot()
+            out: dict[int, dict[str, np.ndarray]] = {}
+            for k, (w, b) in params.items():
+                tensors = {"weight": w, "bias": b}
+                for suffix in self.optimizer.buffer_names():
+                    for name, ref in (("weight", w), ("bias", b)):
+                        buf = opt_state[k].get(f"{name}.{suffix}")
+                        tensors[f"{name}.{suffix}"] = frozen(np.zeros_like(ref) if buf is None else buf.copy())
+                out[k] = tensors
         return out, step
 
     def load_state(self, tensors: Mapping[int, Mapping[str, np.ndarray]], optimizer_step: int = 0, *,

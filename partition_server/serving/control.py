@@ -104,7 +104,7 @@ class ControlHandlers:
 
 def _parameters(loaded: Loaded) -> int:
     """Weights plus biases of the rows ``loaded`` holds."""
-    return sum(t["weight"].size + t["bias"].size for t in loaded.engine.state_tensors().values())
+    return sum(w.size + b.size for w, b in loaded.engine.params_at(None, 0.0).values())
 
 
 def _optimizer_fields(msg: pb.OptimizerConfig) -> dict[str, Any]:

@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--recovery-timeout", type=float, default=300.0,
                    help="seconds to wait for a failed partition to come back before the attempt fails "
                         "(then the Job retries); 0: fail at once")
+    t.add_argument("--rescale-poll", type=float, default=1.0,
+                   help="with --report: how often, at most, to read status.training.rescale at a step boundary "
+                        "for the operator's checkpoint request before a rescale, seconds (default: %(default)s)")
     t.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     t.set_defaults(target="partition_server.client.trainer:main")
 
@@ -118,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve /healthz on this port (default: %(default)s)")
     o.add_argument("--metrics-port", type=_port, default=os.environ.get("MPNN_METRICS_PORT", "8081"),
                    help="serve Prometheus /metrics on this port; 0: none (default: %(default)s)")
+    o.add_argument("--rescale-timeout", type=float, default=float(os.environ.get("MPNN_RESCALE_TIMEOUT", "120")),
+                   help="seconds a new lookup table waits for the checkpoint of a Running training run before "
+                        "it is published anyway (env MPNN_RESCALE_TIMEOUT; default: %(default)s)")
     o.add_argument("--log-level", default=os.environ.get("MPNN_LOG_LEVEL", "info"))
     o.set_defaults(target="mpnn_operator.main:main")
 

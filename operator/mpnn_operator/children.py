@@ -52,9 +52,11 @@ class ChildrenSync:
     """Applying a NeuralNetwork's children, mixed into :class:`~mpnn_operator.reconcile.Reconciler`."""
 
     def _apply_children(self, owner: Mapping[str, Any], net: NeuralNetwork, placement: Placement,
-                        partitions: list[dict[str, Any]]) -> tuple[LookupTable | None, str | None]:
+                        partitions: list[dict[str, Any]], table: LookupTable | None = None
+                        ) -> tuple[LookupTable | None, str | None]:
         """Apply what the placement allows; returns the lookup table in force afterwards, and
-        what is wrong with the NFS claim (None if it is bound, or still new).
+        what is wrong with the NFS claim (None if it is bound, or still new). ``table``: the
+        placement's lookup table when the caller built it already.
 
         Everything is built and checked before the first write. The lookup ConfigMap is
         written before the Partitions: if it is refused no Partition has changed, and the
@@ -69,7 +71,8 @@ class ChildrenSync:
         wanted = builders.partitions(net, placement.assignment) if placement.redistribute else []
         configmap = None
         if placement.assignment is not None:
-            table = builders.lookup_table(net, placement.assignment, self.cluster_domain)
+            if table is None:
+                table = builders.lookup_table(net, placement.assignment, self.cluster_domain)
             configmap = builders.lookup_configmap(net, table)
             self._check_size(net, configmap)
         claim = self._check_names(owner, net, self.volumes.claims(net), wanted)

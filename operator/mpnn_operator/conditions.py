@@ -94,7 +94,7 @@ def rollout(statefulset: Mapping[str, Any] | None, desired: int | None) -> tuple
 
 def network_status(status: Mapping[str, Any] | None, *, statefulset: Mapping[str, Any] | None,
                    desired: int | None, finding: Finding | None, generation: int | None,
-                   timestamp: str | None = None) -> dict[str, Any]:
+                   timestamp: str | None = None, waiting: tuple[str, str] | None = None) -> dict[str, Any]:
     """``conditions``, ``phase`` and ``readyPartitions`` for a NeuralNetwork.
 
     Args:
@@ -103,6 +103,9 @@ def network_status(status: Mapping[str, Any] | None, *, statefulset: Mapping[str
         desired: partitions in the lookup table in force, None before the first one.
         finding: the reconcile's verdict; None keeps the current Degraded condition.
         generation: the ``metadata.generation`` these conditions describe.
+        waiting: ``(reason, message)`` while a change of the spec waits for something other than the
+            servers (a new lookup table for the trainer's checkpoint, :mod:`mpnn_operator.rescale`):
+            Progressing is True with it, and the phase is Progressing unless Degraded.
     """
     timestamp = timestamp or now()
     conditions = list((status or {}).get("conditions") or [])
@@ -113,14 +116,17 @@ def network_status(status: Mapping[str, Any] | None, *, statefulset: Mapping[str
     conditions = set_condition(conditions, READY, status=done, reason=reason, message=message, generation=generation,
                                timestamp=timestamp)
     progressing = not done and statefulset is not None
-    conditions = set_condition(conditions, PROGRESSING, status=progressing, reason="Complete" if done else reason,
-                               message=message, generation=generation, timestamp=timestamp)
+    progress_reason, progress_message = ("Complete" if done else reason), message
+    if waiting is not None:
+        progressing, (progress_reason, progress_message) = True, waiting
+    conditions = set_condition(conditions, PROGRESSING, status=progressing, reason=progress_reason,
+                               message=progress_message, generation=generation, timestamp=timestamp)
     conditions.sort(key=lambda c: (READY, PROGRESSING, DEGRADED).index(c["type"])
                     if c.get("type") in (READY, PROGRESSING, DEGRADED) else 3)
     degraded = get_condition({"conditions": conditions}, DEGRADED)
     if degraded is not None and degraded.get("status") == "True":
         phase = "Degraded"
-    elif done:
+    elif done and waiting is None:
         phase = "Ready"
     else:
         phase = "Progressing"

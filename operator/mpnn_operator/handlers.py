@@ -14,7 +14,7 @@ from typing import Any, Callable
 import kopf
 from kubernetes.dynamic.exceptions import DynamicApiError
 
-from . import naming
+from . import naming, rescale
 from .retry import RESYNC_SECONDS, RETRY_SECONDS, Later, RetryLater, backoff
 
 __all__ = ["RESYNC_SECONDS", "RETRY_SECONDS", "registry", "retry_delay", "run", "run_for_event", "transient"]
@@ -113,6 +113,20 @@ def resync_network(name: str, namespace: str, memo: kopf.Memo, retry: int = 0, *
 @kopf.on.delete(**NETWORKS, registry=registry)
 def delete_network(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.cleanup(dict(body))
+
+
+@kopf.on.event(**NETWORKS, registry=registry)
+def network_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A status write of the trainer that answers a rescale request (its checkpoint, or its run's
+    end): reconcile now, to publish the lookup table that waited for it (:mod:`mpnn_operator.rescale`).
+    Spec changes reach :func:`reconcile_network`; every other event is ignored here."""
+    if event.get("type") == "DELETED":
+        return
+    if rescale.answered((body.get("status") or {}).get("training")):
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace"), meta.get("name")
+        run_for_event(lambda: memo.reconciler.reconcile(namespace, name), memo=memo, namespace=namespace,
+                      network=name)
 
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PARTITIONS, labels=OURS, registry=registry)

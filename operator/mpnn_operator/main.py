@@ -20,6 +20,7 @@ from partition_server.api.errors import FieldError
 from . import handlers, naming
 from .kube import Kube
 from .reconcile import Reconciler
+from .rescale import DEFAULT_TIMEOUT
 from .render import server_resources_flag
 from .retry import Later
 
@@ -63,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     kopf.configure(debug=level == "debug", log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(level.upper())
     reconciler = Reconciler(Kube(), args.cluster_domain, emit=_emit, adopt=_adopt, server_image=args.server_image,
-                            server_resources=server_resources_flag(args.server_resources))
+                            server_resources=server_resources_flag(args.server_resources),
+                            rescale_timeout=getattr(args, "rescale_timeout", DEFAULT_TIMEOUT))
     later = Later()  # reconciles that watch events deferred (handlers.run_for_event)
     if getattr(args, "metrics_port", 0):
         start_http_server(args.metrics_port, registry=reconciler.metrics.registry)

@@ -10,6 +10,7 @@ run again (the model volume's part is :mod:`mpnn_operator.volumes`).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections import defaultdict
@@ -20,7 +21,7 @@ from kubernetes.dynamic.exceptions import DynamicApiError
 from partition_server.api.lookup import CONFIGMAP_LIMIT, LookupTable, LookupTableError
 from partition_server.api.manifest import DEFAULT_IMAGE, KIND, ManifestError, NeuralNetwork, parse_neural_network
 
-from . import builders, naming
+from . import builders, naming, rescale
 from .children import PARTITION_KIND, ChildrenSync, _Refused, controlled_by
 from .conditions import HEALTHY, Finding, network_status
 from .kube import Kube
@@ -51,6 +52,12 @@ def _degraded_by(status: Mapping[str, Any], reason: str) -> bool:
                for c in status.get("conditions") or [])
 
 
+def _waiting(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Progressing's ``(reason, message)`` while a new lookup table waits for the trainer."""
+    message = rescale.waiting_message(status.get("training"))
+    return (rescale.WAITING, message) if message is not None else None
+
+
 def manifest_view(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a NeuralNetwork object that :func:`parse_neural_network` reads."""
     meta = body.get("metadata") or {}
@@ -71,16 +78,20 @@ class Reconciler(ChildrenSync):
             sets no ``spec.server.image`` (``mpnn operator --server-image``).
         server_resources: container resources of partition servers whose NeuralNetwork sets no
             ``spec.server.resources`` (``mpnn operator --server-resources``).
+        rescale_timeout: seconds a new lookup table waits for the trainer's checkpoint during a run
+            before it is published anyway (``mpnn operator --rescale-timeout``; :mod:`mpnn_operator.rescale`).
     """
 
     def __init__(self, kube: Kube, cluster_domain: str, *, emit: Emit, adopt: Adopt,
-                 server_image: str = DEFAULT_IMAGE, server_resources: Mapping[str, Any] | None = None):
+                 server_image: str = DEFAULT_IMAGE, server_resources: Mapping[str, Any] | None = None,
+                 rescale_timeout: float = rescale.DEFAULT_TIMEOUT):
         self.kube = kube
         self.cluster_domain = cluster_domain
         self.emit = emit
         self.adopt = adopt
         self.server_image = server_image
         self.server_resources = dict(server_resources or {})
+        self.rescale_timeout = rescale_timeout
         self.training = Training(kube, emit=emit, adopt=adopt, server_image=server_image)
         self.volumes = Volumes(kube, emit=emit, adopt=adopt)
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -123,7 +134,7 @@ class Reconciler(ChildrenSync):
             if finding is not None and finding.degraded and not _degraded_by(status, UNAVAILABLE):
                 self.emit(body, "Warning", finding.reason, finding.message)
             new = network_status(status, statefulset=sts, desired=status.get("partitions"), finding=finding,
-                                 generation=status.get("observedGeneration"))
+                                 generation=status.get("observedGeneration"), waiting=_waiting(status))
             self._write_status(body, new)
             try:
                 net = parse_neural_network(manifest_view(body))
@@ -202,8 +213,13 @@ class Reconciler(ChildrenSync):
             return
         partitions = self._partitions(namespace, name)
         placement = plan(net, partitions, status.get("distributionHash"))
+        desired = (builders.lookup_table(net, placement.assignment, self.cluster_domain)
+                   if placement.assignment is not None else None)
+        decision = self._rescale_decision(body, net, desired)
+        if decision.hold:
+            self._hold(body, net, decision)
         try:
-            table, claim_problem = self._apply_children(body, net, placement, partitions)
+            table, claim_problem = self._apply_children(body, net, placement, partitions, desired)
         except _Refused as refused:  # nothing was written; the running deployment is left as it is
             self._finish(body, refused.finding, {})
             if refused.retry:
@@ -230,6 +246,8 @@ class Reconciler(ChildrenSync):
         if placement.assignment is not None:
             extra.update(placement=placement.source, distributionHash=placement.distribution_hash)
         self._announce(body, net, placement, table)
+        if decision.after is not None:
+            self._patch_rescale(body, decision.after)
         try:
             self.training.sync(body, net)
             # The run's state may have changed (started, over): the budget follows in the same pass.
@@ -239,6 +257,44 @@ class Reconciler(ChildrenSync):
                                                            f"{exc.summary()}"), extra)
             raise
         self._finish(body, finding, extra)
+
+    def _rescale_decision(self, body: Mapping[str, Any], net: NeuralNetwork,
+                          desired: LookupTable | None) -> rescale.Decision:
+        """May ``desired`` be published now, or must it wait for the trainer's checkpoint? Writes the
+        request (``status.training.rescale``) and posts the event the decision asks for."""
+        status = body.get("status") or {}
+        in_force = self._lookup_in_force(net.namespace, net.name)
+        decision = rescale.decide(status.get("training"), net.training.run_id if net.training else None,
+                                  desired=desired.version if desired is not None else None,
+                                  in_force=in_force.version if in_force is not None else None,
+                                  partitions=desired.num_partitions if desired is not None else None,
+                                  now=dt.datetime.now(dt.timezone.utc), timeout=self.rescale_timeout)
+        if decision.before is not None:
+            self._patch_rescale(body, decision.before)
+        if decision.event is not None:
+            self.emit(body, *decision.event)
+        return decision
+
+    def _patch_rescale(self, body: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        self.kube.patch_status(naming.API_VERSION, NN_KIND, name=meta["name"], namespace=meta["namespace"],
+                               status={"training": {"rescale": dict(fields)}})
+
+    def _hold(self, body: Mapping[str, Any], net: NeuralNetwork, decision: rescale.Decision) -> None:
+        """Keep the lookup table in force, the Partitions and the StatefulSet as they are while the
+        trainer checkpoints; the training Job is still watched. Raises RetryLater, to reconcile again
+        at the wait's deadline (the trainer's answer, or the end of its run, comes sooner as an
+        event of the NeuralNetwork: :func:`mpnn_operator.handlers.network_event`)."""
+        meta = body["metadata"]
+        self.training.sync(body, net)
+        body = self._network(meta["namespace"], meta["name"]) or body  # with the request just written
+        self._apply_budget(body, net)
+        status = body.get("status") or {}
+        finding = self._availability(body, status.get("partitions"))
+        finding = finding if finding is not None and finding.degraded else HEALTHY
+        self._finish(body, finding, {"selector": naming.selector_string(meta["name"])}, waiting=_waiting(status))
+        raise RetryLater(rescale.waiting_message(status.get("training")) or "waiting for the trainer's checkpoint",
+                         delay=decision.retry_in)
 
     def _check_size(self, net: NeuralNetwork, configmap: Mapping[str, Any]) -> None:
         """Refuse a lookup ConfigMap the API server would refuse (over 1 MiB of data): the last
@@ -323,8 +379,10 @@ class Reconciler(ChildrenSync):
             self.emit(body, "Normal", "Repartitioned",
                       f"the Partitions edited by hand own every neuron exactly once; lookup {short}")
 
-    def _finish(self, body: Mapping[str, Any], finding: Finding, extra: Mapping[str, Any]) -> None:
-        """Write status: conditions for ``finding`` plus ``extra`` fields; warn on a new problem."""
+    def _finish(self, body: Mapping[str, Any], finding: Finding, extra: Mapping[str, Any],
+                waiting: tuple[str, str] | None = None) -> None:
+        """Write status: conditions for ``finding`` plus ``extra`` fields; warn on a new problem.
+        ``waiting``: Progressing's reason and message while a new table waits (see :meth:`_hold`)."""
         meta, status = body["metadata"], body.get("status") or {}
         previous = next((c for c in status.get("conditions") or [] if c.get("type") == "Degraded"), None)
         if finding.degraded and (previous is None or previous.get("message") != finding.message):
@@ -333,7 +391,7 @@ class Reconciler(ChildrenSync):
         desired = extra.get("partitions", status.get("partitions"))
         new = {"observedGeneration": meta["generation"], **extra,
                **network_status(status, statefulset=sts, desired=desired, finding=finding,
-                                generation=meta["generation"])}
+                                generation=meta["generation"], waiting=waiting)}
         self._write_status(body, new)
 
     def _availability(self, body: Mapping[str, Any], partitions: int | None) -> Finding | None:

@@ -33,7 +33,7 @@ PENDING, BLOCKED, RUNNING, SUCCEEDED, FAILED, STOPPED = ("Pending", "Blocked", "
 UNFINISHED = (PENDING, BLOCKED, RUNNING)
 # Every key of status.training but ``run``: cleared when a new run begins.
 RUN_FIELDS = ("job", "phase", "epoch", "step", "loss", "accuracy", "checkpoint", "restarts", "startTime",
-              "completionTime", "message")
+              "completionTime", "message", "rescale")
 NO_STORAGE = ("spec.training needs spec.storage: the trainer and the partition servers share the model and "
               "its checkpoints on that volume (spec.storage is immutable: create the NeuralNetwork again with "
               "storage to train it)")

@@ -7,6 +7,10 @@ NeuralNetwork's ``status.training`` through :class:`TrainingReporter`, a merge
 patch of the status subresource. A failed run resumes from the last committed
 checkpoint when the Job retries, because the driver resumes any checkpoint of
 the same ``runId``.
+
+A rescale during the run (``kubectl scale``, a strategy change) waits for the trainer's
+checkpoint: :class:`RescaleHandshake` is the trainer's side of ``status.training.rescale``
+(the protocol is documented in ``mpnn_operator.rescale`` and docs/training.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import math
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,14 +27,15 @@ from typing import Any, Callable, Mapping
 from partition_server import logs
 from partition_server.data.datasets import load_dataset
 from partition_server.client.driver import Driver, DriverError, TrainingDiverged
-from partition_server.client.training_loop import Recovery, train
+from partition_server.client.training_loop import Recovery, Rescale, train
 from partition_server.api.errors import FieldError
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
-from partition_server.api.lookup import LookupTable
+from partition_server.api import rescale as phases
+from partition_server.api.lookup import LookupTable, LookupTableError
 from partition_server.api.manifest import API_VERSION, KIND, parse_network_document, parse_training
 from partition_server.storage.store import ModelStore
 
-__all__ = ["TrainingReporter", "main"]
+__all__ = ["RescaleHandshake", "TrainingReporter", "main"]
 
 
 log = logging.getLogger("mpnn.trainer")
@@ -57,13 +63,21 @@ class TrainingReporter:
     and Stopped, and the outcome of a Job the trainer could not report; see
     :mod:`mpnn_operator.training`).
 
+    It also carries the trainer's side of a rescale during the run (``status.training.rescale``,
+    see :class:`RescaleHandshake`): :meth:`rescale_request` reads it, :meth:`rescale_checkpointed`
+    and :meth:`rescale_completed` answer.
+
     Args:
         patch_status: ``(status: dict) -> None``, e.g. a merge patch of the status subresource.
         run: the run id (``spec.training.runId``).
+        read_status: ``() -> dict | None``, the NeuralNetwork's ``status`` (a GET of the status
+            subresource); None: no rescale is ever seen (``mpnn train`` without ``--report``).
     """
 
-    def __init__(self, patch_status: Callable[[Mapping[str, Any]], Any], run: str):
+    def __init__(self, patch_status: Callable[[Mapping[str, Any]], Any], run: str,
+                 read_status: Callable[[], Mapping[str, Any] | None] | None = None):
         self._patch = patch_status
+        self._read = read_status
         self.run = run
 
     @classmethod
@@ -85,7 +99,14 @@ class TrainingReporter:
             except NotFoundError:  # the network is gone: nothing to report to
                 pass
 
-        return cls(patch, run)
+        def read() -> Mapping[str, Any] | None:
+            # GET of the status subresource: the trainer's role may read that, not the NeuralNetwork.
+            try:
+                return (dyn.get(resource.status, name=name, namespace=namespace).to_dict() or {}).get("status")
+            except NotFoundError:
+                return None
+
+        return cls(patch, run, read)
 
     def report(self, **fields: Any) -> None:
         self._patch({"training": {"run": self.run, **fields}})
@@ -112,12 +133,129 @@ class TrainingReporter:
             self.report(phase="Running", restarts=event["restarts"], step=event["step"],
                         checkpoint=event["checkpoint"], message=None)
 
+    def rescale_request(self) -> dict[str, Any] | None:
+        """``status.training.rescale`` of this run as it is now; None without one (or no reader)."""
+        if self._read is None:
+            return None
+        training = (self._read() or {}).get("training") or {}
+        if training.get("run") != self.run:
+            return None
+        return dict(training.get("rescale") or {}) or None
+
+    def rescale_checkpointed(self, checkpoint: int, step: int) -> None:
+        """Answer a rescale request: checkpoint ``checkpoint`` holds step ``step``, and the trainer
+        steps no more until the new table is published."""
+        self.report(phase="Running", step=step, checkpoint=checkpoint,
+                    rescale={"phase": phases.CHECKPOINTED, "checkpoint": checkpoint, "step": step,
+                             "message": f"checkpoint {checkpoint} of step {step} committed; waiting for the new "
+                                        "lookup table"})
+
+    def rescale_completed(self, step: int, version: str, partitions: int) -> None:
+        """The run goes on from ``step`` under lookup ``version``."""
+        self.report(phase="Running", rescale={"phase": phases.COMPLETED, "message": (
+            f"training goes on from step {step} on {partitions} partitions (lookup {version[:19]})")})
+
     def finished(self, accuracy: float, loss: float) -> None:
         self.report(phase="Succeeded", accuracy=_number(accuracy), loss=_number(loss), completionTime=_now(),
                     message=f"held-out accuracy {accuracy:.4f}")
 
     def failed(self, message: str) -> None:
         self.report(phase="Failed", message=message[:1024], completionTime=_now())
+
+
+class RescaleHandshake:
+    """The trainer's side of a rescale during a run on Kubernetes, as a :class:`Rescale` for
+    :func:`~partition_server.client.training_loop.train`.
+
+    At every step boundary (``due``) it looks, at most every ``poll_seconds``, whether the operator
+    asks for a checkpoint (``status.training.rescale.phase: CheckpointRequested``). When it does,
+    ``train`` commits a checkpoint of that step, and :meth:`apply` ends the training session,
+    answers ``Checkpointed`` with that checkpoint, waits until the operator says ``Published`` (or
+    ``TimedOut``) and the lookup file (the mounted ConfigMap, which the kubelet updates) holds the
+    table it names, builds a driver for it, waits until every partition is SERVING and has reloaded
+    the checkpoint under that table (``Reload`` until each reports the new version), answers
+    ``Completed`` and returns the new driver; the run goes on from the checkpointed step.
+
+    Args:
+        reporter: reads and answers ``status.training.rescale``.
+        lookup_path: the mounted lookup file (``mpnn train --lookup``).
+        store: the checkpoints (the one ``train`` just committed is the latest).
+        credentials: the peer key (and TLS files) for the new driver.
+        wait_seconds: longest wait for the new table and its partitions (``--ready-timeout``);
+            beyond it the attempt fails (the Job retries it from that checkpoint).
+        poll_seconds: how often the request and the lookup file are read.
+
+    Attributes:
+        drivers: every driver :meth:`apply` made, for the caller to close.
+    """
+
+    def __init__(self, reporter: TrainingReporter, lookup_path: str | Path, store: ModelStore,
+                 credentials: PeerCredentials | None, *, wait_seconds: float = 600.0, poll_seconds: float = 1.0):
+        self.reporter, self.lookup_path, self.store = reporter, Path(lookup_path), store
+        self.credentials, self.wait_seconds, self.poll_seconds = credentials, wait_seconds, poll_seconds
+        self.drivers: list[Driver] = []
+        self._next_look = 0.0
+
+    def as_rescale(self) -> Rescale:
+        return Rescale(None, self.apply, due=self.due)
+
+    def due(self, step: int) -> bool:
+        """Whether the operator asks for a checkpoint now (read at most every ``poll_seconds``)."""
+        del step
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + self.poll_seconds
+        try:
+            request = self.reporter.rescale_request()
+        except Exception as exc:  # noqa: BLE001 - an API hiccup must not fail the run; ask again later
+            log.warning("reading status.training.rescale failed: %s", exc)
+            return False
+        return (request or {}).get("phase") == phases.REQUESTED
+
+    def _table(self) -> LookupTable | None:
+        try:
+            return LookupTable.load(self.lookup_path)
+        except (OSError, ValueError, LookupTableError):  # mid-swap, or not there yet
+            return None
+
+    def apply(self, driver: Driver) -> Driver:
+        latest = self.store.latest()
+        if latest is None:  # train() committed one just before
+            raise DriverError("rescale: no committed checkpoint to rescale from")
+        step = int(latest.meta.get("run_step", 0))
+        driver.close_training()  # the kept servers take the new driver's session at once
+        self.reporter.rescale_checkpointed(latest.sequence, step)
+        log.info("rescale requested: checkpoint %d of step %d committed; waiting for the new lookup table",
+                 latest.sequence, step)
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            request = self.reporter.rescale_request() or {}
+            table = self._table()
+            if (request.get("phase") in (phases.PUBLISHED, phases.TIMED_OUT) and table is not None
+                    and table.version == request.get("lookupVersion")):
+                break
+            if time.monotonic() > deadline:
+                raise DriverError(f"rescale: lookup {str(request.get('lookupVersion'))[:19]} not published and "
+                                  f"mounted within {self.wait_seconds:.0f} s (status.training.rescale: "
+                                  f"{request.get('phase')}, mounted: {table.version[:19] if table else None}); "
+                                  f"the run resumes from checkpoint {latest.sequence} when the Job retries")
+            time.sleep(self.poll_seconds)
+        new = Driver(table, timeout=driver.timeout, credentials=self.credentials)
+        self.drivers.append(new)
+        new.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+        while True:  # a server that has not yet seen the new file reloads under the old table
+            stale = [r.partition for r in new.reload() if r.lookup_version != table.version]
+            if not stale:
+                break
+            if time.monotonic() > deadline:
+                raise DriverError(f"rescale: partitions {stale} did not take lookup {table.version[:19]} within "
+                                  f"{self.wait_seconds:.0f} s")
+            time.sleep(self.poll_seconds)
+        log.info("rescaled to %d partitions (lookup %s); training goes on from step %d", table.num_partitions,
+                 table.version[:19], step)
+        self.reporter.rescale_completed(step, table.version, table.num_partitions)
+        return new
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -153,21 +291,29 @@ def main(args: Any) -> int:
     try:
         data = load_dataset(training.dataset.format, path)
         per_epoch = math.ceil(len(data.x_train) / training.batch_size)
-        with Driver(table, timeout=args.timeout, credentials=credentials) as driver:
-            driver.wait_ready(timeout=args.ready_timeout)
+        store = ModelStore(model_dir)
+        handshake = RescaleHandshake(reporter, args.lookup, store, credentials, wait_seconds=args.ready_timeout,
+                                     poll_seconds=getattr(args, "rescale_poll", 1.0))
+        with Driver(table, timeout=args.timeout, credentials=credentials) as first:
+            first.wait_ready(timeout=args.ready_timeout)
+            current = lambda: handshake.drivers[-1] if handshake.drivers else first  # noqa: E731
 
             def on_checkpoint(p: dict) -> None:
                 accuracy = None
                 if p["step"] % per_epoch == 0:
-                    accuracy = driver.evaluate(data.x_test, data.y_test).accuracy
+                    accuracy = current().evaluate(data.x_test, data.y_test).accuracy
                 reporter.progress(p["epoch"], p["step"], p["loss"], p["checkpoint"], accuracy)
 
             recovery = None
             if args.recovery_timeout > 0:  # the StatefulSet restarts a failed pod; wait for it, within the bound
                 recovery = Recovery(wait_seconds=args.recovery_timeout, report=reporter.recovery)
-            train(driver, data, training, ModelStore(model_dir), model, progress=on_checkpoint, show_bar=False,
-                  recovery=recovery)
-            final = driver.evaluate(data.x_test, data.y_test)
+            try:
+                train(first, data, training, store, model, progress=on_checkpoint, show_bar=False,
+                      recovery=recovery, rescales=[handshake.as_rescale()])
+                final = current().evaluate(data.x_test, data.y_test)
+            finally:
+                for extra in handshake.drivers:
+                    extra.close()
         reporter.finished(final.accuracy, final.loss)
         print(json.dumps({"run": training.run_id, "accuracy": final.accuracy, "loss": final.loss}))
         return EXIT_OK

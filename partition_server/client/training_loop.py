@@ -53,11 +53,23 @@ class Rescale:
     every one of them reload the checkpoint (each reads the rows it now owns from whichever shards
     hold them) and returns a driver for the new table; the run continues on it. The math does not
     depend on the split, only the summation order does.
+
+    ``due``, when given, replaces ``at_step``: it is asked at every step boundary with the steps
+    done so far, and the rescale happens whenever it answers True (any number of times). On
+    Kubernetes that is the operator's request (``trainer.RescaleHandshake``); ``mpnn run
+    --repartition`` knows its steps in advance.
     """
 
-    at_step: int
+    at_step: int | None
     apply: Callable[[Driver], Driver]
     done: bool = False
+    due: Callable[[int], bool] | None = None
+
+    def wanted(self, step: int) -> bool:
+        """Whether to rescale at the boundary after ``step`` steps."""
+        if self.due is not None:
+            return self.due(step)
+        return not self.done and self.at_step == step
 
 
 # What a partition that died or stalls looks like to the driver: its own call fails UNAVAILABLE
@@ -208,7 +220,7 @@ def train(driver: Driver, data: Dataset, training: TrainingSpec, store: ModelSto
                             progress({"run": training.run_id, "epoch": done // per_epoch, "step": done,
                                       "loss": loss, "checkpoint": ckpt_sequence})
                     for rescale in rescales:
-                        if rescale.at_step == done and not rescale.done:
+                        if rescale.wanted(done):
                             latest = store.latest()
                             if latest is None or latest.meta.get("run_step") != done or \
                                     latest.meta.get("run_id") != training.run_id:

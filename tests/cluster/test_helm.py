@@ -47,8 +47,9 @@ CLUSTER_RULES = {
 # Only when watching given namespaces: kopf lists/watches namespaces to match them.
 NAMESPACE_WATCH_RULES = {("", "namespaces"): {"list", "watch"}}
 # The training Jobs' identity (ClusterRole mpnn-trainer, bound per namespace by the user):
-# TrainingReporter's merge patch of status.training, nothing else.
-TRAINER_RULES = {("mpnn.dev", "neuralnetworks/status"): {"patch"}}
+# TrainingReporter: its merge patch of status.training and its read of the status subresource.
+# patch: progress reports; get: the checkpoint request before a rescale (RescaleHandshake)
+TRAINER_RULES = {("mpnn.dev", "neuralnetworks/status"): {"get", "patch"}}
 TRAINER_ROLE = "mpnn-trainer"
 # The chart's default server resources (values.yaml serverResources), passed to the operator.
 SERVER_RESOURCES_ARG = '--server-resources={"limits":{"memory":"2Gi"},"requests":{"cpu":"250m","memory":"256Mi"}}'
@@ -255,7 +256,7 @@ def test_persistent_volume_policy_confines_the_operator_service_account():
 
 
 def test_trainer_cluster_role():
-    """The training Jobs' identity: what TrainingReporter needs, and not the spec."""
+    """The training Jobs' identity: what TrainingReporter needs (status only), and not the spec."""
     (role,) = [r for r in by_kind(objects(render()), "ClusterRole") if r["metadata"]["name"] == TRAINER_ROLE]
     assert rule_table(role["rules"]) == TRAINER_RULES
     from partition_server.api.manifest import DEFAULT_TRAINER_SERVICE_ACCOUNT

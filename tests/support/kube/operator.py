@@ -47,10 +47,12 @@ def _free_port() -> int:
 
 class Operator:
     """`python -m partition_server.cli operator` as a child process with the given kubeconfig:
-    watching ``namespaces``, or cluster-wide without them."""
+    watching ``namespaces``, or cluster-wide without them; ``args``: more flags."""
 
-    def __init__(self, kubeconfig: str | Path, log_path: Path, namespaces: list[str] | None = None):
+    def __init__(self, kubeconfig: str | Path, log_path: Path, namespaces: list[str] | None = None,
+                 args: list[str] | None = None):
         self.kubeconfig, self.log_path, self.namespaces = str(kubeconfig), log_path, namespaces or []
+        self.args = list(args or [])
         self.proc: subprocess.Popen | None = None
         self.port = self.metrics_port = 0
 
@@ -64,6 +66,7 @@ class Operator:
                "--metrics-port", str(self.metrics_port), "--log-level", "info"]
         for ns in self.namespaces:
             cmd += ["--namespace", ns]
+        cmd += self.args
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                      start_new_session=True)

@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
 from partition_server.api.distributor import Distribution, distribute  # noqa: E402
 from partition_server.client.driver import Driver  # noqa: E402
 from partition_server.engine import OptimizerConfig, PartitionEngine, init_params  # noqa: E402
-from partition_server.client.local import LocalDeployment, free_ports  # noqa: E402
+from partition_server.client.local import LocalDeployment  # noqa: E402
+from partition_server.client.ports import free_ports  # noqa: E402
 from partition_server.storage.atomic import write_atomically  # noqa: E402
 from partition_server.api.lookup import LookupTable, loopback_addresses  # noqa: E402
 from partition_server.api.manifest import LayerSpec, ModelSpec, parse_neural_network  # noqa: E402

@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,11 @@ _binaries: tuple[Path, str | None] | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts a background command (``bash .ci/run &``) with SIGINT ignored, and the servers
+    # and `mpnn run` processes the tests start would inherit that: the Ctrl-C tests would then wait
+    # for an exit that never comes. A handler installed here is reset to the default on exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers",
         "k8s: needs the local Kubernetes control plane (tests/support/kube); skipped when its "

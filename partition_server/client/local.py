@@ -43,26 +43,13 @@ from partition_server.api.manifest import NeuralNetwork, network_document
 from partition_server.api.environment import PARENT_PID_ENV
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, generate_key, write_key
 from partition_server.storage.atomic import write_atomically
+from partition_server.client.ports import free_ports
 
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class ServerCrashed(RuntimeError):
     """A partition server process exited while it was needed; the message names it."""
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports that were free a moment ago (the OS picks them)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class LocalDeployment:

@@ -41,7 +41,7 @@ from tritonclient.utils import InferenceServerException
 
 from partition_server.api.distributor import Distribution, distribute
 from partition_server.api.peer_auth import PeerCredentials, generate_key
-from partition_server.client.local import free_ports
+from partition_server.client.ports import free_ports
 from partition_server.storage.atomic import write_atomically
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import LayerSpec, ModelSpec

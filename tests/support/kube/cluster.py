@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from partition_server.client.ports import free_ports  # noqa: F401 - node.py imports it from here
 
 ROOT = Path(__file__).resolve().parents[3]
 KWOK_STAGES = Path(__file__).resolve().parent / "kwok-stages.yaml"
@@ -117,20 +118,6 @@ def wait_for(
             what = message or getattr(predicate, "__name__", "condition")
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
         time.sleep(interval)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together while picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

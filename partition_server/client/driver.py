@@ -25,7 +25,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS
-from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION
+from partition_server.api.errors import ERROR_KEY, PEER_LOST, TRAINING_SESSION
 from partition_server.engine import OptimizerConfig
 from partition_server.api.lookup import LookupTable
 from partition_server.api.peer_auth import PeerCredentials
@@ -37,6 +37,7 @@ from partition_server.api.wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.driver")
 
+PEER_LOST_GRACE = 1.0  # seconds a knock-on "peer-lost" failure waits for the other partitions' own
 KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are pruned
 
 
@@ -105,7 +106,10 @@ class Driver:
         """Call ``method`` on every partition concurrently; replies in partition order.
 
         The first failure other than a deadline cancels the other calls (their partitions stop
-        waiting for messages that will not come) and is raised as DriverError.
+        waiting for messages that will not come) and is raised as DriverError. A partition that
+        failed because a peer's stream to it broke (``mpnn-error: peer-lost``) is a knock-on
+        failure: the others get :data:`PEER_LOST_GRACE` seconds to report the cause (a dead peer
+        is UNAVAILABLE), which is raised instead.
         """
         calls = [getattr(stub, method).future(req, timeout=timeout or self.timeout)
                  for stub, req in zip(self._stubs, requests)]
@@ -113,19 +117,29 @@ class Driver:
         for i, call in enumerate(calls):
             call.add_done_callback(lambda _, i=i: finished.put(i))
         errors = []
+        knock_on_until = None  # a partition that lost a peer's messages: wait briefly for the peer's own failure
         for _ in calls:
-            i = finished.get()
+            try:
+                wait = None if knock_on_until is None else max(0.0, knock_on_until - time.monotonic())
+                i = finished.get(timeout=wait)
+            except queue.Empty:
+                break
             exc = calls[i].exception()
             if exc is not None:
                 errors.append((i, exc))
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue
+                if _reason(exc) != PEER_LOST:
                     break
+                if knock_on_until is None:
+                    knock_on_until = time.monotonic() + PEER_LOST_GRACE
         if errors:
             for call in calls:
                 call.cancel()
             # The root cause is usually the one that is not a knock-on deadline, and a partition that
             # cannot be reached at all (UNAVAILABLE) before its peers' failed exchanges with it.
             errors.sort(key=lambda e: (e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       _reason(e[1]) == PEER_LOST,
                                        e[1].code() != grpc.StatusCode.UNAVAILABLE))
             i, exc = errors[0]
             raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "

@@ -53,13 +53,15 @@ __all__ = ["RECONNECT_WAIT", "UNARY_FALLBACK_SECONDS", "GrpcTransport", "PeerStr
 RECONNECT_WAIT = 2.0  # seconds an Exchange refused UNAVAILABLE waits for its peer to (re)connect
 UNARY_FALLBACK_SECONDS = 30.0  # a peer that refused a stream gets unary Exchange calls this long
 STREAM_METHOD = "/mpnn.v1.Partition/ExchangeStream"
+CLOSING = b""  # an empty ExchangeRequest: the last message of a stream closed on purpose
 CLOSE_WAIT = 1.0  # seconds a closing stream may take to deliver what it has queued
 
 
 class _Outbox:
     """The queue between the passes that send to one peer and gRPC's thread that writes the
     stream: at most ``max_messages`` messages and ``max_bytes`` bytes (one larger message alone).
-    Iterating it yields the requests in order, skipping those past their deadline, until closed."""
+    Iterating it yields the requests in order, skipping those past their deadline, until closed;
+    closed with ``drain``, it ends with :data:`CLOSING`."""
 
     def __init__(self, max_messages: int, max_bytes: int):
         self.max_messages, self.max_bytes = max(1, max_messages), max_bytes
@@ -110,6 +112,9 @@ class _Outbox:
                 while not self._items and not self._closed:
                     self._cond.wait()
                 if not self._items:
+                    if self._drain:
+                        self._drain = False
+                        return CLOSING  # the receiver knows the stream ended, not broke
                     raise StopIteration
                 request, nbytes, deadline = self._items.popleft()
                 self._bytes -= nbytes

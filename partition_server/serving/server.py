@@ -367,7 +367,8 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
     def ExchangeStream(self, request_iterator, context: grpc.ServicerContext) -> pb.ExchangeReply:
         """Every message of one sending peer, as they come (see ``peers``): each is validated and
         put in the mailbox as :meth:`Exchange` does; the first refused one ends the stream with its
-        status. A stream that breaks (its sender died or cancelled it) or is refused a message
+        status; the sender ends it with an empty message (a stream ending without one broke). A
+        stream that breaks (its sender died or cancelled it) or is refused a message
         marks the sender's messages to passes here as lost (``Mailbox.lost``), so those passes
         fail at once. Holds one pool thread while open; beyond ``peer_stream_limit`` streams,
         RESOURCE_EXHAUSTED (``mpnn-error: peer-streams``) before any message is read."""
@@ -384,8 +385,12 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
                           f"partition {self.index}: {self.peer_stream_limit} peer streams are open, the most it "
                           f"holds (max_peer_streams); send unary Exchange calls", reason=reasons.PEER_STREAMS)
         source: int | None = None
+        closed = False  # the sender ended the stream with the closing (empty) message
         try:
             for request in request_iterator:
+                if request.ByteSize() == 0:
+                    closed = True
+                    break
                 if source is not None and request.source != source:
                     refused = _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"source: a stream carries one partition's messages; it began with "
@@ -404,13 +409,15 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
                                                   f"{refused.code.name} {refused.message}")
                     context.abort(refused.code, refused.message)
         except grpc.RpcError:
-            if source is not None:
-                self.mailbox.lost(source, f"its stream to partition {self.index} broke")
-            raise
+            pass  # the sender cancelled, or its connection broke
         finally:
             with self._streams_lock:
                 self.peer_streams_open -= 1
                 self._inbound.discard(context)
+        # Without the closing message the stream broke (a cancelled call may also just end the
+        # iterator): what the sender had in flight may be lost.
+        if not closed and source is not None:
+            self.mailbox.lost(source, f"its stream to partition {self.index} broke")
         return pb.ExchangeReply()
 
     # ------------------------------------------------------------ lifecycle

@@ -206,3 +206,41 @@ def test_a_restarted_peer_is_reached_on_a_new_stream(tmp_path):
         np.testing.assert_allclose(outputs, want, **TOL)
         assert cluster.servers[0].peers.streams_opened == opened + 1
         assert restarted.peer_streams_opened == 1
+
+
+def test_a_pass_waiting_for_a_peer_whose_stream_broke_is_aborted_peer_lost_and_retryable(tmp_path):
+    from partition_server.serving.retry import Retry, retry_kind
+
+    with Cluster(tmp_path, 2) as cluster:
+        x, _ = batch(5)
+        pass_id = uuid.uuid4().hex
+        # Partition 1 alone runs the pass: it waits for partition 0's activations.
+        running = cluster.stub(1).RunPass.future(pb.PassRequest(lookup_version=cluster.table.version,
+                                                                pass_id=pass_id, inputs=to_tensor(x)), timeout=60)
+        wait_until(lambda: pass_id in cluster.servers[1].mailbox._open, what="the pass to start")
+        # A stream from partition 0 carries a message, then breaks (its sender is gone).
+        feed = Feed(message(cluster, 0, "another pass"))
+        stream = cluster.stub(1).ExchangeStream.future(feed, timeout=60)
+        wait_until(lambda: cluster.servers[1].mailbox.held(0)[1] == 1, what="the streamed message")
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            running.result(timeout=30)
+        err = info.value
+        assert err.code() == grpc.StatusCode.ABORTED
+        assert reasons.reason_of(err) == reasons.PEER_LOST
+        assert "from partition 0 may have been lost (its stream to partition 1 broke)" in err.details()
+        assert retry_kind(err.code(), err) is Retry.PEER_LOST
+
+
+def test_a_stream_closed_with_its_closing_message_loses_nothing(tmp_path):
+    with Cluster(tmp_path, 2) as cluster:
+        receiver = cluster.servers[1]
+        receiver.mailbox.open("running", ttl=60)
+        cluster.stub(1).ExchangeStream(iter([message(cluster, 0, "running"), pb.ExchangeRequest()]), timeout=10)
+        np.testing.assert_array_equal(receiver.mailbox.take(("running", "fwd", 0), 0, 5), np.ones((2, 3)))
+        with pytest.raises(TimeoutError):  # waits for more, not failed as lost
+            receiver.mailbox.take(("running", "fwd", 1), 0, 0.2)
+        # Ending without it is a break.
+        cluster.stub(1).ExchangeStream(iter([message(cluster, 0, "other")]), timeout=10)
+        with pytest.raises(ExchangeError, match="from partition 0 may have been lost .*broke"):
+            receiver.mailbox.take(("running", "fwd", 1), 0, 30)

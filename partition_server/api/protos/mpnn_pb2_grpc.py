@@ -98,7 +98,9 @@ class PartitionServicer:
         bad one (INVALID_ARGUMENT, FAILED_PRECONDITION) or one beyond the mailbox's caps
         (RESOURCE_EXHAUSTED) ends the stream. One stream carries one source's messages. More
         open streams than the server's limit: RESOURCE_EXHAUSTED before any message is read,
-        with trailing metadata mpnn-error: peer-streams. The reply comes when the sender closes.
+        with trailing metadata mpnn-error: peer-streams. A sender ends the stream with an empty
+        ExchangeRequest, then the reply comes; a stream that ends without it broke, and the
+        receiver fails its passes waiting for that sender (ABORTED, mpnn-error: peer-lost).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -253,6 +253,11 @@ class Peers:
                 self.streams_opened += 1
             return stream
 
+    def streams_open(self) -> int:
+        """Streams open now (not ended)."""
+        with self._lock:
+            return sum(not s.ended for s in self._streams.values())
+
     def addresses(self) -> list[str]:
         """Addresses with an open channel."""
         with self._lock:

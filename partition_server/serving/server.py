@@ -162,7 +162,9 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         self._rest: RestServer | None = None
         self.http_port: int | None = None
         self.metrics = ServerMetrics(network=name, partition=index,
-                                     committed=lambda: (self.store.sequences() or [0])[-1])
+                                     committed=lambda: (self.store.sequences() or [0])[-1],
+                                     peer_streams=lambda: (self.peer_streams_open, self.peer_streams_opened,
+                                                           self.peers.streams_open(), self.peers.streams_opened))
 
     # ------------------------------------------------------------ loading
 

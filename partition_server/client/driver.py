@@ -16,7 +16,6 @@ import queue
 import secrets
 import time
 import uuid
-from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -76,23 +75,53 @@ class Driver:
         credentials: the network's peer key (and TLS files): every call is signed for the
             partition it goes to. None: unsigned plaintext calls, which servers refuse
             (UNAUTHENTICATED); for tests that prove it.
+        channels: where to get the channel to an address, at every call, instead of opening
+            the driver's own (a partition server's entry point passes its ``Peers.channel``: those
+            channels carry long-lived peer streams, so gRPC keeps their polling thread and a
+            ``.future()`` call on them starts no thread). Not closed by :meth:`close`.
     """
 
-    def __init__(self, table: LookupTable, timeout: float = 60.0, *, credentials: PeerCredentials | None = None):
+    def __init__(self, table: LookupTable, timeout: float = 60.0, *, credentials: PeerCredentials | None = None,
+                 channels: Callable[[str], grpc.Channel] | None = None):
         self.table = table
         self.timeout = timeout
-        self._channels = [credentials.channel(a) if credentials is not None
-                          else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
-        self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, table.num_partitions))
+        self._shared = channels
+        if channels is None:
+            self._channels = [credentials.channel(a) if credentials is not None
+                              else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
+            self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
+        self._stub_cache: dict[int, tuple[grpc.Channel, pb_grpc.PartitionStub]] = {}
         self._session: tuple[str, OptimizerConfig] | None = None
 
     def close(self) -> None:
-        """End this driver's training session (if any) and close its channels."""
+        """End this driver's training session (if any) and close its channels (not shared ones)."""
         self.close_training()
-        self._pool.shutdown(wait=False)
-        for channel in self._channels:
-            channel.close()
+        if self._shared is None:
+            for channel in self._channels:
+                channel.close()
+
+    def _channel(self, i: int) -> grpc.Channel:
+        return self._channels[i] if self._shared is None else self._shared(self.table.addresses[i])
+
+    def _stub(self, i: int) -> pb_grpc.PartitionStub:
+        """Partition ``i``'s stub: on a shared channel, the current one (its owner may replace it)."""
+        if self._shared is None:
+            return self._stubs[i]
+        channel = self._channel(i)
+        cached = self._stub_cache.get(i)
+        if cached is None or cached[0] is not channel:
+            cached = self._stub_cache[i] = (channel, pb_grpc.PartitionStub(channel))
+        return cached[1]
+
+    def _start(self, i: int, method: str, request, timeout: float):
+        """Start ``method`` on partition ``i`` (a future). A shared channel closed by its owner
+        meanwhile (a lookup reload) is replaced once."""
+        try:
+            return getattr(self._stub(i), method).future(request, timeout=timeout)
+        except ValueError:  # "Cannot invoke RPC on closed channel!"
+            if self._shared is None:
+                raise
+            return getattr(self._stub(i), method).future(request, timeout=timeout)
 
     def __enter__(self) -> "Driver":
         return self
@@ -111,8 +140,7 @@ class Driver:
         failure: the others get :data:`PEER_LOST_GRACE` seconds to report the cause (a dead peer
         is UNAVAILABLE), which is raised instead.
         """
-        calls = [getattr(stub, method).future(req, timeout=timeout or self.timeout)
-                 for stub, req in zip(self._stubs, requests)]
+        calls = [self._start(i, method, req, timeout or self.timeout) for i, req in enumerate(requests)]
         finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i, call in enumerate(calls):
             call.add_done_callback(lambda _, i=i: finished.put(i))
@@ -161,7 +189,7 @@ class Driver:
                 alive()
             for i in sorted(pending):
                 try:
-                    reply = health_pb2_grpc.HealthStub(self._channels[i]).Check(
+                    reply = health_pb2_grpc.HealthStub(self._channel(i)).Check(
                         health_pb2.HealthCheckRequest(service="mpnn.v1.Partition"), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         pending.discard(i)

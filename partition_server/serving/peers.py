@@ -221,6 +221,12 @@ class Peers:
             self._peers[address] = (channel, pb_grpc.PartitionStub(channel))
         return self._peers[address][1]
 
+    def channel(self, address: str) -> grpc.Channel:
+        """The signed channel to ``address``, opening it once (a closed one is opened again)."""
+        with self._lock:
+            self._stub(address)
+            return self._peers[address][0]
+
     def stub(self, address: str) -> pb_grpc.PartitionStub:
         """The ``mpnn.v1.Partition`` stub for ``address`` (``host:port``), opening its channel once."""
         with self._lock:

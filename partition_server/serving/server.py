@@ -157,8 +157,10 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         self.pass_limit = pass_slots(self.workers)
         self._pass_slots = threading.Semaphore(self.pass_limit)
         self.port: int | None = None
+        # The entry point's drivers use the peer channels, which carry long-lived streams.
         self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version,
-                                        credentials=credentials, timeout=min(60.0, limits.max_pass_seconds))
+                                        credentials=credentials, timeout=min(60.0, limits.max_pass_seconds),
+                                        channels=self.peers.channel)
         self._rest: RestServer | None = None
         self.http_port: int | None = None
         self.metrics = ServerMetrics(network=name, partition=index,

@@ -244,3 +244,24 @@ def test_a_stream_closed_with_its_closing_message_loses_nothing(tmp_path):
         cluster.stub(1).ExchangeStream(iter([message(cluster, 0, "other")]), timeout=10)
         with pytest.raises(ExchangeError, match="from partition 0 may have been lost .*broke"):
             receiver.mailbox.take(("running", "fwd", 1), 0, 30)
+
+
+def test_a_request_starts_no_thread_per_partition_or_message(tmp_path, monkeypatch):
+    """An entry point's pass reaches its peers on the channels that carry the peer streams, so
+    gRPC starts no polling thread per call; only the call to its own partition still may (with
+    one unary call per message and a channel of its own per partition it was 40 per request)."""
+    with Cluster(tmp_path, 4, Distribution("balanced")) as cluster:
+        x, _ = batch(6)
+        inference = cluster.servers[0].inference
+        for _ in range(3):  # warm: streams, channels, pool threads
+            inference.infer(x)
+        started = []
+        start = threading.Thread.start
+        monkeypatch.setattr(threading.Thread, "start", lambda self, *a, **k: (started.append(self.name),
+                                                                              start(self, *a, **k))[1])
+        requests = 20
+        for _ in range(requests):
+            np.testing.assert_allclose(inference.infer(x), reference().forward(x), **TOL)
+        monkeypatch.undo()
+        assert len(started) <= 2 * requests, started
+        assert sorted(cluster.servers[0].peers.addresses()) == sorted(cluster.table.addresses)

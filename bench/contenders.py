@@ -164,7 +164,7 @@ def bench_steps(args, mpi_reason: str | None) -> list[dict]:
             say(f"W={width} P={P}: starting {P} mpnn servers ...")
             net = parse_neural_network(manifest("bench", width_model(width), P, args.strategy))
             with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep, \
-                    Driver(dep.table, timeout=600.0) as driver:
+                    Driver(dep.table, timeout=600.0, credentials=dep.credentials) as driver:
                 driver.wait_ready(timeout=300, alive=dep.check_alive)
                 traffic = {}
 
@@ -203,7 +203,7 @@ def bench_mnist(args, mpi_reason: str | None) -> dict:
     say(f"MNIST: starting {P} mpnn servers ...")
     net = parse_neural_network(manifest("mnist", MNIST_MODEL, P, args.strategy))
     with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep, \
-            Driver(dep.table, timeout=600.0) as driver:
+            Driver(dep.table, timeout=600.0, credentials=dep.credentials) as driver:
         driver.wait_ready(timeout=300, alive=dep.check_alive)
         contenders = {"mpnn": lambda r: time_mpnn(driver, xs, ys, MNIST_OPTIMIZER, warm=r == 0),
                       "numpy": lambda r: run_worker("numpy", 1, worker)}
@@ -230,7 +230,7 @@ def bench_inference(args) -> dict:
     say(f"inference: starting {P} mpnn servers ...")
     out = {"network": "digits 64-128-64-10", "partitions": P, "requests": args.requests}
     with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep, \
-            Driver(dep.table, timeout=600.0) as driver:
+            Driver(dep.table, timeout=600.0, credentials=dep.credentials) as driver:
         driver.wait_ready(timeout=300, alive=dep.check_alive)
         url = f"http://{dep.host}:{dep.http_ports[0]}/v2/models/digits/infer"
 
@@ -238,7 +238,7 @@ def bench_inference(args) -> dict:
             req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=60) as resp:
                 resp.read()
-        client = grpcclient.InferenceServerClient(dep.table.addresses[0])
+        client = grpcclient.InferenceServerClient(f"{dep.host}:{dep.ports[0]}")
         inp = grpcclient.InferInput("input", [1, 64], "FP32")
         inp.set_data_from_numpy(x)
 

@@ -10,8 +10,8 @@ warm-up step:
 - ``local``: 4 ``PartitionEngine``s (balanced assignment) as 4 threads of this process over
   ``LocalTransport``: the engine and its all-gather/reduce-scatter, no serialisation, no gRPC.
 - ``grpc``: 4 ``PartitionServer`` objects started *in this process* on 127.0.0.1 (real gRPC
-  servers with real ``Exchange`` calls over loopback, raw-bytes tensors, one message per
-  (layer, peer, phase)), driven by ``Driver.step``. One process means one GIL for all four
+  servers with real ``Exchange`` messages over loopback, one ``ExchangeStream`` per pair,
+  raw-bytes tensors, one message per (layer, peer, phase)), driven by ``Driver.step``. One process means one GIL for all four
   servers and the driver; numpy's matrix products release it.
 - ``grpc_processes``: the same over 4 ``mpnn serve`` processes, as ``mpnn run`` starts them.
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ERROR_KEY", "TRAINING_SESSION", "WEIGHTS_CHANGED", "FieldError"]
+__all__ = ["ERROR_KEY", "PEER_LOST", "PEER_STREAMS", "TRAINING_SESSION", "WEIGHTS_CHANGED", "FieldError"]
 
 # Machine-readable reasons of a failed mpnn.v1.Partition call: the trailing metadata entry
 # ERROR_KEY: <reason> (see partition_server.serving.reasons, which sends them).
 ERROR_KEY = "mpnn-error"
 WEIGHTS_CHANGED = "weights-changed"
 TRAINING_SESSION = "training-session"
+PEER_STREAMS = "peer-streams"
+PEER_LOST = "peer-lost"
 
 
 class FieldError(ValueError):

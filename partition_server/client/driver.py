@@ -16,7 +16,6 @@ import queue
 import secrets
 import time
 import uuid
-from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -25,7 +24,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS
-from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION
+from partition_server.api.errors import ERROR_KEY, PEER_LOST, TRAINING_SESSION
 from partition_server.engine import OptimizerConfig
 from partition_server.api.lookup import LookupTable
 from partition_server.api.peer_auth import PeerCredentials
@@ -37,6 +36,7 @@ from partition_server.api.wire import from_tensor, to_tensor
 
 log = logging.getLogger("mpnn.driver")
 
+PEER_LOST_GRACE = 1.0  # seconds a knock-on "peer-lost" failure waits for the other partitions' own
 KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are pruned
 
 
@@ -75,23 +75,53 @@ class Driver:
         credentials: the network's peer key (and TLS files): every call is signed for the
             partition it goes to. None: unsigned plaintext calls, which servers refuse
             (UNAUTHENTICATED); for tests that prove it.
+        channels: where to get the channel to an address, at every call, instead of opening
+            the driver's own (a partition server's entry point passes its ``Peers.channel``: those
+            channels carry long-lived peer streams, so gRPC keeps their polling thread and a
+            ``.future()`` call on them starts no thread). Not closed by :meth:`close`.
     """
 
-    def __init__(self, table: LookupTable, timeout: float = 60.0, *, credentials: PeerCredentials | None = None):
+    def __init__(self, table: LookupTable, timeout: float = 60.0, *, credentials: PeerCredentials | None = None,
+                 channels: Callable[[str], grpc.Channel] | None = None):
         self.table = table
         self.timeout = timeout
-        self._channels = [credentials.channel(a) if credentials is not None
-                          else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
-        self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, table.num_partitions))
+        self._shared = channels
+        if channels is None:
+            self._channels = [credentials.channel(a) if credentials is not None
+                              else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
+            self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
+        self._stub_cache: dict[int, tuple[grpc.Channel, pb_grpc.PartitionStub]] = {}
         self._session: tuple[str, OptimizerConfig] | None = None
 
     def close(self) -> None:
-        """End this driver's training session (if any) and close its channels."""
+        """End this driver's training session (if any) and close its channels (not shared ones)."""
         self.close_training()
-        self._pool.shutdown(wait=False)
-        for channel in self._channels:
-            channel.close()
+        if self._shared is None:
+            for channel in self._channels:
+                channel.close()
+
+    def _channel(self, i: int) -> grpc.Channel:
+        return self._channels[i] if self._shared is None else self._shared(self.table.addresses[i])
+
+    def _stub(self, i: int) -> pb_grpc.PartitionStub:
+        """Partition ``i``'s stub: on a shared channel, the current one (its owner may replace it)."""
+        if self._shared is None:
+            return self._stubs[i]
+        channel = self._channel(i)
+        cached = self._stub_cache.get(i)
+        if cached is None or cached[0] is not channel:
+            cached = self._stub_cache[i] = (channel, pb_grpc.PartitionStub(channel))
+        return cached[1]
+
+    def _start(self, i: int, method: str, request, timeout: float):
+        """Start ``method`` on partition ``i`` (a future). A shared channel closed by its owner
+        meanwhile (a lookup reload) is replaced once."""
+        try:
+            return getattr(self._stub(i), method).future(request, timeout=timeout)
+        except ValueError:  # "Cannot invoke RPC on closed channel!"
+            if self._shared is None:
+                raise
+            return getattr(self._stub(i), method).future(request, timeout=timeout)
 
     def __enter__(self) -> "Driver":
         return self
@@ -105,27 +135,39 @@ class Driver:
         """Call ``method`` on every partition concurrently; replies in partition order.
 
         The first failure other than a deadline cancels the other calls (their partitions stop
-        waiting for messages that will not come) and is raised as DriverError.
+        waiting for messages that will not come) and is raised as DriverError. A partition that
+        failed because a peer's stream to it broke (``mpnn-error: peer-lost``) is a knock-on
+        failure: the others get :data:`PEER_LOST_GRACE` seconds to report the cause (a dead peer
+        is UNAVAILABLE), which is raised instead.
         """
-        calls = [getattr(stub, method).future(req, timeout=timeout or self.timeout)
-                 for stub, req in zip(self._stubs, requests)]
+        calls = [self._start(i, method, req, timeout or self.timeout) for i, req in enumerate(requests)]
         finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i, call in enumerate(calls):
             call.add_done_callback(lambda _, i=i: finished.put(i))
         errors = []
+        knock_on_until = None  # a partition that lost a peer's messages: wait briefly for the peer's own failure
         for _ in calls:
-            i = finished.get()
+            try:
+                wait = None if knock_on_until is None else max(0.0, knock_on_until - time.monotonic())
+                i = finished.get(timeout=wait)
+            except queue.Empty:
+                break
             exc = calls[i].exception()
             if exc is not None:
                 errors.append((i, exc))
-                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue
+                if _reason(exc) != PEER_LOST:
                     break
+                if knock_on_until is None:
+                    knock_on_until = time.monotonic() + PEER_LOST_GRACE
         if errors:
             for call in calls:
                 call.cancel()
             # The root cause is usually the one that is not a knock-on deadline, and a partition that
             # cannot be reached at all (UNAVAILABLE) before its peers' failed exchanges with it.
             errors.sort(key=lambda e: (e[1].code() == grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       _reason(e[1]) == PEER_LOST,
                                        e[1].code() != grpc.StatusCode.UNAVAILABLE))
             i, exc = errors[0]
             raise DriverError(f"partition {i} ({self.table.addresses[i]}) {method}: "
@@ -147,7 +189,7 @@ class Driver:
                 alive()
             for i in sorted(pending):
                 try:
-                    reply = health_pb2_grpc.HealthStub(self._channels[i]).Check(
+                    reply = health_pb2_grpc.HealthStub(self._channel(i)).Check(
                         health_pb2.HealthCheckRequest(service="mpnn.v1.Partition"), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         pending.discard(i)

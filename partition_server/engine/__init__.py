@@ -21,7 +21,7 @@ from partition_server.engine.activations import TABLE as ACTIVATION_TABLE
 from partition_server.engine.activations import Activation, activate, activation_derivative
 from partition_server.engine.batch import validate_batch
 from partition_server.engine.init import init_params, init_partition, init_rows
-from partition_server.engine.mailbox import Mailbox, MailboxFull, StepAborted
+from partition_server.engine.mailbox import Mailbox, MailboxFull, PeerLost, StepAborted
 from partition_server.engine.optimizers import OptimizerConfig
 from partition_server.engine.passes import PartitionEngine, StepResult
 from partition_server.engine.plan import LOG_FROM, is_phase
@@ -37,6 +37,7 @@ __all__ = [
     "MailboxFull",
     "OptimizerConfig",
     "PartitionEngine",
+    "PeerLost",
     "StepAborted",
     "StepResult",
     "Transport",

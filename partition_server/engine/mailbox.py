@@ -15,6 +15,12 @@ is capped per ``src``, in bytes and in entries, and more tightly for passes that
 here (:meth:`Mailbox.open`): such a message is kept only as an *early* arrival (its sender's pass
 started before this partition's own ``RunPass`` of it) within ``early_bytes`` / ``early_entries``
 and for at most ``early_ttl`` seconds. A ``put`` beyond a cap raises :class:`MailboxFull`.
+
+Lost messages: a transport that learns that messages from ``src`` may have been lost (the stream
+carrying them broke, or was refused) calls :meth:`Mailbox.lost`; a pass running here, or with
+messages from ``src`` waiting here, then fails at once with :class:`~.transport.ExchangeError`
+(:class:`PeerLost`) naming ``src`` when it waits for (or asks for) a message from ``src`` that has not arrived,
+instead of waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -26,13 +32,23 @@ from typing import Callable, Hashable, Iterable
 
 import numpy as np
 
-__all__ = ["Mailbox", "MailboxFull", "StepAborted"]
+from partition_server.engine.transport import ExchangeError
+
+__all__ = ["Mailbox", "MailboxFull", "PeerLost", "StepAborted"]
 
 MiB = 1 << 20
 
 
 class StepAborted(RuntimeError):
     """``take`` was waiting for (or asked for) a message of a step that has been discarded."""
+
+
+class PeerLost(ExchangeError):
+    """A pass waits for a message from ``src`` that may have been lost (:meth:`Mailbox.lost`)."""
+
+    def __init__(self, message: str, src: int):
+        super().__init__(message)
+        self.src = src
 
 
 class MailboxFull(RuntimeError):
@@ -79,6 +95,30 @@ class Mailbox:
         self._expire_after = expire_after
         self._clock = clock
         self._next_expiry = float("inf")
+        self._lost: OrderedDict[Hashable, dict[int, str]] = OrderedDict()  # pass id -> {src: why}
+
+    def lost(self, src: int, reason: str) -> list[Hashable]:
+        """Say that messages from ``src`` may have been lost (``reason``: why, for the error).
+
+        Every pass running here, and every pass with a message from ``src`` waiting here, is
+        marked: its :meth:`take_many` of a message from ``src`` not yet arrived raises
+        :class:`~.transport.ExchangeError` at once (a waiting one wakes). Marks are dropped with
+        :meth:`discard`; at most ``remember_discarded`` passes stay marked.
+
+        Returns:
+            the pass ids marked.
+        """
+        with self._cond:
+            passes = list(self._open) + [k[0] for (k, s) in self._slots if s == src and k[0] not in self._open]
+            passes = list(dict.fromkeys(passes))
+            for pass_id in passes:
+                self._lost.setdefault(pass_id, {})[src] = reason
+                self._lost.move_to_end(pass_id)
+            while len(self._lost) > self._remember:
+                self._lost.popitem(last=False)
+            if passes:
+                self._cond.notify_all()
+            return passes
 
     def open(self, pass_id: Hashable, ttl: float | None = None) -> None:
         """Say that ``pass_id`` runs here now (until :meth:`discard`): its messages, including the
@@ -189,6 +229,8 @@ class Mailbox:
         Raises:
             TimeoutError: the deadline passed; the message names ``key`` and every missing src.
             StepAborted: the step was discarded while waiting.
+            PeerLost: a missing src's messages to this pass may have been lost (:meth:`lost`);
+                the message names the src and why.
         """
         wanted = list(dict.fromkeys(srcs))
         deadline = time.monotonic() + max(0.0, timeout)
@@ -200,6 +242,11 @@ class Mailbox:
                 missing = [s for s in wanted if (key, s) not in self._slots]
                 if not missing:
                     return {s: self._drop((key, s)) for s in wanted}
+                lost = self._lost.get(key[0])
+                if lost and any(s in lost for s in missing):
+                    s = next(s for s in missing if s in lost)
+                    raise PeerLost(f"messages of pass {key[0]!r} from partition {s} may have been lost "
+                                   f"({lost[s]}); waiting for key {key!r}", s)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
@@ -218,6 +265,7 @@ class Mailbox:
             for slot in stale:
                 self._drop(slot)
             self._open.pop(pass_id, None)
+            self._lost.pop(pass_id, None)
             self._discarded[pass_id] = None
             self._discarded.move_to_end(pass_id)
             while len(self._discarded) > self._remember:

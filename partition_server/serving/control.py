@@ -92,7 +92,8 @@ class ControlHandlers:
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         loaded = self._loaded
         reply = pb.StatusReply(partition=self.index, ready=loaded is not None,
-                               messages_sent=self.messages_sent, bytes_sent=self.bytes_sent)
+                               messages_sent=self.messages_sent, bytes_sent=self.bytes_sent,
+                               peer_streams_opened=self.peer_streams_opened, peer_streams_open=self.peer_streams_open)
         if loaded is not None:
             reply.lookup_version = loaded.table.version
             reply.neurons = loaded.table.neuron_count(self.index)

@@ -1,7 +1,7 @@
 """What an inference entry point keeps between passes: a driver per lookup version, and pass slots.
 
 :class:`DriverCache` holds the :class:`~partition_server.client.driver.Driver` (one channel per
-partition) of the lookup table this server serves, built once per table version so requests
+partition, the server's peer channels when given) of the lookup table this server serves, built once per table version so requests
 follow lookup reloads; the previous version's driver stays open for passes that started under
 it. :class:`PassSlots` bounds the passes an entry point runs at once, with a limit given at each
 acquire because it follows the table's partition count.
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
+
+import grpc
 
 from partition_server.api.lookup import LookupTable
 from partition_server.api.peer_auth import PeerCredentials
@@ -25,11 +28,14 @@ class DriverCache:
     Args:
         timeout: default deadline of each driver call, seconds.
         credentials: sign (and encrypt) the calls to the partitions' peer ports.
+        channels: the channels to use (``Driver``'s ``channels``), else each driver opens its own.
     """
 
-    def __init__(self, timeout: float, credentials: PeerCredentials | None = None):
+    def __init__(self, timeout: float, credentials: PeerCredentials | None = None,
+                 channels: Callable[[str], grpc.Channel] | None = None):
         self.timeout = timeout
         self.credentials = credentials
+        self.channels = channels
         self._drivers: dict[str, Driver] = {}
         self._lock = threading.Lock()
 
@@ -41,7 +47,7 @@ class DriverCache:
                 # The previous table's driver stays open for passes that started under it.
                 for version in list(self._drivers)[:-1]:
                     self._drivers.pop(version).close()
-                driver = Driver(table, timeout=self.timeout, credentials=self.credentials)
+                driver = Driver(table, timeout=self.timeout, credentials=self.credentials, channels=self.channels)
                 self._drivers[table.version] = driver
             return driver
 

@@ -77,6 +77,9 @@ class ModelInference(ModelProtocol):
             Each pass holds a thread of every partition's gRPC pool, so this keeps those pools
             from filling with passes that wait on each other.
         retry: when a failed pass is run again (busy partition, weights version dropped).
+        credentials: sign the calls to the partitions' peer ports.
+        channels: the channel to each partition's address (the server's ``Peers.channel``, whose
+            channels carry its peer streams: a pass starts no thread there), else drivers open their own.
 
     Attributes:
         pass_limit: inference passes each partition runs at once (set by the partition server from
@@ -91,7 +94,8 @@ class ModelInference(ModelProtocol):
     def __init__(self, name: str, model: ModelSpec, table: Callable[[], LookupTable | None], *,
                  weights_version: Callable[[], int | None] = lambda: None,
                  timeout: float = 60.0, ready_timeout: float = 1.0, max_inflight: int = 4,
-                 retry: RetryPolicy = RetryPolicy(), credentials: PeerCredentials | None = None):
+                 retry: RetryPolicy = RetryPolicy(), credentials: PeerCredentials | None = None,
+                 channels: Callable[[str], grpc.Channel] | None = None):
         super().__init__(name, model)
         self._table = table
         self._weights_version = weights_version
@@ -101,7 +105,7 @@ class ModelInference(ModelProtocol):
         self.retry = retry
         self.pass_limit: int | None = None
         self._slots = PassSlots()
-        self._drivers = DriverCache(timeout, credentials)
+        self._drivers = DriverCache(timeout, credentials, channels)
 
     # ------------------------------------------------------------ readiness
 

@@ -1,4 +1,4 @@
-"""How a partition server divides its gRPC thread pool between passes and everything else.
+"""How a partition server divides its gRPC thread pool between passes, peer streams and everything else.
 
 Every RPC runs on one pool of ``workers`` threads, and a ``RunPass`` holds its thread for the
 whole pass, waiting for the ``Exchange`` calls of its peers, which need threads of the same
@@ -6,6 +6,12 @@ pool. So inference passes are bounded below the pool size (:func:`pass_slots`): 
 bound is refused at once (RESOURCE_EXHAUSTED) instead of waiting, and the threads left always
 serve ``Exchange`` (and Status, health, Checkpoint and the inference API's own calls). Training
 passes are not counted: an engine runs one at a time, and one thread is reserved for it.
+
+Peer streams (``ExchangeStream``, one per sending peer) each hold a thread for their whole life,
+so they get threads of their own: the pool is ``workers + stream limit`` threads, the stream
+limit (:func:`peer_streams`, or ``ServerLimits.max_peer_streams``) bounds the streams open at
+once (one beyond is refused RESOURCE_EXHAUSTED before any message is read, and its sender falls
+back to unary ``Exchange`` calls), and the ``workers`` threads are divided as above.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["ByteBudget", "ServerLimits", "default_workers", "max_infer_calls", "pass_slots"]
+__all__ = ["ByteBudget", "ServerLimits", "default_workers", "max_infer_calls", "pass_slots", "peer_streams"]
 
 
 def max_infer_calls(workers: int) -> int:
@@ -41,6 +47,13 @@ def default_workers(partitions: int) -> int:
     while pass_slots(workers) < partitions + 1:
         workers += 8
     return workers
+
+
+def peer_streams(partitions: int) -> int:
+    """Inbound peer streams a partition of ``partitions`` holds at once by default: two per peer
+    (a sender that reopens a broken stream may do so before this server has seen the old one
+    end), at least 4."""
+    return max(4, 2 * (partitions - 1))
 
 
 # ---------------------------------------------------------------- what a caller can hold
@@ -72,6 +85,15 @@ class ServerLimits:
             (``MPNN_MAILBOX_EARLY_BYTES``, default 64 MiB; ``MPNN_MAILBOX_EARLY_ENTRIES``, default 64).
         mailbox_early_seconds: how long such a message waits for its pass to start here before
             it is dropped (``MPNN_MAILBOX_EARLY_SECONDS``, default 30 s).
+        max_peer_streams: inbound ``ExchangeStream`` calls open at once, each holding a pool
+            thread (``MPNN_MAX_PEER_STREAMS``; default 0: :func:`peer_streams` of the lookup
+            table's partitions when the server starts).
+        peer_window_messages, peer_window_bytes: this server's own messages to one peer queued
+            on its stream and not yet handed to gRPC (``MPNN_PEER_WINDOW_MESSAGES``, default 64;
+            ``MPNN_PEER_WINDOW_BYTES``, default 64 MiB; one larger message is queued alone). With
+            HTTP/2 flow control (gRPC's window, a few MiB at most) they bound what a slow peer
+            makes a sender hold; a pass whose message finds the window full for its whole
+            timeout fails.
     """
 
     max_request_bytes: int = 64 * MiB
@@ -83,6 +105,9 @@ class ServerLimits:
     mailbox_early_bytes: int = 64 * MiB
     mailbox_early_entries: int = 64
     mailbox_early_seconds: float = 30.0
+    max_peer_streams: int = 0
+    peer_window_messages: int = 64
+    peer_window_bytes: int = 64 * MiB
 
     def __post_init__(self):
         for f in fields(self):

@@ -9,6 +9,8 @@ name                                           type       labels / meaning
 =============================================  =========  ==========================================
 ``mpnn_exchange_messages_total``               counter    ``peer``, ``phase`` (fwd, bwd): messages sent
 ``mpnn_exchange_bytes_total``                  counter    ``peer``, ``phase``: tensor payload bytes sent
+``mpnn_peer_streams_open``                      gauge      ``direction`` (in, out): peer streams open now
+``mpnn_peer_streams_opened_total``             counter    ``direction``: peer streams opened (reopens count)
 ``mpnn_pass_phase_seconds``                    histogram  ``phase`` (forward, backward, update): engine time
 ``mpnn_inference_requests_total``              counter    ``protocol`` (rest, grpc), ``status`` (HTTP code or
                                                           gRPC code name)
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from prometheus_client.core import CounterMetricFamily
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
                                ProcessCollector, generate_latest)
 
@@ -46,9 +50,12 @@ class ServerMetrics:
         network: the network's name.
         partition: this server's index.
         committed: returns the newest committed checkpoint's sequence (0 when none), read at scrape time.
+        peer_streams: returns ``(inbound open, inbound opened, outbound open, outbound opened)``
+            peer streams, read at scrape time.
     """
 
-    def __init__(self, *, network: str, partition: int, committed: Callable[[], int] = lambda: 0):
+    def __init__(self, *, network: str, partition: int, committed: Callable[[], int] = lambda: 0,
+                 peer_streams: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)):
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(namespace="mpnn", registry=r)
         Info("mpnn_partition", "The network and partition this server runs", registry=r).info(
@@ -57,6 +64,10 @@ class ServerMetrics:
                                          ["peer", "phase"], registry=r)
         self.exchange_bytes = Counter("mpnn_exchange_bytes", "Tensor payload bytes sent to peers",
                                       ["peer", "phase"], registry=r)
+        streams = Gauge("mpnn_peer_streams_open", "Peer ExchangeStreams open now", ["direction"], registry=r)
+        streams.labels("in").set_function(lambda: peer_streams()[0])
+        streams.labels("out").set_function(lambda: peer_streams()[2])
+        r.register(_OpenedStreams(peer_streams))
         self.phase_seconds = Histogram("mpnn_pass_phase_seconds", "Engine time per pass phase, seconds",
                                        ["phase"], buckets=_PHASE_BUCKETS, registry=r)
         self.inference_requests = Counter("mpnn_inference_requests", "Open Inference Protocol infer requests",
@@ -100,3 +111,20 @@ class ServerMetrics:
     def exposition(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``) of every metric, now."""
         return generate_latest(self.registry)
+
+
+class _OpenedStreams:
+    """``mpnn_peer_streams_opened_total{direction}``, read from the server at scrape time."""
+
+    def __init__(self, peer_streams: Callable[[], tuple[int, int, int, int]]):
+        self._peer_streams = peer_streams
+
+    def describe(self):
+        return [CounterMetricFamily("mpnn_peer_streams_opened", "Peer ExchangeStreams opened", labels=["direction"])]
+
+    def collect(self):
+        inbound_open, inbound, outbound_open, outbound = self._peer_streams()
+        family = CounterMetricFamily("mpnn_peer_streams_opened", "Peer ExchangeStreams opened", labels=["direction"])
+        family.add_metric(["in"], inbound)
+        family.add_metric(["out"], outbound)
+        yield family

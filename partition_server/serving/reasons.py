@@ -16,6 +16,17 @@ Reasons:
 ``training-session`` (with PERMISSION_DENIED or FAILED_PRECONDITION)
     A training ``RunPass`` without the current training session's token, or an ``OpenTraining``
     while another session holds the partition (see ``training``).
+
+``peer-lost`` (with ABORTED)
+    A ``RunPass`` waited for a message from a peer whose stream to this partition broke (or was
+    refused a message) while the pass ran: the message may be lost. The peer named is usually
+    the root cause (it died or restarted); the driver prefers another partition's own failure
+    for its error, and the pass may be retried.
+
+``peer-streams`` (with RESOURCE_EXHAUSTED)
+    An ``ExchangeStream`` beyond the streams this partition holds at once
+    (``limits.ServerLimits.max_peer_streams``), refused before any message is read. The sender
+    sends that peer unary ``Exchange`` calls for a while (``peers``).
 """
 
 from __future__ import annotations
@@ -24,9 +35,9 @@ from typing import NoReturn
 
 import grpc
 
-from partition_server.api.errors import ERROR_KEY, TRAINING_SESSION, WEIGHTS_CHANGED
+from partition_server.api.errors import ERROR_KEY, PEER_LOST, PEER_STREAMS, TRAINING_SESSION, WEIGHTS_CHANGED
 
-__all__ = ["ERROR_KEY", "TRAINING_SESSION", "WEIGHTS_CHANGED", "abort", "reason_of"]
+__all__ = ["ERROR_KEY", "PEER_LOST", "PEER_STREAMS", "TRAINING_SESSION", "WEIGHTS_CHANGED", "abort", "reason_of"]
 
 # ERROR_KEY (the trailing metadata key; gRPC keys are lower-case ASCII) and the reasons are
 # defined in the api, so that clients read them without importing the serving side.

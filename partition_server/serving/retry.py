@@ -1,12 +1,15 @@
 """When an inference pass is run again, and after what pause: the serving side's one retry loop.
 
-An entry point's forward pass can fail for two reasons worth another try:
+An entry point's forward pass can fail for three reasons worth another try:
 
 - a partition was busy (RESOURCE_EXHAUSTED: it runs as many passes as its pool allows): retried
   up to :attr:`RetryPolicy.busy_retries` times, after an exponential pause with jitter;
 - a partition no longer keeps the weights version the pass computes with (ABORTED with the
   ``weights-changed`` reason, see ``reasons``): run again with the entry point's current
-  version, up to :attr:`RetryPolicy.version_retries` times, the first at once.
+  version, up to :attr:`RetryPolicy.version_retries` times, the first at once;
+- a peer's stream broke while the pass ran, so messages may be lost (ABORTED with the
+  ``peer-lost`` reason): run again once (:attr:`RetryPolicy.lost_retries`), at once: the
+  stream is reopened for the new pass, and a peer that is down fails it UNAVAILABLE.
 
 Nothing is retried past the pass's deadline. Everything else fails at once.
 """
@@ -33,6 +36,7 @@ class Retry(Enum):
 
     BUSY = "busy"
     WEIGHTS_CHANGED = "weights-changed"
+    PEER_LOST = "peer-lost"
 
 
 def retry_kind(code: grpc.StatusCode | None, exc: BaseException) -> Retry | None:
@@ -45,6 +49,8 @@ def retry_kind(code: grpc.StatusCode | None, exc: BaseException) -> Retry | None
         return Retry.BUSY
     if code == grpc.StatusCode.ABORTED and reasons.reason_of(exc) == reasons.WEIGHTS_CHANGED:
         return Retry.WEIGHTS_CHANGED
+    if code == grpc.StatusCode.ABORTED and reasons.reason_of(exc) == reasons.PEER_LOST:
+        return Retry.PEER_LOST
     return None
 
 
@@ -64,12 +70,14 @@ class RetryPolicy:
         max_pause: longest pause between busy retries, seconds.
         version_retries: runs again of a pass whose weights version a partition dropped; the
             first at once, then after ``pause`` times the number of earlier ones (jittered).
+        lost_retries: runs again, at once, of a pass whose peer stream broke (``peer-lost``).
     """
 
     busy_retries: int = 6
     pause: float = 0.05
     max_pause: float = 1.0
     version_retries: int = 2
+    lost_retries: int = 1
 
     def pause_before(self, kind: Retry | None, attempt: int) -> float | None:
         """Seconds to wait before retry ``attempt`` (0-based) of ``kind``; None: do not retry."""
@@ -77,6 +85,8 @@ class RetryPolicy:
             return backoff(attempt, base=self.pause, cap=self.max_pause)
         if kind is Retry.WEIGHTS_CHANGED and attempt < self.version_retries:
             return attempt * self.pause * random.uniform(0.5, 1.5)
+        if kind is Retry.PEER_LOST and attempt < self.lost_retries:
+            return 0.0
         return None
 
 

@@ -3,7 +3,7 @@
 It loads the lookup table (a file: a mounted ConfigMap in a cluster), takes its rows of every
 layer from the newest weights source (``loading``), and runs the execution engine for the
 driver's ``RunPass`` calls, reaching its peers with one ``Exchange`` message per (layer, peer,
-phase) (``peers``). It serves the standard ``grpc.health.v1`` health service, and re-reads the
+phase), carried by one long-lived ``ExchangeStream`` per peer (``peers``). It serves the standard ``grpc.health.v1`` health service, and re-reads the
 lookup when the file's version changes, reloading the rows it now owns from the latest checkpoint.
 
 Three ports, two audiences: the peer port carries ``mpnn.v1.Partition`` (and health) for this
@@ -22,15 +22,19 @@ call's deadline, UNAVAILABLE while no model is loaded, RESOURCE_EXHAUSTED for an
 trailing metadata ``mpnn-error: weights-changed`` (see ``reasons``) and the message "weights
 changed during the pass; retry". A training ``RunPass`` without the current training session's
 token is PERMISSION_DENIED with ``mpnn-error: training-session`` and changes nothing (``training``);
-an ``Exchange`` beyond what its peer may hold in the mailbox is RESOURCE_EXHAUSTED.
+an ``Exchange`` beyond what its peer may hold in the mailbox is RESOURCE_EXHAUSTED. On an
+``ExchangeStream`` the first such message ends the stream with that status; a stream beyond
+``peer_stream_limit`` is RESOURCE_EXHAUSTED (``mpnn-error: peer-streams``) before any message is
+read. A peer port call is authenticated when it starts: a stream, once, when it opens.
 
 Bounds (``limits.ServerLimits``): a ``RunPass`` runs at most ``max_pass_seconds`` whatever its
 deadline; an ``Exchange`` must name a peer partition of the table, a layer of the network and a
 phase, and is held within the mailbox's per-peer caps (tighter for passes not running here);
 a ``ModelInfer`` message may take ``max_request_bytes``.
 
-Threads: every RPC runs on one pool of ``workers`` threads; inference passes are bounded below
-its size so that ``Exchange`` always finds a thread (see ``limits``). Entry points size their
+Threads: every RPC runs on one pool of ``workers`` threads plus ``peer_stream_limit`` more for
+the inbound peer streams, each of which holds a thread while open; inference passes are bounded
+below ``workers`` so that ``Exchange`` always finds a thread (see ``limits``). Entry points size their
 passes in flight from the same bound (``ModelInference.pass_limit``), so with equal pools the
 partitions do not refuse each other's passes.
 """
@@ -40,10 +44,12 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
@@ -54,12 +60,13 @@ from partition_server.api.protos import grpc_predict_v2_pb2_grpc as inference_gr
 from partition_server.api.protos import mpnn_pb2 as pb
 from partition_server.api.protos import mpnn_pb2_grpc as pb_grpc
 from partition_server.api.wire import from_tensor, to_tensor
-from partition_server.engine import ExchangeError, Mailbox, MailboxFull, OptimizerConfig, WeightsChanged, is_phase
+from partition_server.engine import (ExchangeError, Mailbox, MailboxFull, OptimizerConfig, PeerLost, WeightsChanged,
+                                     is_phase)
 from partition_server.serving import reasons
 from partition_server.serving.control import ControlHandlers, _parameters
 from partition_server.serving.inference import ModelInference
 from partition_server.serving.inference_grpc import InferenceServicer
-from partition_server.serving.limits import ServerLimits, default_workers, max_infer_calls, pass_slots
+from partition_server.serving.limits import ServerLimits, default_workers, max_infer_calls, pass_slots, peer_streams
 from partition_server.serving.loading import Loaded, load_partition
 from partition_server.serving.metrics import ServerMetrics
 from partition_server.serving.peers import GrpcTransport, Peers
@@ -73,6 +80,14 @@ log = logging.getLogger("mpnn.server")
 
 SERVICE = "mpnn.v1.Partition"
 DEFAULT_TIMEOUT = 60.0  # seconds, when a call carries no deadline
+
+
+class _Refused(Exception):
+    """A peer message refused with ``code`` and ``message``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
@@ -92,6 +107,9 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
     Attributes:
         workers: threads of the gRPC pool (set by :meth:`start`).
         pass_limit: inference ``RunPass`` calls run at once (:func:`~partition_server.serving.limits.pass_slots`).
+        peer_stream_limit: inbound ``ExchangeStream`` calls open at once (``limits.max_peer_streams``,
+            else :func:`~partition_server.serving.limits.peer_streams` of the partitions at start).
+        peer_streams_open, peer_streams_opened: inbound streams open now, and accepted since start.
         port, peer_port, http_port: the bound public gRPC, peer and REST ports, once started
             (``http_port`` None without REST).
         inference: the Open Inference Protocol model this server is an entry point of.
@@ -115,7 +133,14 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
                                early_ttl=limits.mailbox_early_seconds)
         self.sessions = TrainingSessions(limits.training_lease_seconds)
         self.credentials = credentials
-        self.peers = Peers(credentials)
+        self.peers = Peers(credentials, window_messages=limits.peer_window_messages,
+                           window_bytes=limits.peer_window_bytes)
+        self._streams_lock = threading.Lock()
+        self.peer_streams_open = 0      # inbound ExchangeStream calls open now
+        self.peer_streams_opened = 0    # and accepted since start
+        self._inbound: set[grpc.ServicerContext] = set()
+        self._passes_running = 0
+        self.peer_stream_limit = limits.max_peer_streams or peer_streams(2)
         self.health = health.HealthServicer()
         self.poll_seconds = poll_seconds
         self._loaded: Loaded | None = None
@@ -132,12 +157,16 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         self.pass_limit = pass_slots(self.workers)
         self._pass_slots = threading.Semaphore(self.pass_limit)
         self.port: int | None = None
+        # The entry point's drivers use the peer channels, which carry long-lived streams.
         self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version,
-                                        credentials=credentials, timeout=min(60.0, limits.max_pass_seconds))
+                                        credentials=credentials, timeout=min(60.0, limits.max_pass_seconds),
+                                        channels=self.peers.channel)
         self._rest: RestServer | None = None
         self.http_port: int | None = None
         self.metrics = ServerMetrics(network=name, partition=index,
-                                     committed=lambda: (self.store.sequences() or [0])[-1])
+                                     committed=lambda: (self.store.sequences() or [0])[-1],
+                                     peer_streams=lambda: (self.peer_streams_open, self.peer_streams_opened,
+                                                           self.peers.streams_open(), self.peers.streams_opened))
 
     # ------------------------------------------------------------ loading
 
@@ -212,6 +241,15 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         return cap if remaining is None else max(0.0, min(remaining, cap))
 
     def RunPass(self, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
+        with self._streams_lock:
+            self._passes_running += 1
+        try:
+            return self._run_pass_call(request, context)
+        finally:
+            with self._streams_lock:
+                self._passes_running -= 1
+
+    def _run_pass_call(self, request: pb.PassRequest, context: grpc.ServicerContext) -> pb.PassReply:
         loaded = self._current(request.lookup_version, context)
         if request.train:  # refused before it touches the mailbox, the training lock or the weights
             if request.HasField("optimizer"):
@@ -272,6 +310,9 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         except WeightsChanged as exc:
             self.mailbox.discard(request.pass_id)
             reasons.abort(context, grpc.StatusCode.ABORTED, str(exc), reason=reasons.WEIGHTS_CHANGED)
+        except PeerLost as exc:
+            self.mailbox.discard(request.pass_id)
+            reasons.abort(context, grpc.StatusCode.ABORTED, f"partition {self.index}: {exc}", reason=reasons.PEER_LOST)
         except (ExchangeError, RuntimeError) as exc:
             self.mailbox.discard(request.pass_id)
             context.abort(grpc.StatusCode.ABORTED, str(exc))
@@ -282,28 +323,105 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
             reply.loss, reply.correct = loss, correct
         return reply
 
-    def Exchange(self, request: pb.ExchangeRequest, context: grpc.ServicerContext) -> pb.ExchangeReply:
-        loaded = self._current(request.lookup_version, context)
+    def _check_exchange(self, request: pb.ExchangeRequest) -> tuple[tuple, np.ndarray]:
+        """Validate one peer message: ``(key, array)``, or :class:`_Refused` naming the field."""
+        loaded = self._loaded
+        if loaded is None:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"partition {self.index}: no model loaded")
+        if request.lookup_version != loaded.table.version:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"partition {self.index}: lookup version {request.lookup_version or '(none)'} does "
+                           f"not match the served {loaded.table.version}")
         if not is_phase(request.phase):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"phase must be fwd or bwd, got {request.phase!r} (fwd.N and bwd.N name round N "
-                          f"of a log-depth collective)")
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"phase must be fwd or bwd, got {request.phase!r} (fwd.N and bwd.N name round N "
+                           f"of a log-depth collective)")
         partitions, layers = loaded.table.num_partitions, len(self.model.layers)
         if not 0 <= request.source < partitions or request.source == self.index:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"source must be a peer partition 0..{partitions - 1} "
-                                                            f"other than {self.index}, got {request.source}")
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source must be a peer partition 0..{partitions - 1} "
+                                                             f"other than {self.index}, got {request.source}")
         if not 0 <= request.layer < layers:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layer must be 0..{layers - 1}, got {request.layer}")
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"layer must be 0..{layers - 1}, got {request.layer}")
         try:
             arr = from_tensor(request.tensor, "tensor", "float32")
-            # The server's own bound, not the caller's deadline: a pass running here ends by
-            # max_pass_seconds; the mailbox keeps a message for a pass not running here far shorter.
-            ttl = 2 * self.limits.max_pass_seconds + 10.0
-            self.mailbox.put((request.pass_id, request.phase, request.layer), request.source, arr, ttl)
         except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return (request.pass_id, request.phase, request.layer), arr
+
+    def _deliver(self, request: pb.ExchangeRequest) -> None:
+        """Validate ``request`` and put it in the mailbox. Raises :class:`_Refused`."""
+        key, arr = self._check_exchange(request)
+        # The server's own bound, not the caller's deadline: a pass running here ends by
+        # max_pass_seconds; the mailbox keeps a message for a pass not running here far shorter.
+        ttl = 2 * self.limits.max_pass_seconds + 10.0
+        try:
+            self.mailbox.put(key, request.source, arr, ttl)
+        except ValueError as exc:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except MailboxFull as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"partition {self.index}: {exc}")
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"partition {self.index}: {exc}") from None
+
+    def Exchange(self, request: pb.ExchangeRequest, context: grpc.ServicerContext) -> pb.ExchangeReply:
+        try:
+            self._deliver(request)
+        except _Refused as exc:
+            context.abort(exc.code, exc.message)
+        return pb.ExchangeReply()
+
+    def ExchangeStream(self, request_iterator, context: grpc.ServicerContext) -> pb.ExchangeReply:
+        """Every message of one sending peer, as they come (see ``peers``): each is validated and
+        put in the mailbox as :meth:`Exchange` does; the first refused one ends the stream with its
+        status; the sender ends it with an empty message (a stream ending without one broke). A
+        stream that breaks (its sender died or cancelled it) or is refused a message
+        marks the sender's messages to passes here as lost (``Mailbox.lost``), so those passes
+        fail at once. Holds one pool thread while open; beyond ``peer_stream_limit`` streams,
+        RESOURCE_EXHAUSTED (``mpnn-error: peer-streams``) before any message is read."""
+        with self._streams_lock:
+            if self.peer_streams_open >= self.peer_stream_limit:
+                refuse = True
+            else:
+                refuse = False
+                self.peer_streams_open += 1
+                self.peer_streams_opened += 1
+                self._inbound.add(context)
+        if refuse:
+            reasons.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"partition {self.index}: {self.peer_stream_limit} peer streams are open, the most it "
+                          f"holds (max_peer_streams); send unary Exchange calls", reason=reasons.PEER_STREAMS)
+        source: int | None = None
+        closed = False  # the sender ended the stream with the closing (empty) message
+        try:
+            for request in request_iterator:
+                if request.ByteSize() == 0:
+                    closed = True
+                    break
+                if source is not None and request.source != source:
+                    refused = _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"source: a stream carries one partition's messages; it began with "
+                                       f"{source}, got {request.source}")
+                else:
+                    try:
+                        self._deliver(request)
+                        refused = None
+                    except _Refused as exc:
+                        refused = exc
+                if source is None and 0 <= request.source != self.index:
+                    source = request.source
+                if refused is not None:
+                    if source is not None:
+                        self.mailbox.lost(source, f"its stream to partition {self.index} was refused a message: "
+                                                  f"{refused.code.name} {refused.message}")
+                    context.abort(refused.code, refused.message)
+        except grpc.RpcError:
+            pass  # the sender cancelled, or its connection broke
+        finally:
+            with self._streams_lock:
+                self.peer_streams_open -= 1
+                self._inbound.discard(context)
+        # Without the closing message the stream broke (a cancelled call may also just end the
+        # iterator): what the sender had in flight may be lost.
+        if not closed and source is not None:
+            self.mailbox.lost(source, f"its stream to partition {self.index} broke")
         return pb.ExchangeReply()
 
     # ------------------------------------------------------------ lifecycle
@@ -318,8 +436,9 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
                 the OS pick.
             peer_port: peer port (``mpnn.v1.Partition``, ``grpc.health.v1``), signed calls only;
                 the lookup table names it; 0 lets the OS pick (see :attr:`peer_port`).
-            workers: threads of the gRPC pool, which both gRPC ports share; sets
-                :attr:`pass_limit` and the ``ModelInfer`` cap (``limits``). None:
+            workers: threads of the gRPC pool for calls, which both gRPC ports share; sets
+                :attr:`pass_limit` and the ``ModelInfer`` cap (``limits``); the pool has
+                :attr:`peer_stream_limit` more threads for inbound peer streams. None:
                 ``limits.default_workers`` for the partitions of the lookup table read now (the
                 pool keeps its size when a later table has more).
             http_port: Open Inference Protocol REST port; 0 lets the OS pick (see :attr:`http_port`);
@@ -331,13 +450,17 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         Raises:
             OSError: a port cannot be bound. And whatever :meth:`load` raises.
         """
+        partitions = LookupTable.load(self.lookup_path).num_partitions
         if workers is None:
-            workers = default_workers(LookupTable.load(self.lookup_path).num_partitions)
+            workers = default_workers(partitions)
         self.workers = workers
         self.pass_limit = pass_slots(workers)
         self._pass_slots = threading.Semaphore(self.pass_limit)
         self.inference.pass_limit = self.pass_limit
-        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc")
+        self.peer_stream_limit = self.limits.max_peer_streams or peer_streams(partitions)
+        # Peer streams hold a thread each for their whole life: they get threads beyond `workers`.
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers + self.peer_stream_limit,
+                                                    thread_name_prefix="rpc")
         auth = AuthInterceptor(self.credentials.key, network=self.name, audiences=self._audiences)
         peer_server = grpc.server(self._executor, options=CHANNEL_OPTIONS, interceptors=[auth])
         pb_grpc.add_PartitionServicer_to_server(self, peer_server)
@@ -399,7 +522,8 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving: REST first, then the public gRPC port, then the peer port, giving calls
-        in progress up to ``grace`` seconds each."""
+        in progress up to ``grace`` seconds each. The peers' streams to this server end once no
+        ``RunPass`` runs here (they carry its messages until then), not after the whole grace."""
         self._stop.set()
         self.health.enter_graceful_shutdown()
         if self._rest is not None:
@@ -407,7 +531,16 @@ class PartitionServer(ControlHandlers, pb_grpc.PartitionServicer):
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self._peer_grpc is not None:
-            self._peer_grpc.stop(grace).wait()
+            stopped = self._peer_grpc.stop(grace)
+            deadline = time.monotonic() + grace
+            while self._passes_running and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self.peers.close()  # our streams to the peers: what is queued is delivered, then they end
+            with self._streams_lock:
+                inbound = list(self._inbound)
+            for context in inbound:
+                context.cancel()
+            stopped.wait()
         if self._executor is not None:
             self._executor.shutdown(wait=False)  # grpc leaves its idle worker threads running
         self.inference.close()

@@ -89,6 +89,10 @@ def test_counters_move_by_the_steps_taken(deployment):
         assert value(a, "mpnn_lookup_info", version=dep.table.version) == 1
         assert value(a, "mpnn_partition_info", network="m", partition=str(i)) == 1
         assert value(a, "mpnn_process_resident_memory_bytes") > 1e6
+        # One stream each way between the two partitions, opened once for every step.
+        for direction in ("in", "out"):
+            assert value(a, "mpnn_peer_streams_open", direction=direction) == 1, (i, direction)
+            assert value(a, "mpnn_peer_streams_opened_total", direction=direction) == 1, (i, direction)
 
 
 def test_inference_requests_are_counted_by_protocol_and_status(deployment):

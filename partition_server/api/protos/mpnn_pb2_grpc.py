@@ -44,6 +44,11 @@ class PartitionStub:
                 request_serializer=mpnn__pb2.ExchangeRequest.SerializeToString,
                 response_deserializer=mpnn__pb2.ExchangeReply.FromString,
                 _registered_method=True)
+        self.ExchangeStream = channel.stream_unary(
+                '/mpnn.v1.Partition/ExchangeStream',
+                request_serializer=mpnn__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=mpnn__pb2.ExchangeReply.FromString,
+                _registered_method=True)
         self.Checkpoint = channel.unary_unary(
                 '/mpnn.v1.Partition/Checkpoint',
                 request_serializer=mpnn__pb2.CheckpointRequest.SerializeToString,
@@ -81,7 +86,22 @@ class PartitionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One message, acknowledged (kept for peers that do not stream, and for tools).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeStream(self, request_iterator, context):
+        """Every message from one sender to this partition, on one long-lived stream: authenticated
+        once, when it opens; each message is validated as Exchange validates it, and the first
+        bad one (INVALID_ARGUMENT, FAILED_PRECONDITION) or one beyond the mailbox's caps
+        (RESOURCE_EXHAUSTED) ends the stream. One stream carries one source's messages. More
+        open streams than the server's limit: RESOURCE_EXHAUSTED before any message is read,
+        with trailing metadata mpnn-error: peer-streams. A sender ends the stream with an empty
+        ExchangeRequest, then the reply comes; a stream that ends without it broke, and the
+        receiver fails its passes waiting for that sender (ABORTED, mpnn-error: peer-lost).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -126,6 +146,11 @@ def add_PartitionServicer_to_server(servicer, server):
             ),
             'Exchange': grpc.unary_unary_rpc_method_handler(
                     servicer.Exchange,
+                    request_deserializer=mpnn__pb2.ExchangeRequest.FromString,
+                    response_serializer=mpnn__pb2.ExchangeReply.SerializeToString,
+            ),
+            'ExchangeStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.ExchangeStream,
                     request_deserializer=mpnn__pb2.ExchangeRequest.FromString,
                     response_serializer=mpnn__pb2.ExchangeReply.SerializeToString,
             ),
@@ -207,6 +232,33 @@ class Partition:
             request,
             target,
             '/mpnn.v1.Partition/Exchange',
+            mpnn__pb2.ExchangeRequest.SerializeToString,
+            mpnn__pb2.ExchangeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mpnn.v1.Partition/ExchangeStream',
             mpnn__pb2.ExchangeRequest.SerializeToString,
             mpnn__pb2.ExchangeReply.FromString,
             options,

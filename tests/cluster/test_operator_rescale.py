@@ -13,9 +13,6 @@ tests/process/test_trainer_rescale.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ import pytest
 from partition_server.api import rescale as phases
 from tests.cluster.test_operator_training import TRAINER_RBAC, TRAINING, trainer_role  # noqa: F401 (fixture)
 from tests.support.kube.operator import (  # noqa: F401 (crds: fixture)
-    ROOT, Operator, condition, converged, crds, digits, events, lookup, nn, token_kubeconfig, wait_ready,
+    Operator, as_trainer, condition, converged, crds, digits, events, lookup, nn, token_kubeconfig, wait_ready,
 )
 
 pytestmark = pytest.mark.k8s
@@ -51,16 +48,7 @@ def _trainer(kubectl, kubeconfig, ns: str, tmp_path: Path):
     """Runs TrainingReporter calls as the trainer's ServiceAccount, in a process of their own."""
     config = token_kubeconfig(kubectl, kubeconfig, ns, "mpnn-trainer", tmp_path / "trainer.kubeconfig")
 
-    def call(calls: str) -> str:
-        script = ("import json\nfrom partition_server.client.trainer import TrainingReporter\n"
-                  f"r = TrainingReporter.for_network({ns!r}, 'digits', 'run-1')\n{calls}\n")
-        path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
-        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                             env={**env, "KUBECONFIG": str(config), "PYTHONPATH": path})
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-    return call
+    return as_trainer(config, ns)
 
 
 def _replicas(kubectl, ns: str) -> int:

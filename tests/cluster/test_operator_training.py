@@ -10,9 +10,6 @@ bound to the chart's ClusterRole `mpnn-trainer`.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,7 +20,7 @@ from partition_server.api.manifest import parse_neural_network, parse_training
 from mpnn_operator.reconcile import manifest_view
 from tests.support.kube.kubectl import Kubectl
 from tests.support.kube.operator import (  # noqa: F401 (crds, operator: fixtures)
-    ROOT, condition, crds, digits, events, nn, operator, token_kubeconfig, wait_ready,
+    ROOT, as_trainer, condition, crds, digits, events, nn, operator, token_kubeconfig, wait_ready,
 )
 
 pytestmark = pytest.mark.k8s
@@ -169,18 +166,11 @@ def test_job_pod_runs_the_driver_and_the_trainer_reports_as_its_service_account(
 
     # The trainer's reports, as the trainer's ServiceAccount (bound by trainer-rbac.yaml).
     config = token_kubeconfig(kubectl, kubeconfig, ns, "mpnn-trainer", tmp_path / "trainer.kubeconfig")
-    as_trainer = Kubectl(kubectl.binary, config)
-    assert as_trainer("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == \
+    trainer_kubectl = Kubectl(kubectl.binary, config)
+    assert trainer_kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout == \
         f"system:serviceaccount:{ns}:mpnn-trainer"
 
-    def report(calls: str) -> None:
-        script = ("from partition_server.client.trainer import TrainingReporter\n"
-                  f"r = TrainingReporter.for_network({ns!r}, 'digits', 'run-1')\n{calls}\n")
-        path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
-        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                             env={**env, "KUBECONFIG": str(config), "PYTHONPATH": path})
-        assert out.returncode == 0, out.stderr
+    report = as_trainer(config, ns)
 
     # kwok's pod exits at once and the operator mirrors the complete Job (no report came): wait
     # for that, so that the reports below, which a real trainer makes before its pod ends, come after.
@@ -205,7 +195,7 @@ def test_job_pod_runs_the_driver_and_the_trainer_reports_as_its_service_account(
     assert status["completionTime"] >= status["startTime"]
 
     # The trainer's identity writes the status, and nothing else.
-    r = as_trainer("patch", "nn", "digits", "--type=merge", "-p", '{"spec":{"partitions":2}}', namespace=ns,
+    r = trainer_kubectl("patch", "nn", "digits", "--type=merge", "-p", '{"spec":{"partitions":2}}', namespace=ns,
                    check=False)
     assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
     assert nn(kubectl, ns)["spec"]["partitions"] == 4
@@ -213,7 +203,7 @@ def test_job_pod_runs_the_driver_and_the_trainer_reports_as_its_service_account(
                                   ("patch", "neuralnetworks.mpnn.dev", ns), ("delete", "neuralnetworks.mpnn.dev", ns),
                                   ("patch", "partitions.mpnn.dev/status", ns), ("create", "pods", ns),
                                   ("patch", "neuralnetworks.mpnn.dev/status", "default")):
-        assert as_trainer("auth", "can-i", verb, resource, namespace=where, check=False).stdout.strip() == "no", \
+        assert trainer_kubectl("auth", "can-i", verb, resource, namespace=where, check=False).stdout.strip() == "no", \
             (verb, resource, where)
 
 

@@ -240,3 +240,19 @@ def token_kubeconfig(kubectl, admin_kubeconfig: str, namespace: str, service_acc
         "current-context": "sa",
     }))
     return path
+
+
+def as_trainer(config: Path, namespace: str, network: str = "digits", run: str = "run-1"):
+    """``call(code) -> stdout``: runs ``code`` in a process of its own, with ``r`` a
+    ``TrainingReporter`` of ``namespace/network`` and run ``run``, authenticated by the kubeconfig
+    ``config`` (e.g. the trainer's ServiceAccount, :func:`token_kubeconfig`)."""
+    def call(code: str) -> str:
+        script = ("import json\nfrom partition_server.client.trainer import TrainingReporter\n"
+                  f"r = TrainingReporter.for_network({namespace!r}, {network!r}, {run!r})\n{code}\n")
+        path = os.pathsep.join([str(ROOT), str(ROOT / "operator"), os.environ.get("PYTHONPATH", "")])
+        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env={**env, "KUBECONFIG": str(config), "PYTHONPATH": path})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    return call

@@ -1,6 +1,7 @@
 """The user story of issue 13 on a real node: the chart's operator in a pod, a digits network on 4
 partition servers sharing a hostPath volume, a training Job to accuracy >= 0.95, unmodified
-tritonclient against the inference Service, scale, pod loss and deletion."""
+tritonclient against the inference Service, scale, pod loss and deletion; and (issue 12) a server
+pod killed mid-run, which the trainer recovers from by itself."""
 
 from __future__ import annotations
 
@@ -123,6 +124,25 @@ def test_user_story(real_cluster, tmp_path):
         _wait(lambda: ready_pods(4), 300, "4 server pods Ready")
         times["servers"] = time.monotonic() - t0
 
+        # 3b. A server pod killed mid-run (issue 12): the StatefulSet restarts it, the trainer waits,
+        #     brings every partition back to the last committed checkpoint and goes on by itself.
+        end = time.monotonic() + 600
+        while True:
+            t = (kubectl.json("get", "nn", NAME, namespace=NS).get("status") or {}).get("training") or {}
+            assert t.get("phase") not in ("Failed", "Succeeded"), f"the run ended before a server was killed: {t}"
+            if t.get("checkpoint") is not None:
+                break
+            assert time.monotonic() < end, f"no checkpoint committed within 600 s: {t}"
+            time.sleep(1)
+        kubectl("delete", "pod", f"{NAME}-2", "--grace-period=0", "--force", "--wait=false", namespace=NS)
+        killed = time.monotonic()
+        seen = _wait(lambda: [c for c in kubectl.json("get", "nn", NAME, namespace=NS)["status"].get("conditions", [])
+                              if c["type"] == "Degraded" and c["status"] == "True"
+                              and c.get("reason") == "PartitionUnavailable" and f"{NAME}-2" in c.get("message", "")],
+                     120, "Degraded/PartitionUnavailable naming the killed pod", interval=0.5)
+        times["degraded_after_kill"] = round(time.monotonic() - killed, 1)
+        print(f"\n[e2e] while {NAME}-2 was down: {seen}")
+
         def trained():
             t = (kubectl.json("get", "nn", NAME, namespace=NS).get("status") or {}).get("training") or {}
             assert t.get("phase") != "Failed", t
@@ -130,6 +150,7 @@ def test_user_story(real_cluster, tmp_path):
         status = _wait(trained, 900, "training Succeeded", interval=5)
         times["trained"] = time.monotonic() - t0
         assert float(status["accuracy"]) >= 0.95, status
+        assert int(status.get("restarts", 0)) >= 1, status  # the killed server, recovered from in the run
         table = kubectl("get", "nn", NAME, namespace=NS).stdout
         assert "0.9" in table or "1" in table, table
 

@@ -294,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         report["inference"] = bench_inference(args)
     if args.memory:
         say("memory: bench/memory.py ...")
-        out = subprocess.run([sys.executable, str(HERE / "memory.py")], capture_output=True, text=True, check=True)
-        report["memory"] = json.loads(out.stdout)
+        out = subprocess.run([sys.executable, str(HERE / "memory.py")], capture_output=True, text=True)
+        # A failed memory run must not lose the rest of the report (minutes of measurements).
+        report["memory"] = json.loads(out.stdout) if out.returncode == 0 else \
+            {"error": f"memory.py exited {out.returncode}", "stderr": out.stderr[-2000:]}
     report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(report, indent=2))
-    return 0
+    return 1 if "error" in report.get("memory", {}) else 0
 
 
 if __name__ == "__main__":

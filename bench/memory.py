@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MIB = 1 << 20
+RUN_ID = "bench-memory"  # the run that reserves and commits the checkpoint
 
 
 def rss_mib(field: str) -> float:
@@ -75,6 +76,7 @@ def child_write(args) -> None:
     import numpy as np
     from partition_server.api.lookup import LookupTable
     from partition_server.engine import init_partition
+    from partition_server.storage.reservation import Reservation
     from partition_server.storage.store import ModelStore
     model = model_of(args.width)
     table = LookupTable.load(Path(args.lookup))
@@ -82,14 +84,17 @@ def child_write(args) -> None:
     rows = init_partition(model.inputs, model.layers, model.seed, ranges)
     layers = {k: {"weight": w, "bias": b, "weight.momentum": np.full_like(w, 1e-3), "bias.momentum": np.zeros_like(b)}
               for k, (w, b) in rows.items()}
-    info = ModelStore(args.store).write_shard(0, partition=args.index, layers=layers,
+    reservation = Reservation.of(sequence=args.sequence, run_id=RUN_ID, token=args.token)
+    info = ModelStore(args.store).write_shard(reservation, partition=args.index, layers=layers,
                                               ranges={k: ranges[k] for k in layers})
     print(json.dumps(info.to_dict()))
 
 
 def run_child(*argv: str) -> str:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"memory.py {' '.join(argv[:4])} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--lookup", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--token", help=argparse.SUPPRESS)
+    p.add_argument("--sequence", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "load":
         child_load(args)
@@ -126,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             lookups[n] = root / f"lookup-{n}.json"
             write_atomically(lookups[n], table_of(model, n).to_json())
         print("writing a checkpoint (4 partitions, with momentum) ...", file=sys.stderr, flush=True)
+        reservation = ModelStore(ckpt).reserve(run_id=RUN_ID)
         shards = [ShardInfo.from_dict(json.loads(run_child("--child", "write", "--index", str(i), "--width",
                                                            str(args.width), "--lookup", str(lookups[4]),
-                                                           "--store", str(ckpt))))
+                                                           "--store", str(ckpt), "--token", reservation.token,
+                                                           "--sequence", str(reservation.sequence))))
                   for i in range(4)]
-        ModelStore(ckpt).commit(0, shards, network=model.shape_dict(),
+        ModelStore(ckpt).commit(reservation, shards, network=model.shape_dict(),
                                 meta={"optimizer": asdict(OptimizerConfig("sgd", 0.01, 0.9)), "optimizer_step": 1})
         for n in args.partitions:
             for source, store in (("init", empty), ("checkpoint", ckpt)):

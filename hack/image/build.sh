@@ -14,7 +14,7 @@
 #
 # Usage: hack/image/build.sh [--print-path]   (prints the archive's path)
 # Env:   IMAGE_CACHE (default ~/.cache/mpnn/image), IMAGE_NAME (default ghcr.io/mpnn/mpnn:<version>),
-#        DEBIAN_MIRROR (default http://deb.debian.org/debian).
+#        DEBIAN_MIRROR (default http://deb.debian.org/debian), KEEP_IMAGES (archives kept, default 3).
 # Needs root (debootstrap, chroot), debootstrap, unshare; the Debian mirror and PyPI reachable on a
 # cold build. Runs under `nice -n 19`.
 set -euo pipefail
@@ -127,4 +127,9 @@ nice -n 19 python3 "$HERE/oci.py" "$R" "$TMP/image.tar" --name "$IMAGE_NAME" \
 mv "$TMP/image.tar" "$OUT"
 ln -sfn "$(basename "$OUT")" "$IMAGE_CACHE/mpnn-current.oci.tar"
 log "archive written in $((SECONDS - start))s: $OUT ($(du -h "$OUT" | cut -f1))"
+# Every source change makes a new 135 MB archive: keep the newest KEEP_IMAGES (default 3).
+ls -1t "$IMAGE_CACHE"/mpnn-*.oci.tar 2>/dev/null | grep -v -- '-current\.oci\.tar$' \
+  | tail -n +$(( ${KEEP_IMAGES:-3} + 1 )) | while IFS= read -r old; do
+  rm -f -- "$old" && log "removed the older archive $old"
+done
 echo "$OUT"

@@ -151,6 +151,9 @@ def test_user_story(real_cluster, tmp_path):
         times["trained"] = time.monotonic() - t0
         assert float(status["accuracy"]) >= 0.95, status
         assert int(status.get("restarts", 0)) >= 1, status  # the killed server, recovered from in the run
+        job_log = kubectl("logs", f"job/{status['job']}", namespace=NS, check=False).stdout
+        print("\n[e2e] trainer on the kill:", *[line for line in job_log.splitlines()
+                                               if "partition failure" in line or "resumed at step" in line])
         table = kubectl("get", "nn", NAME, namespace=NS).stdout
         assert "0.9" in table or "1" in table, table
 

@@ -168,7 +168,8 @@ def test_deployment_hardening_and_probe():
     assert c["image"] == "ghcr.io/mpnn/mpnn:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["mpnn"]
     assert c["args"] == ["operator", "--cluster-domain=cluster.local", "--server-image=ghcr.io/mpnn/mpnn:0.1.0",
-                         "--liveness-port=8080", SERVER_RESOURCES_ARG, "--metrics-port=8081", "--log-level=info"]
+                         "--liveness-port=8080", SERVER_RESOURCES_ARG, "--metrics-port=8081", "--log-level=info",
+                         "--rescale-timeout=120"]
     from partition_server.api.manifest import DEFAULT_IMAGE
     assert c["image"] == DEFAULT_IMAGE  # the chart's default image is the package's default server image
     sc = c["securityContext"]
@@ -187,7 +188,7 @@ def test_deployment_hardening_and_probe():
 def test_values_reach_the_deployment():
     values = {
         "image": {"repository": "registry.example.com/mpnn", "tag": "dev", "pullPolicy": "Always"},
-        "clusterDomain": "corp.internal", "logLevel": "debug", "livenessPort": 9090,
+        "clusterDomain": "corp.internal", "logLevel": "debug", "livenessPort": 9090, "rescaleTimeout": 30,
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": 2, "memory": "2Gi"}},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
@@ -207,7 +208,8 @@ def test_values_reach_the_deployment():
     assert c["image"] == "registry.example.com/mpnn:dev" and c["imagePullPolicy"] == "Always"
     # The partition servers run the operator's image (docs/install.md builds and pushes one image).
     assert c["args"] == ["operator", "--cluster-domain=corp.internal", "--server-image=registry.example.com/mpnn:dev",
-                         "--liveness-port=9090", SERVER_RESOURCES_ARG, "--metrics-port=8081", "--log-level=debug"]
+                         "--liveness-port=9090", SERVER_RESOURCES_ARG, "--metrics-port=8081", "--log-level=debug",
+                         "--rescale-timeout=30"]
     assert c["ports"][0]["containerPort"] == 9090
     assert c["resources"] == values["resources"]
     # Helm merges maps into the defaults (a key set to null removes a default).
@@ -329,12 +331,13 @@ def test_notes_tell_how_to_apply_the_first_network():
     ({"watchNamespaces": ["a", "a"]}, "/watchNamespaces"),
     ({"logLevel": "verbose"}, "/logLevel"),
     ({"livenessPort": 0}, "/livenessPort"),
+    ({"rescaleTimeout": 0}, "/rescaleTimeout"),
     ({"clusterDomain": "Cluster Local"}, "/clusterDomain"),
     ({"nodeSelector": {"disk": 1}}, "/nodeSelector/disk"),
     ({"tolerations": {"key": "x"}}, "/tolerations"),
     ({"replicas": 2}, "additional properties 'replicas' not allowed"),
 ], ids=["resources-string", "resources-quantity", "pull-policy", "empty-repository", "namespaces-string",
-        "namespace-name", "namespaces-duplicate", "log-level", "liveness-port", "cluster-domain",
+        "namespace-name", "namespaces-duplicate", "log-level", "liveness-port", "rescale-timeout", "cluster-domain",
         "node-selector", "tolerations-object", "unknown-key"])
 def test_values_breaking_the_schema_are_rejected(values, message):
     with pytest.raises(helm.HelmValuesError) as info:

@@ -103,8 +103,8 @@ class PartitionEngine(Collectives):
     Thread safety: ``forward`` may run concurrently with anything (it reads a consistent
     snapshot of the parameters); ``train_step`` and ``load_state`` are exclusive and raise
     ``RuntimeError`` if another one is running. Parameters are replaced, never modified in
-    place; optimizer buffers are updated in place by ``train_step``, and ``state_tensors`` copies
-    them between steps (waiting for a running step to end), so the arrays it returns stay valid.
+    place; optimizer buffers are updated in place by ``train_step``'s update, and ``state_tensors``
+    copies them between updates (never during one), so the arrays it returns stay valid.
 
     Versions: the parameters after ``n`` optimizer updates are version ``n``
     (``optimizer_step``). Every partition counts every training step, including steps where
@@ -145,6 +145,9 @@ class PartitionEngine(Collectives):
         self._bwd_send = self._plan.bwd_send
         self._versions = VersionedParameters(self._check_params(params, adopt), index=index, keep=keep_versions)
         self._train_lock = threading.Lock()
+        # Held while the optimizer buffers change (in place) and while a checkpoint copies them:
+        # only that, so a checkpoint neither waits for a step's exchanges nor looks like a step.
+        self._state_lock = threading.Lock()
         self.last_grads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_deltas: dict[int, np.ndarray] = {}
         self.last_output_grads: dict[int, np.ndarray] = {}
@@ -240,7 +243,8 @@ class PartitionEngine(Collectives):
         Afterwards ``last_grads[k] = (dW_rows [n_local_k, in_k], db_rows [n_local_k])``,
         ``last_deltas[k] = dL/dz_k[:, R]`` and ``last_output_grads[k] = dL/da_k[:, R]`` (the
         sum of the partials received, inner layers only) hold for every owned layer ``k``.
-        Nothing is updated if the step fails.
+        Nothing is updated if the step fails before its update; an update that fails part way
+        (out of memory) may leave some optimizer buffers advanced: recover from a checkpoint.
 
         Args:
             pass_id: unique id of this step, shared by all partitions (message keys).
@@ -391,10 +395,11 @@ class PartitionEngine(Collectives):
     # ----------------------------------------------------------------- optimizer and state
 
     def _apply(self, grads: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> None:
-        t = self._versions.step + 1
-        params, opt_state, _ = self._versions.snapshot()
-        new_params, new_state = apply_gradients(self.optimizer, grads, params=params, opt_state=opt_state, t=t)
-        self._versions.commit(new_params, new_state, t)
+        with self._state_lock:
+            t = self._versions.step + 1
+            params, opt_state, _ = self._versions.snapshot()
+            new_params, new_state = apply_gradients(self.optimizer, grads, params=params, opt_state=opt_state, t=t)
+            self._versions.commit(new_params, new_state, t)
 
     def state_tensors(self) -> dict[int, dict[str, np.ndarray]]:
         """Parameters and optimizer state per owned layer, for the checkpoint store.
@@ -410,8 +415,8 @@ class PartitionEngine(Collectives):
 
     def state_snapshot(self) -> tuple[dict[int, dict[str, np.ndarray]], int]:
         """``(state_tensors(), optimizer_step)`` taken together, consistent with each other."""
-        # The training step updates the optimizer buffers in place: copy them between steps.
-        with self._train_lock:
+        # The training step updates the optimizer buffers in place: copy them between updates.
+        with self._state_lock:
             params, opt_state, step = self._versions.snapshot()
             out: dict[int, dict[str, np.ndarray]] = {}
             for k, (w, b) in params.items():

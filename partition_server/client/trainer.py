@@ -225,12 +225,16 @@ class RescaleHandshake:
             raise DriverError("rescale: no committed checkpoint to rescale from")
         step = int(latest.meta.get("run_step", 0))
         driver.close_training()  # the kept servers take the new driver's session at once
-        self.reporter.rescale_checkpointed(latest.sequence, step)
         log.info("rescale requested: checkpoint %d of step %d committed; waiting for the new lookup table",
                  latest.sequence, step)
         deadline = time.monotonic() + self.wait_seconds
+        request: dict = {"phase": phases.REQUESTED}
         while True:
-            request = self.reporter.rescale_request() or {}
+            # Answered again whenever the request is (re)new: a second scale may overwrite the
+            # answer before the operator has published; this checkpoint serves any table.
+            if request.get("phase") == phases.REQUESTED:
+                self._quietly(self.reporter.rescale_checkpointed, latest.sequence, step)
+            request = self._quietly(self.reporter.rescale_request) or {}
             table = self._table()
             if (request.get("phase") in (phases.PUBLISHED, phases.TIMED_OUT) and table is not None
                     and table.version == request.get("lookupVersion")):
@@ -243,19 +247,35 @@ class RescaleHandshake:
             time.sleep(self.poll_seconds)
         new = Driver(table, timeout=driver.timeout, credentials=self.credentials)
         self.drivers.append(new)
-        new.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
-        while True:  # a server that has not yet seen the new file reloads under the old table
-            stale = [r.partition for r in new.reload() if r.lookup_version != table.version]
-            if not stale:
-                break
-            if time.monotonic() > deadline:
-                raise DriverError(f"rescale: partitions {stale} did not take lookup {table.version[:19]} within "
-                                  f"{self.wait_seconds:.0f} s")
-            time.sleep(self.poll_seconds)
+        try:
+            new.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+            while True:  # a server that has not yet seen the new file reloads under the old table
+                stale = [r.partition for r in new.reload() if r.lookup_version != table.version]
+                if not stale:
+                    break
+                if time.monotonic() > deadline:
+                    raise DriverError(f"rescale: partitions {stale} did not take lookup {table.version[:19]} "
+                                      f"within {self.wait_seconds:.0f} s")
+                time.sleep(self.poll_seconds)
+        except DriverError as exc:
+            # Not a partition failure to recover from on the old driver (its table is gone): the
+            # attempt fails and the Job retries it from this checkpoint under the new table.
+            raise DriverError(f"rescale to lookup {table.version[:19]}: {exc}; the run resumes from checkpoint "
+                              f"{latest.sequence} when the Job retries") from exc
         log.info("rescaled to %d partitions (lookup %s); training goes on from step %d", table.num_partitions,
                  table.version[:19], step)
-        self.reporter.rescale_completed(step, table.version, table.num_partitions)
+        self._quietly(self.reporter.rescale_completed, step, table.version, table.num_partitions)
         return new
+
+    @staticmethod
+    def _quietly(call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, or None when the API server fails it: a hiccup must not fail the run
+        (the wait is bounded by its deadline, and an unanswered request by the operator's)."""
+        try:
+            return call(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("status.training.rescale: %s failed: %s", getattr(call, "__name__", call), exc)
+            return None
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

@@ -204,3 +204,67 @@ def test_a_new_run_starts_without_the_old_runs_rescale(setup):
     kube.apply(obj)
     reconciler.reconcile("ns", "digits")  # not that run's: published at once
     assert kube.lookup().num_partitions == 3
+
+
+# -- the trainer's wait (RescaleHandshake.apply) --------------------------------------------
+
+
+class _Reporter:
+    """Answers ``rescale_request`` from a script; records the trainer's answers."""
+
+    def __init__(self, script):
+        self.script, self.answers = list(script), []
+
+    def rescale_request(self):
+        item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def rescale_checkpointed(self, checkpoint, step):
+        self.answers.append(("checkpointed", checkpoint, step))
+
+    def rescale_completed(self, step, version, partitions):
+        self.answers.append(("completed", step, version))
+
+
+class _Store:
+    def latest(self):
+        return type("Checkpoint", (), {"sequence": 7, "meta": {"run_step": 120}})()
+
+
+class _Driver:
+    timeout = 1.0
+
+    def close_training(self):
+        pass
+
+
+def test_the_trainer_answers_a_second_request_survives_api_hiccups_and_fails_without_recovery(tmp_path):
+    """A scale that overwrites the answer before the operator published is answered again (the
+    checkpoint serves any table); a failed read does not end the wait; and once the table is
+    published, partitions that never serve it fail the attempt with an error Recovery does not
+    retry on the old driver (code None), naming the checkpoint the Job resumes from."""
+    from partition_server.api.distributor import distribute
+    from partition_server.api.lookup import LookupTable
+    from partition_server.api.manifest import load_manifest
+    from partition_server.client.driver import DriverError
+    from partition_server.client.trainer import RescaleHandshake
+    from partition_server.client.training_loop import Recovery
+
+    net = load_manifest(DIGITS).with_partitions(2)
+    table = LookupTable.build(net.name, net.model.layer_units, distribute(net.model.layer_units, 2, net.distribution),
+                              ["127.0.0.1:9", "127.0.0.1:9"])  # the discard port: nothing serves there
+    lookup = tmp_path / "lookup.json"
+    lookup.write_text(table.to_json())
+    reporter = _Reporter([{"phase": phases.CHECKPOINTED}, RuntimeError("API server hiccup"),
+                          {"phase": phases.REQUESTED, "lookupVersion": "v-other"},
+                          {"phase": phases.PUBLISHED, "lookupVersion": table.version}])
+    handshake = RescaleHandshake(reporter, lookup, _Store(), None, wait_seconds=2.0, poll_seconds=0.01)
+    with pytest.raises(DriverError) as info:
+        handshake.apply(_Driver())
+    assert reporter.answers == [("checkpointed", 7, 120), ("checkpointed", 7, 120)]
+    assert info.value.code is None and not Recovery.recoverable(info.value)
+    assert "checkpoint 7" in str(info.value)
+    for driver in handshake.drivers:
+        driver.close()

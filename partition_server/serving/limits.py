@@ -49,11 +49,16 @@ def default_workers(partitions: int) -> int:
     return workers
 
 
+MIN_PEER_STREAMS = 32  # room to scale up to 17 partitions without restarting a server
+
+
 def peer_streams(partitions: int) -> int:
     """Inbound peer streams a partition of ``partitions`` holds at once by default: two per peer
     (a sender that reopens a broken stream may do so before this server has seen the old one
-    end), at least 4."""
-    return max(4, 2 * (partitions - 1))
+    end), at least :data:`MIN_PEER_STREAMS`, because the limit and the threads behind it are
+    fixed when the server starts while a scale-up adds peers to a running server (the pool
+    starts its threads only when streams need them)."""
+    return max(MIN_PEER_STREAMS, 2 * (partitions - 1))
 
 
 # ---------------------------------------------------------------- what a caller can hold

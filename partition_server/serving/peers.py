@@ -97,6 +97,8 @@ class _Outbox:
     def close(self, *, drain: bool) -> None:
         """Stop taking messages; ``drain``: the iterator still yields those queued, else it ends now."""
         with self._cond:
+            if self._closed:  # closed once already: the closing message may be on its way
+                return
             self._closed, self._drain = True, drain
             if not drain:
                 self._items.clear()

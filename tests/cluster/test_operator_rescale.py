@@ -13,6 +13,7 @@ tests/process/test_trainer_rescale.py.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -116,10 +117,24 @@ def _set_ready(kubectl, ns: str, pod: str, ready: bool) -> None:
         namespace=ns)
 
 
+def _settled(kubectl, ns: str, wait_for, quiet: float = 3.0) -> None:
+    seen = {"version": None, "since": 0.0}
+
+    def quiet_for() -> bool:
+        version = nn(kubectl, ns)["metadata"]["resourceVersion"]
+        if version != seen["version"]:
+            seen.update(version=version, since=time.monotonic())
+        return time.monotonic() - seen["since"] >= quiet
+    wait_for(quiet_for, timeout=60, interval=0.5, message="the NeuralNetwork's status settled")
+
+
 def test_a_pod_not_ready_is_partition_unavailable_until_it_is_back(kubectl, namespace, operator, wait_for):
     ns = namespace
     kubectl.apply(digits(), namespace=ns)
     wait_ready(kubectl, ns, 4, wait_for, operator)
+    # Only once the operator has settled (the status unchanged for 3 s): a pod that fails while
+    # the rollout's last status writes are still in flight may be reported as RollingOut instead.
+    _settled(kubectl, ns, wait_for)
     _set_ready(kubectl, ns, "digits-2", False)  # what the kubelet writes when its readiness probe fails
     obj = wait_for(lambda: (lambda o: o if condition(o, "Degraded").get("status") == "True" else None)(
         nn(kubectl, ns)), timeout=60, message="Degraded while digits-2 is not ready")

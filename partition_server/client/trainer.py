@@ -206,11 +206,7 @@ class RescaleHandshake:
         if now < self._next_look:
             return False
         self._next_look = now + self.poll_seconds
-        try:
-            request = self.reporter.rescale_request()
-        except Exception as exc:  # noqa: BLE001 - an API hiccup must not fail the run; ask again later
-            log.warning("reading status.training.rescale failed: %s", exc)
-            return False
+        request = self._quietly(self.reporter.rescale_request)  # a hiccup: ask again later
         return (request or {}).get("phase") == phases.REQUESTED
 
     def _table(self) -> LookupTable | None:

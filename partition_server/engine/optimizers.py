@@ -78,24 +78,17 @@ def _effective_grad(cfg: OptimizerConfig, p: np.ndarray, g: np.ndarray, out: np.
     return out
 
 
-def _in_place(state: dict[str, np.ndarray], key: str) -> np.ndarray | None:
-    """``state[key]`` when it can be updated in place (present and writeable), else None.
+def _decayed(state: dict[str, np.ndarray], key: str, rate: np.float32, like: np.ndarray) -> np.ndarray:
+    """``state[key] *= rate`` in place, or a new array ``rate * state[key]`` (zeros when missing)
+    stored in ``state`` when the buffer cannot be written.
 
     A buffer loaded from a checkpoint may be a read-only view of the file's bytes: the first step
     after the load replaces it with a new array, every later step updates that one."""
     buf = state.get(key)
-    return buf if buf is not None and buf.flags.writeable else None
-
-
-def _decayed(state: dict[str, np.ndarray], key: str, rate: np.float32, like: np.ndarray) -> np.ndarray:
-    """``state[key] *= rate`` in place, or a new array ``rate * state[key]`` (zeros when missing)
-    stored in ``state`` when the buffer cannot be written."""
-    buf = _in_place(state, key)
-    if buf is not None:
+    if buf is not None and buf.flags.writeable:
         buf *= rate
         return buf
-    old = state.get(key)
-    buf = np.multiply(old, rate) if old is not None else np.zeros_like(like, dtype=F32)
+    buf = np.multiply(buf, rate) if buf is not None else np.zeros_like(like, dtype=F32)
     state[key] = buf
     return buf
 

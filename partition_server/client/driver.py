@@ -91,6 +91,7 @@ class Driver:
                               else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
             self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
         self._stub_cache: dict[int, tuple[grpc.Channel, pb_grpc.PartitionStub]] = {}
+        self._raw_cache: dict[tuple[int, str], tuple[grpc.Channel, object]] = {}
         self._session: tuple[str, OptimizerConfig] | None = None
 
     def close(self) -> None:
@@ -113,15 +114,30 @@ class Driver:
             cached = self._stub_cache[i] = (channel, pb_grpc.PartitionStub(channel))
         return cached[1]
 
+    def _multicallable(self, i: int, method: str, request):
+        """Partition ``i``'s ``method``; for a request already serialized (``bytes``), one that
+        sends those bytes as they are (a pass's request, the same for every partition, is
+        serialized once, not P times)."""
+        if not isinstance(request, bytes):
+            return getattr(self._stub(i), method)
+        channel = self._channel(i)
+        key = (i, method)
+        cached = self._raw_cache.get(key)
+        if cached is None or cached[0] is not channel:
+            callable_ = channel.unary_unary(f"/mpnn.v1.Partition/{method}", request_serializer=None,
+                                            response_deserializer=_REPLIES[method].FromString)
+            cached = self._raw_cache[key] = (channel, callable_)
+        return cached[1]
+
     def _start(self, i: int, method: str, request, timeout: float):
         """Start ``method`` on partition ``i`` (a future). A shared channel closed by its owner
         meanwhile (a lookup reload) is replaced once."""
         try:
-            return getattr(self._stub(i), method).future(request, timeout=timeout)
+            return self._multicallable(i, method, request).future(request, timeout=timeout)
         except ValueError:  # "Cannot invoke RPC on closed channel!"
             if self._shared is None:
                 raise
-            return getattr(self._stub(i), method).future(request, timeout=timeout)
+            return self._multicallable(i, method, request).future(request, timeout=timeout)
 
     def __enter__(self) -> "Driver":
         return self
@@ -277,7 +293,7 @@ class Driver:
         if y is not None:
             request.labels.CopyFrom(to_tensor(np.asarray(y, dtype=np.int64)))
             request.session = self.open_training(optimizer or OptimizerConfig())
-        replies = self._all("RunPass", [request] * self.table.num_partitions, timeout)
+        replies = self._all("RunPass", [request.SerializeToString()] * self.table.num_partitions, timeout)
         first = next(r for r in replies if r.has_outputs)
         outputs = from_tensor(first.outputs, "outputs", "float32")
         if y is None:
@@ -347,6 +363,9 @@ class Driver:
         meta = {**meta, "lookup_version": self.table.version,
                 "optimizer_step": max(r.optimizer_step for r in replies)}
         return store.commit(reservation, shards, network=model.shape_dict(), meta=meta)
+
+
+_REPLIES = {"RunPass": pb.PassReply}  # methods whose requests the driver may send pre-serialized
 
 
 def _reason(call: grpc.Call) -> str | None:

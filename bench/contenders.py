@@ -9,7 +9,10 @@ initial weights). Contenders, each a separate set of processes:
 - ``mpi4py``: ``mpirun -np P bench/mpi_step.py --mode mpi``: ``MPI_Allgatherv`` forward,
   ``MPI_Reduce_scatter`` backward, the same rows, initial weights and update (skipped with a
   message when ``mpirun`` or ``mpi4py`` is missing: ``make bench`` installs them);
-- ``numpy``: ``bench/mpi_step.py --mode numpy``, the whole network in one process, 1 BLAS thread.
+- ``numpy``: ``bench/mpi_step.py --mode numpy``, the whole network in one process, 1 BLAS thread;
+- ``grpc_floor``: ``bench/transport_floor.py``: mpnn's messages of one step over bare grpcio
+  streams between ``P`` processes, computing nothing: what any grpcio design with these messages
+  costs here, so ``grpc_floor_over_mpi4py`` is the least ``mpnn_over_mpi4py`` can be.
 
 Rounds are interleaved (round r runs every contender once, in an order rotated per round),
 each round times ``--steps`` steps after a warm-up step and keeps their median; reported are
@@ -49,6 +52,7 @@ from partition_server.api.manifest import parse_neural_network  # noqa: E402
 from partition_server.client.driver import Driver  # noqa: E402
 from partition_server.client.local import LocalDeployment  # noqa: E402
 from partition_server.engine import OptimizerConfig  # noqa: E402
+from transport_floor import messages_per_step, step_times  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OPTIMIZER = OptimizerConfig("sgd", learning_rate=0.01, momentum=0.9)
@@ -175,7 +179,8 @@ def bench_steps(args, mpi_reason: str | None) -> list[dict]:
                     traffic.update(messages=(m1 - m0) / (len(t) + 1), bytes=(b1 - b0) / (len(t) + 1))
                     return t
 
-                contenders = {"mpnn": mpnn, "numpy": lambda r: run_worker("numpy", 1, worker)}
+                contenders = {"mpnn": mpnn, "numpy": lambda r: run_worker("numpy", 1, worker),
+                              "grpc_floor": lambda r: step_times(width, P, batch=args.batch, steps=args.steps)[0]}
                 if mpi_reason is None:
                     contenders["mpi4py"] = lambda r: run_worker("mpi", P, worker)
                 per_round = interleaved(contenders, args.rounds)
@@ -186,6 +191,8 @@ def bench_steps(args, mpi_reason: str | None) -> list[dict]:
                 mpi = statistics.median(per_round["mpi4py"])
                 row["mpnn_over_mpi4py"] = round(statistics.median(per_round["mpnn"]) / mpi, 3)
                 row["mpi4py_over_numpy"] = round(mpi / statistics.median(per_round["numpy"]), 3)
+                row["grpc_floor_over_mpi4py"] = round(statistics.median(per_round["grpc_floor"]) / mpi, 3)
+            row["grpc_floor_messages_per_step"] = messages_per_step(P)
             row.update(messages_per_step=traffic["messages"], bytes_per_step=traffic["bytes"],
                        bytes_lower_bound=bounds["bytes"], messages_direct=bounds["messages_direct"],
                        messages_log_depth=bounds["messages_log_depth"])
@@ -194,14 +201,14 @@ def bench_steps(args, mpi_reason: str | None) -> list[dict]:
     return results
 
 
-def bench_mnist(args, mpi_reason: str | None) -> dict:
+def bench_mnist(args, mpi_reason: str | None, strategy: str) -> dict:
     sys.path.insert(0, str(HERE))
     from mpi_step import mnist_data
     P, batch = 4, 64
     xs, ys = mnist_data(args.mnist, batch, args.mnist_steps + 1)
     worker = ["--mnist", args.mnist, "--batch", str(batch), "--steps", str(args.mnist_steps)]
-    say(f"MNIST: starting {P} mpnn servers ...")
-    net = parse_neural_network(manifest("mnist", MNIST_MODEL, P, args.strategy))
+    say(f"MNIST ({strategy}): starting {P} mpnn servers ...")
+    net = parse_neural_network(manifest("mnist", MNIST_MODEL, P, strategy))
     with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep, \
             Driver(dep.table, timeout=600.0, credentials=dep.credentials) as driver:
         driver.wait_ready(timeout=300, alive=dep.check_alive)
@@ -210,34 +217,38 @@ def bench_mnist(args, mpi_reason: str | None) -> dict:
         if mpi_reason is None:
             contenders["mpi4py"] = lambda r: run_worker("mpi", P, worker)
         per_round = interleaved(contenders, args.rounds)
-    out = {"network": "784-256-128-10", "partitions": P, "batch": batch, "steps_per_round": args.mnist_steps,
+    out = {"network": "784-256-128-10", "partitions": P, "strategy": strategy, "batch": batch,
+           "steps_per_round": args.mnist_steps,
            "samples_per_s": {n: summary([batch / t for t in v], 1) for n, v in per_round.items()}}
     out["mpnn_share_of_numpy"] = round(statistics.median(per_round["numpy"]) / statistics.median(per_round["mpnn"]), 3)
     say(json.dumps(out))
     return out
 
 
-def bench_inference(args) -> dict:
-    """Single-sample requests, one at a time, to partition 0 of the digits network at P=4."""
-    import urllib.request
+def bench_inference(args, strategy: str) -> dict:
+    """Single-sample requests, one at a time, to partition 0 of the digits network at P=4; REST over
+    one kept-alive connection, as an HTTP client with a session sends them."""
+    import http.client
 
     import tritonclient.grpc as grpcclient
     P = 4
-    net = parse_neural_network(manifest("digits", DIGITS_MODEL, P, args.strategy))
+    net = parse_neural_network(manifest("digits", DIGITS_MODEL, P, strategy))
     x = np.random.default_rng(0).random((1, 64), dtype=np.float32)
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
-    say(f"inference: starting {P} mpnn servers ...")
-    out = {"network": "digits 64-128-64-10", "partitions": P, "requests": args.requests}
+    say(f"inference ({strategy}): starting {P} mpnn servers ...")
+    out = {"network": "digits 64-128-64-10", "partitions": P, "strategy": strategy, "requests": args.requests}
     with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep, \
             Driver(dep.table, timeout=600.0, credentials=dep.credentials) as driver:
         driver.wait_ready(timeout=300, alive=dep.check_alive)
-        url = f"http://{dep.host}:{dep.http_ports[0]}/v2/models/digits/infer"
+        conn = http.client.HTTPConnection(dep.host, dep.http_ports[0], timeout=60)
 
         def rest():
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                resp.read()
+            conn.request("POST", "/v2/models/digits/infer", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"REST inference answered {resp.status}")
         client = grpcclient.InferenceServerClient(f"{dep.host}:{dep.ports[0]}")
         inp = grpcclient.InferInput("input", [1, 64], "FP32")
         inp.set_data_from_numpy(x)
@@ -255,6 +266,7 @@ def bench_inference(args) -> dict:
             out[f"{name}_ms"] = {"p50": round(float(np.percentile(times, 50)), 3),
                                  "p99": round(float(np.percentile(times, 99)), 3)}
         client.close()
+        conn.close()
     say(json.dumps(out))
     return out
 
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (median kept)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--strategy", default="balanced", help="mpnn's distribution strategy")
+    p.add_argument("--also-strategies", nargs="*", default=["auto"],
+                   help="strategies MNIST and inference also run with (auto: the 10-unit output layer on one partition)")
     p.add_argument("--mnist", default="/work/shared/datasets/mnist", help="MNIST IDX directory ('' to skip)")
     p.add_argument("--mnist-steps", type=int, default=40)
     p.add_argument("--requests", type=int, default=200, help="single-sample inference requests per protocol")
@@ -287,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"] = bench_steps(args, mpi_reason)
     if "mnist" not in args.skip and args.mnist:
         if (Path(args.mnist) / "t10k-images-idx3-ubyte.gz").exists():
-            report["mnist"] = bench_mnist(args, mpi_reason)
+            report["mnist"] = [bench_mnist(args, mpi_reason, s) for s in [args.strategy, *args.also_strategies]]
         else:
             report["mnist"] = f"skipped: no MNIST t10k files in {args.mnist}"
     if "inference" not in args.skip:
-        report["inference"] = bench_inference(args)
+        report["inference"] = [bench_inference(args, s) for s in [args.strategy, *args.also_strategies]]
     if args.memory:
         say("memory: bench/memory.py ...")
         out = subprocess.run([sys.executable, str(HERE / "memory.py")], capture_output=True, text=True)

@@ -225,19 +225,65 @@ def bench_mnist(args, mpi_reason: str | None, strategy: str) -> dict:
     return out
 
 
-def bench_inference(args, strategy: str) -> dict:
+def concurrent_grpc(address: str, x: np.ndarray, clients: int, requests: int) -> dict:
+    """``clients`` threads, each with its own ``tritonclient.grpc`` client, send ``requests``
+    single-sample requests each, back to back: requests/s over all, and per-request p50/p99 in ms."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+    times: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        c = grpcclient.InferenceServerClient(address)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        try:
+            c.infer("digits", [inp])
+            start.wait()
+            mine = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                c.infer("digits", [inp])
+                mine.append(time.perf_counter() - t0)
+            with lock:
+                times.extend(mine)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    ms = [t * 1e3 for t in times]
+    return {"clients": clients, "requests_per_s": round(len(times) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def bench_inference(args, strategy: str, batching_us: int | None = None) -> dict:
     """Single-sample requests, one at a time, to partition 0 of the digits network at P=4; REST over
-    one kept-alive connection, as an HTTP client with a session sends them."""
+    one kept-alive connection, as an HTTP client with a session sends them. Then ``--clients``
+    concurrent gRPC clients (:func:`concurrent_grpc`). ``batching_us``: with
+    ``spec.server.dynamicBatching`` of that delay."""
     import http.client
 
     import tritonclient.grpc as grpcclient
     P = 4
-    net = parse_neural_network(manifest("digits", DIGITS_MODEL, P, strategy))
+    doc = manifest("digits", DIGITS_MODEL, P, strategy)
+    if batching_us:
+        doc["spec"]["server"] = {"dynamicBatching": {"maxDelayMicroseconds": batching_us}}
+    net = parse_neural_network(doc)
     x = np.random.default_rng(0).random((1, 64), dtype=np.float32)
     body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
-    say(f"inference ({strategy}): starting {P} mpnn servers ...")
-    out = {"network": "digits 64-128-64-10", "partitions": P, "strategy": strategy, "requests": args.requests}
+    say(f"inference ({strategy}, batching {batching_us or 'off'}): starting {P} mpnn servers ...")
+    out = {"network": "digits 64-128-64-10", "partitions": P, "strategy": strategy,
+           "dynamic_batching_us": batching_us, "requests": args.requests}
     with tempfile.TemporaryDirectory(prefix="mpnn-bench-") as tmp, LocalDeployment(net, Path(tmp)) as dep, \
             Driver(dep.table, timeout=600.0, credentials=dep.credentials) as driver:
         driver.wait_ready(timeout=300, alive=dep.check_alive)
@@ -267,6 +313,8 @@ def bench_inference(args, strategy: str) -> dict:
                                  "p99": round(float(np.percentile(times, 99)), 3)}
         client.close()
         conn.close()
+        out["concurrent_grpc"] = concurrent_grpc(f"{dep.host}:{dep.ports[0]}", x, args.clients,
+                                                 max(1, args.requests // args.clients))
     say(json.dumps(out))
     return out
 
@@ -284,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnist", default="/work/shared/datasets/mnist", help="MNIST IDX directory ('' to skip)")
     p.add_argument("--mnist-steps", type=int, default=40)
     p.add_argument("--requests", type=int, default=200, help="single-sample inference requests per protocol")
+    p.add_argument("--clients", type=int, default=8, help="concurrent gRPC inference clients")
+    p.add_argument("--batching-us", type=int, default=2000,
+                   help="inference also runs with spec.server.dynamicBatching of this delay (0: not)")
     p.add_argument("--skip", nargs="*", default=[], choices=["steps", "mnist", "inference"])
     p.add_argument("--memory", action="store_true", help="also run bench/memory.py (about a minute)")
     args = p.parse_args(argv)
@@ -306,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             report["mnist"] = f"skipped: no MNIST t10k files in {args.mnist}"
     if "inference" not in args.skip:
         report["inference"] = [bench_inference(args, s) for s in [args.strategy, *args.also_strategies]]
+        if args.batching_us:
+            report["inference"] += [bench_inference(args, s, args.batching_us)
+                                    for s in [args.strategy, *args.also_strategies]]
     if args.memory:
         say("memory: bench/memory.py ...")
         out = subprocess.run([sys.executable, str(HERE / "memory.py")], capture_output=True, text=True)

@@ -23,13 +23,16 @@ from partition_server.api import specs
 from partition_server.api.distributor import Distribution, STRATEGIES
 from partition_server.api.specs import (  # the parsed model, re-exported
     ACTIVATIONS, API_VERSION, DATASET_FORMATS, DEFAULT_HTTP_PORT, DEFAULT_IMAGE, DEFAULT_PEER_PORT,
-    DEFAULT_PORT, DEFAULT_TRAINER_SERVICE_ACCOUNT, DatasetSpec, KIND, LayerSpec, ManifestError, ModelSpec,
+    DEFAULT_PORT, DEFAULT_TRAINER_SERVICE_ACCOUNT, DatasetSpec, DynamicBatching, KIND, LayerSpec, ManifestError, ModelSpec,
     NAMESPACE_RE, NFSStorage, NeuralNetwork, OPTIMIZERS, RESERVED_NAME_SUFFIX, ServerSpec, StorageSpec,
     TrainingSpec, _NAME_RE, _SECRET_NAME_RE, _SUBDOMAIN_RE, _check_distribution)
 
 __all__ = [
     *specs.__all__,
     "load_manifest",
+    "MAX_BATCH_DELAY_US",
+    "MAX_BATCH_SIZE",
+    "network_batching",
     "network_document",
     "parse_network_document",
     "parse_neural_network",
@@ -232,7 +235,8 @@ def _parse_server(s: Any) -> ServerSpec:
     if s is None:
         return ServerSpec()
     _expect_map(s, "spec.server")
-    _no_unknown(s, "spec.server", {"image", "port", "httpPort", "peerPort", "resources", "networkPolicy", "tls"})
+    _no_unknown(s, "spec.server", {"image", "port", "httpPort", "peerPort", "resources", "networkPolicy", "tls",
+                                   "dynamicBatching"})
     image = s.get("image")
     if image is not None and (not isinstance(image, str) or not image):
         raise ManifestError("spec.server.image", image, "must be a container image reference")
@@ -258,7 +262,26 @@ def _parse_server(s: Any) -> ServerSpec:
                                 "must name a kubernetes.io/tls Secret (a DNS subdomain name)")
     resources = parse_resources(s.get("resources") or {}, "spec.server.resources")
     return ServerSpec(image, port, http_port, dict(resources), peer_port=peer_port,
-                      network_policy=network_policy, tls_secret=tls_secret)
+                      network_policy=network_policy, tls_secret=tls_secret,
+                      dynamic_batching=_parse_batching(s.get("dynamicBatching"), "spec.server.dynamicBatching"))
+
+
+MAX_BATCH_DELAY_US = 1_000_000  # a batch waits at most a second for more requests
+MAX_BATCH_SIZE = 256  # rows of one inference pass (ModelInference.BATCH)
+
+
+def _parse_batching(b: Any, path: str) -> DynamicBatching | None:
+    if b is None:
+        return None
+    _expect_map(b, path)
+    _no_unknown(b, path, {"maxDelayMicroseconds", "maxBatchSize"})
+    delay = _int(b.get("maxDelayMicroseconds"), f"{path}.maxDelayMicroseconds", minimum=1)
+    if delay > MAX_BATCH_DELAY_US:
+        raise ManifestError(f"{path}.maxDelayMicroseconds", delay, f"must be at most {MAX_BATCH_DELAY_US}")
+    size = _int(b.get("maxBatchSize", 64), f"{path}.maxBatchSize", minimum=1)
+    if size > MAX_BATCH_SIZE:
+        raise ManifestError(f"{path}.maxBatchSize", size, f"must be at most {MAX_BATCH_SIZE}")
+    return DynamicBatching(delay, size)
 
 
 def parse_resources(resources: Any, path: str) -> dict[str, Any]:
@@ -326,9 +349,24 @@ def network_document(net: NeuralNetwork) -> dict[str, Any]:
 
     Published beside ``lookup.json`` (same ConfigMap in a cluster, same directory
     locally). ``weights``, when relative, is resolved against the shared volume.
+    ``dynamicBatching`` (``spec.server.dynamicBatching``) only when set.
     """
-    return {"apiVersion": "mpnn.dev/network/v1", "name": net.name, **net.model.shape_dict(),
-            "seed": net.model.seed, "weights": net.model.weights}
+    doc = {"apiVersion": "mpnn.dev/network/v1", "name": net.name, **net.model.shape_dict(),
+           "seed": net.model.seed, "weights": net.model.weights}
+    batching = net.server.dynamic_batching
+    if batching is not None:
+        doc["dynamicBatching"] = {"maxDelayMicroseconds": batching.max_delay_us,
+                                  "maxBatchSize": batching.max_batch_size}
+    return doc
+
+
+def network_batching(obj: Mapping[str, Any]) -> DynamicBatching | None:
+    """The dynamic batching a ``network.json`` asks for (None: off).
+
+    Raises:
+        ManifestError: a bad ``network.dynamicBatching`` field.
+    """
+    return _parse_batching(obj.get("dynamicBatching"), "network.dynamicBatching")
 
 
 def training_document(training: TrainingSpec) -> dict[str, Any]:

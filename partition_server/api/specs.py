@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_TRAINER_SERVICE_ACCOUNT",
     "DatasetSpec",
+    "DynamicBatching",
     "KIND",
     "LayerSpec",
     "ManifestError",
@@ -138,6 +139,17 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class DynamicBatching:
+    """``spec.server.dynamicBatching``: inference requests that arrive within ``max_delay_us``
+    microseconds of each other run as one forward pass of at most ``max_batch_size`` rows (the
+    dynamic batcher of Triton Inference Server, ``max_queue_delay_microseconds`` and
+    ``max_batch_size``). Absent: every request is its own pass."""
+
+    max_delay_us: int
+    max_batch_size: int = 64
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     """``spec.server``: the partition servers' container image, public gRPC port (Open Inference
     Protocol, health), Open Inference Protocol REST port, peer port (``mpnn.v1.Partition``, for
@@ -145,7 +157,8 @@ class ServerSpec:
     ``mpnn render``'s) ``--server-image``. ``resources`` empty: the operator's defaults.
     ``network_policy``: whether the operator makes a NetworkPolicy that admits the peer port
     only from this network's pods. ``tls_secret``: a ``kubernetes.io/tls`` Secret (with
-    ``ca.crt``) for mTLS between peers and TLS on the public ports; None: plaintext."""
+    ``ca.crt``) for mTLS between peers and TLS on the public ports; None: plaintext.
+    ``dynamic_batching``: see :class:`DynamicBatching`; None: off."""
 
     image: str | None = None
     port: int = DEFAULT_PORT
@@ -154,6 +167,7 @@ class ServerSpec:
     peer_port: int = DEFAULT_PEER_PORT
     network_policy: bool = True
     tls_secret: str | None = None
+    dynamic_batching: "DynamicBatching | None" = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ further requests wait for a slot within their deadline. A partition refuses a pa
 limit with RESOURCE_EXHAUSTED (possible when other clients also send passes); the entry point
 retries such a pass a few times with a growing pause (``retry``), then answers UNAVAILABLE / 503.
 
+Dynamic batching (``spec.server.dynamicBatching``, off by default): requests smaller than its
+``maxBatchSize`` that arrive within ``maxDelayMicroseconds`` of each other run as one pass
+(:mod:`.batching`); each gets its own rows of the outputs, or the pass's error.
+
 Weights: a pass may overlap a training step. The entry point sends the version of its own
 parameters (its optimizer step count) with every ``RunPass``, and every partition computes with
 that version, so no output mixes rows from before and after an update. When a partition no
@@ -41,9 +45,10 @@ import grpc
 import numpy as np
 
 from partition_server.api.lookup import LookupTable
-from partition_server.api.manifest import ModelSpec
+from partition_server.api.manifest import DynamicBatching, ModelSpec
 from partition_server.api.peer_auth import PeerCredentials
 from partition_server.client.driver import Driver, DriverError
+from partition_server.serving.batching import DynamicBatcher
 from partition_server.serving.drivers import DriverCache, PassSlots
 from partition_server.serving.protocol import InferenceError, ModelProtocol
 from partition_server.serving.retry import RetryPolicy, retry_kind, run_with_retries
@@ -80,6 +85,8 @@ class ModelInference(ModelProtocol):
         credentials: sign the calls to the partitions' peer ports.
         channels: the channel to each partition's address (the server's ``Peers.channel``, whose
             channels carry its peer streams: a pass starts no thread there), else drivers open their own.
+        batching: ``spec.server.dynamicBatching``: requests of fewer rows than its
+            ``max_batch_size`` that arrive within its delay share one pass (``batching``); None: off.
 
     Attributes:
         pass_limit: inference passes each partition runs at once (set by the partition server from
@@ -87,6 +94,7 @@ class ModelInference(ModelProtocol):
             ``max(1, min(max_inflight, pass_limit // P))`` passes at once, so that P entry points
             together stay within every partition's limit.
         retry: the :class:`~partition_server.serving.retry.RetryPolicy` in force.
+        batcher: the :class:`~partition_server.serving.batching.DynamicBatcher` of ``batching``, or None.
     """
 
     BATCH = 256            # rows per pass; larger inputs go through in chunks
@@ -95,7 +103,7 @@ class ModelInference(ModelProtocol):
                  weights_version: Callable[[], int | None] = lambda: None,
                  timeout: float = 60.0, ready_timeout: float = 1.0, max_inflight: int = 4,
                  retry: RetryPolicy = RetryPolicy(), credentials: PeerCredentials | None = None,
-                 channels: Callable[[str], grpc.Channel] | None = None):
+                 channels: Callable[[str], grpc.Channel] | None = None, batching: DynamicBatching | None = None):
         super().__init__(name, model)
         self._table = table
         self._weights_version = weights_version
@@ -106,6 +114,8 @@ class ModelInference(ModelProtocol):
         self.pass_limit: int | None = None
         self._slots = PassSlots()
         self._drivers = DriverCache(timeout, credentials, channels)
+        self.batcher = None if batching is None else DynamicBatcher(
+            self._run, max_delay=batching.max_delay_us / 1e6, max_rows=batching.max_batch_size)
 
     # ------------------------------------------------------------ readiness
 
@@ -142,9 +152,22 @@ class ModelInference(ModelProtocol):
         """
         timeout = min(timeout, self.timeout) if timeout else self.timeout
         deadline = time.monotonic() + timeout
+        if self._table() is None:
+            raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.name!r} is not loaded yet")
+        if self.batcher is not None:
+            return self.batcher.submit(x, deadline)
+        return self._run(x, deadline)
+
+    def _run(self, x: np.ndarray, deadline: float) -> np.ndarray:
+        """One forward pass of ``x`` (in chunks of ``BATCH`` rows) that ends by ``deadline``
+        (``time.monotonic()`` seconds), in a pass slot, with retries. Raises InferenceError."""
+        timeout = deadline - time.monotonic()
         table = self._table()
         if table is None:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.name!r} is not loaded yet")
+        if timeout <= 0:  # it waited for a batch past its deadline
+            raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"model {self.name!r}: the deadline passed before the forward pass could start")
         if not self._slots.acquire(self.inflight_limit(table), timeout):
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                  f"model {self.name!r}: no free slot for a forward pass within {timeout:g} s")

@@ -23,7 +23,7 @@ from typing import Any
 
 from partition_server import logs
 from partition_server.api.environment import PARENT_PID_ENV
-from partition_server.api.manifest import parse_network_document
+from partition_server.api.manifest import network_batching, parse_network_document
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
@@ -102,10 +102,11 @@ def main(args: Any) -> int:
     if os.environ.get(PARENT_PID_ENV):
         exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()
-    name, model = parse_network_document(json.loads(Path(args.network).read_text()))
+    network = json.loads(Path(args.network).read_text())
+    name, model = parse_network_document(network)
     credentials = peer_credentials(name, args)
     server = PartitionServer(index, name, model, lookup_path=args.lookup, model_dir=args.model_dir,
-                             credentials=credentials, limits=limits)
+                             credentials=credentials, limits=limits, batching=network_batching(network))
     server.start(args.host, args.port, peer_port=args.peer_port, http_port=args.http_port or None)
     done = threading.Event()
 

@@ -54,7 +54,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from partition_server.api.channels import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from partition_server.api.lookup import LookupTable, read_version
-from partition_server.api.manifest import ModelSpec
+from partition_server.api.manifest import DynamicBatching, ModelSpec
 from partition_server.api.peer_auth import AuthInterceptor, PeerCredentials, TlsFiles
 from partition_server.api.protos import grpc_predict_v2_pb2_grpc as inference_grpc
 from partition_server.api.protos import mpnn_pb2 as pb
@@ -95,6 +95,8 @@ class PartitionServer(ControlHandlers, ExchangeHandlers, pb_grpc.PartitionServic
         credentials: the network's peer key (and TLS files): the peer port admits only calls
             signed with it, and this server signs its own calls to its peers with it.
         limits: what a caller can hold (default: ``ServerLimits.from_env()``).
+        batching: dynamic batching of inference requests (``network.json``'s ``dynamicBatching``);
+            None: off.
 
     Attributes:
         workers: threads of the gRPC pool (set by :meth:`start`).
@@ -112,7 +114,7 @@ class PartitionServer(ControlHandlers, ExchangeHandlers, pb_grpc.PartitionServic
 
     def __init__(self, index: int, name: str, model: ModelSpec, lookup_path: str | Path,
                  model_dir: str | Path, poll_seconds: float = 2.0, *, credentials: PeerCredentials,
-                 limits: ServerLimits | None = None):
+                 limits: ServerLimits | None = None, batching: DynamicBatching | None = None):
         self.index = index
         self.name = name
         self.model = model
@@ -152,7 +154,7 @@ class PartitionServer(ControlHandlers, ExchangeHandlers, pb_grpc.PartitionServic
         # The entry point's drivers use the peer channels, which carry long-lived streams.
         self.inference = ModelInference(name, model, self._served_table, weights_version=self._weights_version,
                                         credentials=credentials, timeout=min(60.0, limits.max_pass_seconds),
-                                        channels=self.peers.channel)
+                                        channels=self.peers.channel, batching=batching)
         self._rest: RestServer | None = None
         self.http_port: int | None = None
         self.metrics = ServerMetrics(network=name, partition=index,

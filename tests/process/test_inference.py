@@ -44,7 +44,7 @@ from partition_server.api.peer_auth import PeerCredentials, generate_key
 from partition_server.client.ports import free_ports
 from partition_server.storage.atomic import write_atomically
 from partition_server.api.lookup import LookupTable, loopback_addresses
-from partition_server.api.manifest import LayerSpec, ModelSpec
+from partition_server.api.manifest import DynamicBatching, LayerSpec, ModelSpec
 from partition_server.engine import init_params
 from partition_server.testing import ReferenceNetwork
 from partition_server.serving.retry import RetryPolicy
@@ -372,7 +372,8 @@ MODEL = ModelSpec(INPUTS, tuple(LayerSpec(u, a) for u, a in LAYERS), seed=5)
 class Servers:
     """``PartitionServer`` objects for one lookup table on 127.0.0.1, with REST on OS-picked ports."""
 
-    def __init__(self, root: Path, partitions: int, start: list[int], workers: int = 32):
+    def __init__(self, root: Path, partitions: int, start: list[int], workers: int = 32,
+                 batching: DynamicBatching | None = None):
         self.root, self.lookup = root, root / "lookup.json"
         self.addresses = loopback_addresses(free_ports(partitions))
         self.servers: dict[int, PartitionServer] = {}
@@ -382,7 +383,7 @@ class Servers:
         try:
             for i in start:
                 self.servers[i] = PartitionServer(i, NAME, MODEL, self.lookup, root / NAME, poll_seconds=3600,
-                                                  credentials=self.credentials)
+                                                  credentials=self.credentials, batching=batching)
                 self.servers[i].start("127.0.0.1", 0, peer_port=self.port(i), workers=workers, http_port=0)
         except BaseException:
             self.stop()
@@ -535,6 +536,45 @@ def test_many_entry_points_and_clients_do_not_starve_the_exchanges(tmp_path, exp
     for _, reply in outcomes:
         got = np.array(reply["outputs"][0]["data"]).reshape(x.shape[0], -1)
         np.testing.assert_allclose(got, expected, **TOL)
+
+
+def test_dynamic_batching_shares_passes_and_answers_each_request_with_its_rows(tmp_path):
+    """Single-row requests sent together over REST and gRPC to one entry point run in fewer passes
+    than requests, and each answer is the reference forward pass of its own row."""
+    x = np.random.default_rng(5).uniform(0, 1, (8, INPUTS)).astype(np.float32)
+    net = ReferenceNetwork(MODEL.inputs, MODEL.layers, init_params(MODEL.inputs, MODEL.layers, MODEL.seed))
+    expected = net.forward(x)
+    servers = Servers(tmp_path, partitions=2, start=[0, 1],
+                      batching=DynamicBatching(max_delay_us=300_000, max_batch_size=64))
+    entry = servers.servers[0]
+    results: dict[int, np.ndarray | str] = {}
+    start = threading.Barrier(len(x))
+
+    def rest(i: int) -> None:
+        start.wait()
+        status, reply = infer_json(servers.rest(0), x[i:i + 1])
+        results[i] = np.array(reply["outputs"][0]["data"]).reshape(1, -1) if status == 200 else str(reply)
+
+    def grpc_call(i: int) -> None:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{entry.port}")
+        try:
+            start.wait()
+            results[i] = client.infer(NAME, [grpc_input(x[i:i + 1])]).as_numpy("output")
+        except InferenceServerException as exc:
+            results[i] = str(exc)
+        finally:
+            client.close()
+
+    try:
+        _start_and_join([threading.Thread(target=rest if i % 2 else grpc_call, args=(i,)) for i in range(len(x))], 60)
+    finally:
+        servers.stop()
+    assert sorted(results) == list(range(len(x))), results
+    for i in range(len(x)):
+        assert not isinstance(results[i], str), results[i]
+        np.testing.assert_allclose(results[i], expected[i:i + 1], **TOL)
+    batcher = entry.inference.batcher
+    assert batcher.rows == len(x) and batcher.passes < len(x), (batcher.passes, batcher.rows)
 
 
 def test_a_busy_partition_is_retried_then_unavailable(tmp_path, expected_init):

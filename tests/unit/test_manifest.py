@@ -13,9 +13,11 @@ from partition_server.api.distributor import Distribution
 from partition_server.api.manifest import (
     DEFAULT_IMAGE,
     DEFAULT_PORT,
+    DynamicBatching,
     ManifestError,
     NeuralNetwork,
     load_manifest,
+    network_batching,
     network_document,
     parse_network_document,
     parse_neural_network,
@@ -480,6 +482,32 @@ def test_network_document_round_trip():
                    "seed": 0, "weights": None}
     name, model = parse_network_document(doc)
     assert name == "net" and model == net.model
+
+
+def test_dynamic_batching_is_off_unless_set_and_travels_in_network_json():
+    assert parse_neural_network(manifest()).server.dynamic_batching is None
+    assert network_batching(network_document(parse_neural_network(manifest()))) is None
+    net = parse_neural_network(manifest(server={"dynamicBatching": {"maxDelayMicroseconds": 500}}))
+    assert net.server.dynamic_batching == DynamicBatching(max_delay_us=500, max_batch_size=64)
+    doc = network_document(net)
+    assert doc["dynamicBatching"] == {"maxDelayMicroseconds": 500, "maxBatchSize": 64}
+    assert network_batching(doc) == net.server.dynamic_batching
+    assert parse_network_document(doc)[1] == net.model
+
+
+@pytest.mark.parametrize("batching, field, message", [
+    ({}, "spec.server.dynamicBatching.maxDelayMicroseconds", "must be an integer"),
+    ({"maxDelayMicroseconds": 0}, "spec.server.dynamicBatching.maxDelayMicroseconds", "at least 1"),
+    ({"maxDelayMicroseconds": 1_000_001}, "spec.server.dynamicBatching.maxDelayMicroseconds", "at most 1000000"),
+    ({"maxDelayMicroseconds": "500"}, "spec.server.dynamicBatching.maxDelayMicroseconds", "must be an integer"),
+    ({"maxDelayMicroseconds": 500, "maxBatchSize": 0}, "spec.server.dynamicBatching.maxBatchSize", "at least 1"),
+    ({"maxDelayMicroseconds": 500, "maxBatchSize": 257}, "spec.server.dynamicBatching.maxBatchSize", "at most 256"),
+    ({"maxDelayMicroseconds": 500, "maxQueue": 3}, "spec.server.dynamicBatching.maxQueue", ""),
+    ("fast", "spec.server.dynamicBatching", ""),
+])
+def test_bad_dynamic_batching_names_the_field(batching, field, message):
+    err = error_of(manifest(server={"dynamicBatching": batching}))
+    assert err.field == field and message in str(err), str(err)
 
 
 def test_network_document_wrong_api_version():

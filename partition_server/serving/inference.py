@@ -95,6 +95,7 @@ class ModelInference(ModelProtocol):
             together stay within every partition's limit.
         retry: the :class:`~partition_server.serving.retry.RetryPolicy` in force.
         batcher: the :class:`~partition_server.serving.batching.DynamicBatcher` of ``batching``, or None.
+        pass_observer: called with the rows of every pass started (the server's metrics set it), or None.
     """
 
     BATCH = 256            # rows per pass; larger inputs go through in chunks
@@ -112,6 +113,7 @@ class ModelInference(ModelProtocol):
         self.max_inflight = max_inflight
         self.retry = retry
         self.pass_limit: int | None = None
+        self.pass_observer: Callable[[int], None] | None = None
         self._slots = PassSlots()
         self._drivers = DriverCache(timeout, credentials, channels)
         self.batcher = None if batching is None else DynamicBatcher(
@@ -171,6 +173,8 @@ class ModelInference(ModelProtocol):
         if not self._slots.acquire(self.inflight_limit(table), timeout):
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                  f"model {self.name!r}: no free slot for a forward pass within {timeout:g} s")
+        if self.pass_observer is not None:
+            self.pass_observer(len(x))
         try:
             driver = self._drivers.get(table)
             return run_with_retries(lambda: self._pass(driver, x, deadline), policy=self.retry,

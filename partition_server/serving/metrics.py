@@ -15,6 +15,8 @@ name                                           type       labels / meaning
 ``mpnn_inference_requests_total``              counter    ``protocol`` (rest, grpc), ``status`` (HTTP code or
                                                           gRPC code name)
 ``mpnn_inference_request_seconds``             histogram  ``protocol``: inference latency, arrival to answer
+``mpnn_inference_pass_rows``                   histogram  rows per inference pass this entry point ran (more
+                                                          than a request's with dynamic batching)
 ``mpnn_training_steps_total``                  counter    training steps this process ran to completion
 ``mpnn_checkpoint_committed_sequence``         gauge      newest committed checkpoint on the volume (0: none)
 ``mpnn_checkpoint_loaded_sequence``            gauge      checkpoint the served rows came from (-1: none)
@@ -41,6 +43,10 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Engine phases run from well under a millisecond (a small layer) to seconds (a large batch).
 _PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+# Rows per inference pass: 1 for single requests, up to 256 (ModelInference.BATCH).
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
@@ -75,6 +81,8 @@ class ServerMetrics:
         self.inference_seconds = Histogram("mpnn_inference_request_seconds",
                                            "Inference request latency, arrival to answer, seconds",
                                            ["protocol"], registry=r)
+        self.inference_pass_rows = Histogram("mpnn_inference_pass_rows", "Rows per inference pass run here",
+                                             buckets=_ROW_BUCKETS, registry=r)
         self.training_steps = Counter("mpnn_training_steps", "Training steps this server completed", registry=r)
         committed_gauge = Gauge("mpnn_checkpoint_committed_sequence",
                                 "Sequence of the newest committed checkpoint on the volume (0: none)", registry=r)
@@ -107,6 +115,11 @@ class ServerMetrics:
         """Time ``engine``'s forward, backward and update phases into ``mpnn_pass_phase_seconds``
         (through its ``phase_observer``; the engine itself knows nothing of metrics)."""
         engine.phase_observer = lambda phase, seconds: self.phase_seconds.labels(phase).observe(seconds)
+
+    def instrument_inference(self, inference: Any) -> None:
+        """Count the rows of ``inference``'s passes into ``mpnn_inference_pass_rows`` (through its
+        ``pass_observer``)."""
+        inference.pass_observer = self.inference_pass_rows.observe
 
     def exposition(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``) of every metric, now."""

@@ -161,6 +161,7 @@ class PartitionServer(ControlHandlers, ExchangeHandlers, pb_grpc.PartitionServic
                                      committed=lambda: (self.store.sequences() or [0])[-1],
                                      peer_streams=lambda: (self.peer_streams_open, self.peer_streams_opened,
                                                            self.peers.streams_open(), self.peers.streams_opened))
+        self.metrics.instrument_inference(self.inference)
 
     # ------------------------------------------------------------ loading
 

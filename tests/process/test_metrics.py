@@ -118,6 +118,9 @@ def test_inference_requests_are_counted_by_protocol_and_status(deployment):
             - value(before, "mpnn_inference_requests_total", protocol="rest", status="400")) == 1
     assert (value(after, "mpnn_inference_request_seconds_count", protocol="rest")
             - value(before, "mpnn_inference_request_seconds_count", protocol="rest")) == 4
+    # Three passes of 2 rows each ran from this entry point (the bad request ran none).
+    assert (value(after, "mpnn_inference_pass_rows_count") - value(before, "mpnn_inference_pass_rows_count")) == 3
+    assert (value(after, "mpnn_inference_pass_rows_sum") - value(before, "mpnn_inference_pass_rows_sum")) == 6
     # The passes ran on every partition: the other one's forward histogram moved too.
     other = scrape(dep.http_ports[1])
     assert value(other, "mpnn_pass_phase_seconds_count", phase="forward") >= 3
@@ -127,6 +130,7 @@ def test_metrics_route_is_documented():
     doc = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
     text = doc.read_text()
     for name in ("mpnn_exchange_messages_total", "mpnn_pass_phase_seconds", "mpnn_inference_requests_total",
+                 "mpnn_inference_pass_rows",
                  "mpnn_training_steps_total", "mpnn_checkpoint_committed_sequence", "mpnn_lookup_info",
                  "mpnn_process_resident_memory_bytes", "mpnn_reconciles_total", "mpnn_networks_degraded"):
         assert name in text, name

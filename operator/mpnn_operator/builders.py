@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from partition_server.api.coverage import shares
 from partition_server.api.distributor import Assignment, Range
-from partition_server.api.environment import PEER_KEY_FILE_ENV, PEER_KEY_ITEM
+from partition_server.api.environment import ALLOCATOR_ENV, PEER_KEY_FILE_ENV, PEER_KEY_ITEM
 from partition_server.api.lookup import LookupTable, service_addresses
 from partition_server.api.manifest import (DEFAULT_IMAGE, NeuralNetwork, TrainingSpec, network_document,
                                        training_document)
@@ -295,6 +295,7 @@ def statefulset(net: NeuralNetwork, default_image: str = DEFAULT_IMAGE,
             {"name": "MPNN_PORT", "value": str(port)},
             {"name": "MPNN_PEER_PORT", "value": str(peer_port)},
             {"name": "MPNN_HTTP_PORT", "value": str(net.server.http_port)},
+            *({"name": k, "value": v} for k, v in ALLOCATOR_ENV.items()),
         ],
         "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"},
                   {"name": "peer", "containerPort": peer_port, "protocol": "TCP"},

@@ -39,7 +39,7 @@ from typing import Any
 from partition_server.api.distributor import distribute
 from partition_server.api.lookup import LookupTable, loopback_addresses
 from partition_server.api.manifest import NeuralNetwork, network_document
-from partition_server.api.environment import PARENT_PID_ENV
+from partition_server.api.environment import ALLOCATOR_ENV, PARENT_PID_ENV
 from partition_server.api.peer_auth import PeerCredentials, TlsFiles, generate_key, write_key
 from partition_server.storage.atomic import write_atomically
 from partition_server.client.ports import free_ports
@@ -125,7 +125,8 @@ class LocalDeployment:
         # N servers on one machine: BLAS thread pools sized for the whole machine each would
         # oversubscribe the cores (measured: 6x slower steps with 4 servers on 2 cores).
         threads = str(max(1, (os.cpu_count() or 1) // self.net.partitions))
-        env = {**{var: threads for var in BLAS_THREAD_VARS}, **os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**{var: threads for var in BLAS_THREAD_VARS}, **ALLOCATOR_ENV, **os.environ,
+               PARENT_PID_ENV: str(os.getpid())}
         with open(self.log_path(i), "ab") as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env=env)

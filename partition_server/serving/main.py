@@ -28,7 +28,7 @@ from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
 
-__all__ = ["exit_with_parent", "main", "partition_from_hostname", "peer_credentials", "return_large_buffers"]
+__all__ = ["exit_with_parent", "main", "partition_from_hostname", "peer_credentials", "configure_allocator"]
 
 log = logging.getLogger("mpnn.server")
 
@@ -46,16 +46,28 @@ def partition_from_hostname(hostname: str | None = None) -> int:
     return int(m.group(1))
 
 
-def return_large_buffers(threshold: int = 1 << 20) -> bool:
-    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when
-    freed (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold after
-    such frees). Without it, a burst of large messages that the server refuses or drops (tensors,
-    request bodies) stays resident in the allocator's arenas, one per gRPC thread. Returns whether
-    it took effect (False off glibc)."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def configure_allocator(*, mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20) -> bool:
+    """Tune glibc's allocator for a partition server, before its threads start. Returns whether
+    it took effect (False off glibc). Its arenas are limited by ``api.environment.ALLOCATOR_ENV``,
+    which the launchers set (glibc fixes that limit before this code runs).
+
+    - ``mmap_threshold`` (bytes, ``M_MMAP_THRESHOLD``): every allocation this large or larger is
+      mapped on its own and unmapped when freed (this also stops glibc from raising the
+      threshold after such frees). Without it, a burst of large messages that the server refuses
+      or drops (tensors, request bodies) stays resident in the allocator's arenas.
+    - ``trim_threshold`` (bytes, ``M_TRIM_THRESHOLD``): the smaller arrays of every pass
+      (activations, messages) are freed and allocated again each step; with glibc's trim at
+      128 KiB (its default once the mmap threshold is fixed) their pages go back to the kernel
+      and fault in again. Each arena may keep up to this many free bytes instead.
+    """
     if sys.platform != "linux":
         return False
     try:
-        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+        mallopt = ctypes.CDLL(None).mallopt
+        return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
     except (OSError, AttributeError):
         return False
 
@@ -98,7 +110,7 @@ def main(args: Any) -> int:
     """
     logs.configure(args.log_level)
     limits = ServerLimits.from_env()  # a bad MPNN_* bound fails here, naming the variable and its value
-    return_large_buffers()
+    configure_allocator()
     if os.environ.get(PARENT_PID_ENV):
         exit_with_parent(int(os.environ[PARENT_PID_ENV]))
     index = args.partition if args.partition is not None else partition_from_hostname()

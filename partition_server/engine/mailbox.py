@@ -96,6 +96,9 @@ class Mailbox:
         self._clock = clock
         self._next_expiry = float("inf")
         self._lost: OrderedDict[Hashable, dict[int, str]] = OrderedDict()  # pass id -> {src: why}
+        # key -> srcs a take_many still waits for: a put wakes the takers only when it completes
+        # one of these sets (not at every message, which would wake the engine P-1 times a round).
+        self._awaited: dict[tuple, set[int]] = {}
 
     def lost(self, src: int, reason: str) -> list[Hashable]:
         """Say that messages from ``src`` may have been lost (``reason``: why, for the error).
@@ -177,7 +180,11 @@ class Mailbox:
             expires = now + ttl
             self._slots[slot] = (array, expires)
             self._next_expiry = min(self._next_expiry, expires)
-            self._cond.notify_all()
+            awaited = self._awaited.get(key)
+            if awaited is not None:
+                awaited.discard(src)
+                if not awaited:
+                    self._cond.notify_all()
             return True
 
     def _drop(self, slot: tuple[tuple, int]) -> np.ndarray:
@@ -236,23 +243,27 @@ class Mailbox:
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
             self._expire()
-            while True:
-                if key[0] in self._discarded:
-                    raise StepAborted(f"step {key[0]!r} was discarded while waiting for key {key!r}")
-                missing = [s for s in wanted if (key, s) not in self._slots]
-                if not missing:
-                    return {s: self._drop((key, s)) for s in wanted}
-                lost = self._lost.get(key[0])
-                if lost and any(s in lost for s in missing):
-                    s = next(s for s in missing if s in lost)
-                    raise PeerLost(f"messages of pass {key[0]!r} from partition {s} may have been lost "
-                                   f"({lost[s]}); waiting for key {key!r}", s)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"timed out after {timeout:g}s waiting for key {key!r} from partition(s) "
-                        f"{', '.join(map(str, missing))}")
-                self._cond.wait(remaining)
+            try:
+                while True:
+                    if key[0] in self._discarded:
+                        raise StepAborted(f"step {key[0]!r} was discarded while waiting for key {key!r}")
+                    missing = [s for s in wanted if (key, s) not in self._slots]
+                    if not missing:
+                        return {s: self._drop((key, s)) for s in wanted}
+                    lost = self._lost.get(key[0])
+                    if lost and any(s in lost for s in missing):
+                        s = next(s for s in missing if s in lost)
+                        raise PeerLost(f"messages of pass {key[0]!r} from partition {s} may have been lost "
+                                       f"({lost[s]}); waiting for key {key!r}", s)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(
+                            f"timed out after {timeout:g}s waiting for key {key!r} from partition(s) "
+                            f"{', '.join(map(str, missing))}")
+                    self._awaited[key] = set(missing)
+                    self._cond.wait(remaining)
+            finally:
+                self._awaited.pop(key, None)
 
     def discard(self, pass_id: Hashable) -> int:
         """Drop every waiting message of ``pass_id``, drop its late arrivals, and wake its takers.

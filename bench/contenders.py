@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--partitions", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round (median kept)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round (median kept)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--strategy", default="balanced", help="mpnn's distribution strategy")
     p.add_argument("--also-strategies", nargs="*", default=["auto"],

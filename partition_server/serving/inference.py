@@ -86,7 +86,7 @@ class ModelInference(ModelProtocol):
         channels: the channel to each partition's address (the server's ``Peers.channel``, whose
             channels carry its peer streams: a pass starts no thread there), else drivers open their own.
         batching: ``spec.server.dynamicBatching``: requests of fewer rows than its
-            ``max_batch_size`` that arrive within its delay share one pass (``batching``); None: off.
+            ``max_batch_size`` that arrive within its delay share one pass (:mod:`.batching`); None: off.
 
     Attributes:
         pass_limit: inference passes each partition runs at once (set by the partition server from
@@ -95,7 +95,8 @@ class ModelInference(ModelProtocol):
             together stay within every partition's limit.
         retry: the :class:`~partition_server.serving.retry.RetryPolicy` in force.
         batcher: the :class:`~partition_server.serving.batching.DynamicBatcher` of ``batching``, or None.
-        pass_observer: called with the rows of every pass started (the server's metrics set it), or None.
+        pass_observer: called with the rows of every pass started, retries and each chunk of
+            ``BATCH`` rows included (the server's metrics set it), or None.
     """
 
     BATCH = 256            # rows per pass; larger inputs go through in chunks
@@ -156,9 +157,14 @@ class ModelInference(ModelProtocol):
         deadline = time.monotonic() + timeout
         if self._table() is None:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.name!r} is not loaded yet")
-        if self.batcher is not None:
+        if self.batcher is None:
+            return self._run(x, deadline)
+        try:
             return self.batcher.submit(x, deadline)
-        return self._run(x, deadline)
+        except InferenceError as exc:  # one object for the whole batch: this request's own
+            raise InferenceError(exc.code, exc.message) from exc
+        except TimeoutError as exc:
+            raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {self.name!r}: {exc}") from exc
 
     def _run(self, x: np.ndarray, deadline: float) -> np.ndarray:
         """One forward pass of ``x`` (in chunks of ``BATCH`` rows) that ends by ``deadline``
@@ -167,14 +173,12 @@ class ModelInference(ModelProtocol):
         table = self._table()
         if table is None:
             raise InferenceError(grpc.StatusCode.UNAVAILABLE, f"model {self.name!r} is not loaded yet")
-        if timeout <= 0:  # it waited for a batch past its deadline
+        if timeout <= 0:  # a batch's requests all waited past their deadlines
             raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"model {self.name!r}: the deadline passed before the forward pass could start")
         if not self._slots.acquire(self.inflight_limit(table), timeout):
             raise InferenceError(grpc.StatusCode.UNAVAILABLE,
                                  f"model {self.name!r}: no free slot for a forward pass within {timeout:g} s")
-        if self.pass_observer is not None:
-            self.pass_observer(len(x))
         try:
             driver = self._drivers.get(table)
             return run_with_retries(lambda: self._pass(driver, x, deadline), policy=self.retry,
@@ -190,9 +194,13 @@ class ModelInference(ModelProtocol):
         """One forward pass of ``x`` on every partition, in chunks of ``BATCH`` rows, all with the
         weights version this server has now. Raises DriverError."""
         version = self._weights_version()
-        outputs = [driver.step(x[start:start + self.BATCH], timeout=max(0.001, deadline - time.monotonic()),
-                               weights_version=version)[0]
-                   for start in range(0, len(x), self.BATCH)]
+        outputs = []
+        for start in range(0, len(x), self.BATCH):
+            chunk = x[start:start + self.BATCH]
+            if self.pass_observer is not None:
+                self.pass_observer(len(chunk))
+            outputs.append(driver.step(chunk, timeout=max(0.001, deadline - time.monotonic()),
+                                       weights_version=version)[0])
         return np.concatenate(outputs) if outputs else self.empty_output()
 
     def inflight_limit(self, table: LookupTable) -> int:

@@ -21,6 +21,7 @@ class Recorder:
         self._lock = threading.Lock()
 
     def __call__(self, x: np.ndarray, deadline: float) -> np.ndarray:
+        assert deadline > time.monotonic(), "a pass was started with no time left"
         with self._lock:
             self.batches.append(x.copy())
             self.deadlines.append(deadline)
@@ -96,14 +97,57 @@ def test_the_error_of_a_shared_pass_is_every_members_error():
     np.testing.assert_array_equal(batcher.submit(rows(1)[0], time.monotonic() + 30), rows(1)[0] * 2)
 
 
-def test_a_sooner_deadline_cuts_the_wait_and_bounds_the_pass():
+def test_a_short_deadline_cuts_the_wait_but_leaves_the_pass_time():
     run = Recorder()
     batcher = DynamicBatcher(run, max_delay=20.0, max_rows=64)
-    deadline = time.monotonic() + 0.2
+    deadline = time.monotonic() + 0.4
     began = time.monotonic()
     np.testing.assert_array_equal(batcher.submit(rows(1)[0], deadline), rows(1)[0] * 2)
     assert time.monotonic() - began < 10  # not the 20 s delay
-    assert run.deadlines == [deadline]
+    assert run.deadlines == [deadline]  # and the pass started before it (Recorder checks)
+
+
+def test_a_hasty_request_does_not_cut_the_pass_of_the_others():
+    """A request with a short deadline joins one with a long one: the pass starts while the short
+    one still has time, and runs until the long one's deadline."""
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_delay=5.0, max_rows=64)
+    long_deadline = time.monotonic() + 60
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(batcher.submit(rows(1)[0], long_deadline)))
+    first.start()
+    while not batcher._queue:  # the long one waits for company
+        time.sleep(0.001)
+    short = np.full((1, 3), 7, dtype=np.float32)
+    np.testing.assert_array_equal(batcher.submit(short, time.monotonic() + 0.3), short * 2)
+    first.join(10)
+    np.testing.assert_array_equal(results[0], rows(1)[0] * 2)
+    assert [len(b) for b in run.batches] == [2] and run.deadlines == [long_deadline]
+
+
+def test_a_request_whose_deadline_passed_while_waiting_fails_alone():
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_delay=0.3, max_rows=64)
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(batcher.submit(rows(1)[0], time.monotonic() + 30)))
+    first.start()
+    while not batcher._queue:
+        time.sleep(0.001)
+    with pytest.raises(TimeoutError, match="deadline passed"):
+        batcher.submit(rows(2)[1], time.monotonic() - 1)
+    first.join(10)
+    np.testing.assert_array_equal(results[0], rows(1)[0] * 2)
+    assert [len(b) for b in run.batches] == [1]
+
+
+def test_a_batch_that_cannot_be_built_fails_every_member_and_hangs_none():
+    """Rows of different widths cannot be concatenated: every member gets the error."""
+    run = Recorder()
+    batcher = DynamicBatcher(run, max_delay=0.3, max_rows=64)
+    xs = [np.zeros((1, 3), np.float32), np.zeros((1, 4), np.float32), np.zeros((1, 3), np.float32)]
+    results = submit_together(batcher, xs, time.monotonic() + 30)
+    assert all(isinstance(r, ValueError) for r in results), results
+    assert not run.batches
 
 
 @pytest.mark.parametrize("delay, rows_", [(0, 4), (-1.0, 4), (0.1, 0)])

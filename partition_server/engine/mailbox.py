@@ -96,9 +96,10 @@ class Mailbox:
         self._clock = clock
         self._next_expiry = float("inf")
         self._lost: OrderedDict[Hashable, dict[int, str]] = OrderedDict()  # pass id -> {src: why}
-        # key -> srcs a take_many still waits for: a put wakes the takers only when it completes
-        # one of these sets (not at every message, which would wake the engine P-1 times a round).
-        self._awaited: dict[tuple, set[int]] = {}
+        # key -> per waiting take_many, the srcs it still waits for: a put wakes the takers only
+        # when it completes one of these sets (not at every message, which would wake the engine
+        # P-1 times a round).
+        self._awaited: dict[tuple, list[set[int]]] = {}
 
     def lost(self, src: int, reason: str) -> list[Hashable]:
         """Say that messages from ``src`` may have been lost (``reason``: why, for the error).
@@ -180,11 +181,12 @@ class Mailbox:
             expires = now + ttl
             self._slots[slot] = (array, expires)
             self._next_expiry = min(self._next_expiry, expires)
-            awaited = self._awaited.get(key)
-            if awaited is not None:
+            completed = False
+            for awaited in self._awaited.get(key, ()):
                 awaited.discard(src)
-                if not awaited:
-                    self._cond.notify_all()
+                completed = completed or not awaited
+            if completed:
+                self._cond.notify_all()
             return True
 
     def _drop(self, slot: tuple[tuple, int]) -> np.ndarray:
@@ -241,8 +243,10 @@ class Mailbox:
         """
         wanted = list(dict.fromkeys(srcs))
         deadline = time.monotonic() + max(0.0, timeout)
+        awaited: set[int] = set()
         with self._cond:
             self._expire()
+            self._awaited.setdefault(key, []).append(awaited)
             try:
                 while True:
                     if key[0] in self._discarded:
@@ -260,10 +264,14 @@ class Mailbox:
                         raise TimeoutError(
                             f"timed out after {timeout:g}s waiting for key {key!r} from partition(s) "
                             f"{', '.join(map(str, missing))}")
-                    self._awaited[key] = set(missing)
+                    awaited.clear()
+                    awaited.update(missing)
                     self._cond.wait(remaining)
             finally:
-                self._awaited.pop(key, None)
+                waiting = self._awaited[key]
+                waiting.remove(awaited)
+                if not waiting:
+                    del self._awaited[key]
 
     def discard(self, pass_id: Hashable) -> int:
         """Drop every waiting message of ``pass_id``, drop its late arrivals, and wake its takers.

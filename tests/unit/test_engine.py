@@ -652,6 +652,36 @@ def test_mailbox_take_waits_for_a_later_put():
     t.join()
 
 
+def test_mailbox_wakes_a_taker_when_its_last_message_arrives_whatever_the_other_takers_wait_for():
+    """Two takers of one key (two RunPass calls with one pass id) each wait for their own sources;
+    one leaving must not stop the other from being woken."""
+    box = Mailbox()
+    key = ("s", "fwd", 0)
+    with pytest.raises(TimeoutError):
+        box.take_many(key, [1, 2], timeout=0.05)  # a taker that gave up
+    got = []
+    began = time.monotonic()
+    waiter = threading.Thread(target=lambda: got.append(box.take_many(key, [3, 4], timeout=30)))
+    waiter.start()
+    timed_out = []
+
+    def leaves():
+        try:
+            box.take_many(key, [5], timeout=0.2)
+        except TimeoutError as exc:
+            timed_out.append(exc)
+
+    other = threading.Thread(target=leaves)
+    other.start()
+    other.join(5)
+    assert timed_out
+    box.put(key, 3, np.zeros(1, np.float32))
+    box.put(key, 4, np.ones(1, np.float32))
+    waiter.join(30)
+    assert got and sorted(got[0]) == [3, 4]
+    assert time.monotonic() - began < 20  # woken by the last put, not by its 30 s timeout
+
+
 def test_mailbox_rejects_duplicates_and_discards_steps():
     box = Mailbox()
     key = ("s1", "fwd", 0)

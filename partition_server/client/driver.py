@@ -37,6 +37,7 @@ from partition_server.api.wire import from_tensor, to_tensor
 log = logging.getLogger("mpnn.driver")
 
 PEER_LOST_GRACE = 1.0  # seconds a knock-on "peer-lost" failure waits for the other partitions' own
+ANSWER_GRACE = 5.0  # seconds past a call's deadline after which its silent channel counts as failed
 KEEP_CHECKPOINTS = 3  # committed checkpoints kept on the volume; older ones are pruned
 
 
@@ -154,20 +155,33 @@ class Driver:
         waiting for messages that will not come) and is raised as DriverError. A partition that
         failed because a peer's stream to it broke (``mpnn-error: peer-lost``) is a knock-on
         failure: the others get :data:`PEER_LOST_GRACE` seconds to report the cause (a dead peer
-        is UNAVAILABLE), which is raised instead.
+        is UNAVAILABLE), which is raised instead. A call that has not even failed
+        :data:`ANSWER_GRACE` seconds after its deadline (its channel stopped delivering: gRPC's
+        thread for it was lost, e.g. to a signal's exception while it started) fails as
+        DEADLINE_EXCEEDED instead of blocking forever.
         """
-        calls = [self._start(i, method, req, timeout or self.timeout) for i, req in enumerate(requests)]
+        timeout = timeout or self.timeout
+        calls = [self._start(i, method, req, timeout) for i, req in enumerate(requests)]
         finished: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i, call in enumerate(calls):
             call.add_done_callback(lambda _, i=i: finished.put(i))
         errors = []
+        silent_after = time.monotonic() + timeout + ANSWER_GRACE
         knock_on_until = None  # a partition that lost a peer's messages: wait briefly for the peer's own failure
+        answered = set()
         for _ in calls:
             try:
-                wait = None if knock_on_until is None else max(0.0, knock_on_until - time.monotonic())
-                i = finished.get(timeout=wait)
+                until = silent_after if knock_on_until is None else min(knock_on_until, silent_after)
+                i = finished.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
+                if not errors:
+                    for call in calls:
+                        call.cancel()
+                    silent = sorted(set(range(len(calls))) - answered)
+                    raise DriverError(f"partition(s) {silent} {method}: no answer {timeout + ANSWER_GRACE:g} s after "
+                                      f"the call started, not even a failure", grpc.StatusCode.DEADLINE_EXCEEDED)
                 break
+            answered.add(i)
             exc = calls[i].exception()
             if exc is not None:
                 errors.append((i, exc))

@@ -240,7 +240,11 @@ def concurrent_grpc(address: str, x: np.ndarray, clients: int, requests: int) ->
         inp = grpcclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         try:
-            c.infer("digits", [inp])
+            try:
+                c.infer("digits", [inp])
+            except BaseException:
+                start.abort()  # the others (and the timer) stop waiting for this client
+                raise
             start.wait()
             mine = []
             for _ in range(requests):

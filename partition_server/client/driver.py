@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 import numpy as np
@@ -91,8 +91,8 @@ class Driver:
             self._channels = [credentials.channel(a) if credentials is not None
                               else grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in table.addresses]
             self._stubs = [pb_grpc.PartitionStub(c) for c in self._channels]
-        self._stub_cache: dict[int, tuple[grpc.Channel, pb_grpc.PartitionStub]] = {}
-        self._raw_cache: dict[tuple[int, str], tuple[grpc.Channel, object]] = {}
+        # key -> (the channel it was built on, stub or multi-callable): rebuilt when the channel changes
+        self._per_channel: dict[Any, tuple[grpc.Channel, Any]] = {}
         self._session: tuple[str, OptimizerConfig] | None = None
 
     def close(self) -> None:
@@ -105,15 +105,20 @@ class Driver:
     def _channel(self, i: int) -> grpc.Channel:
         return self._channels[i] if self._shared is None else self._shared(self.table.addresses[i])
 
+    def _on_channel(self, key: Any, i: int, make: Callable[[grpc.Channel], Any]) -> Any:
+        """``make(channel)`` on partition ``i``'s current channel, built once per channel (a
+        shared channel's owner may replace it)."""
+        channel = self._channel(i)
+        cached = self._per_channel.get(key)
+        if cached is None or cached[0] is not channel:
+            cached = self._per_channel[key] = (channel, make(channel))
+        return cached[1]
+
     def _stub(self, i: int) -> pb_grpc.PartitionStub:
         """Partition ``i``'s stub: on a shared channel, the current one (its owner may replace it)."""
         if self._shared is None:
             return self._stubs[i]
-        channel = self._channel(i)
-        cached = self._stub_cache.get(i)
-        if cached is None or cached[0] is not channel:
-            cached = self._stub_cache[i] = (channel, pb_grpc.PartitionStub(channel))
-        return cached[1]
+        return self._on_channel(i, i, pb_grpc.PartitionStub)
 
     def _multicallable(self, i: int, method: str, request):
         """Partition ``i``'s ``method``; for a request already serialized (``bytes``), one that
@@ -121,14 +126,8 @@ class Driver:
         serialized once, not P times)."""
         if not isinstance(request, bytes):
             return getattr(self._stub(i), method)
-        channel = self._channel(i)
-        key = (i, method)
-        cached = self._raw_cache.get(key)
-        if cached is None or cached[0] is not channel:
-            callable_ = channel.unary_unary(f"/mpnn.v1.Partition/{method}", request_serializer=None,
-                                            response_deserializer=_REPLIES[method].FromString)
-            cached = self._raw_cache[key] = (channel, callable_)
-        return cached[1]
+        return self._on_channel((i, method), i, lambda channel: channel.unary_unary(
+            f"/mpnn.v1.Partition/{method}", request_serializer=None, response_deserializer=_REPLIES[method].FromString))
 
     def _start(self, i: int, method: str, request, timeout: float):
         """Start ``method`` on partition ``i`` (a future). A shared channel closed by its owner
@@ -168,20 +167,18 @@ class Driver:
         errors = []
         silent_after = time.monotonic() + timeout + ANSWER_GRACE
         knock_on_until = None  # a partition that lost a peer's messages: wait briefly for the peer's own failure
-        answered = set()
         for _ in calls:
             try:
                 until = silent_after if knock_on_until is None else min(knock_on_until, silent_after)
                 i = finished.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
                 if not errors:
+                    silent = [i for i, call in enumerate(calls) if not call.done()]
                     for call in calls:
                         call.cancel()
-                    silent = sorted(set(range(len(calls))) - answered)
                     raise DriverError(f"partition(s) {silent} {method}: no answer {timeout + ANSWER_GRACE:g} s after "
                                       f"the call started, not even a failure", grpc.StatusCode.DEADLINE_EXCEEDED)
                 break
-            answered.add(i)
             exc = calls[i].exception()
             if exc is not None:
                 errors.append((i, exc))

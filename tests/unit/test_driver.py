@@ -25,6 +25,9 @@ class SilentCall:
     def add_done_callback(self, _callback):
         pass
 
+    def done(self):
+        return False
+
     def cancel(self):
         self.cancelled = True
         return True

@@ -267,7 +267,7 @@ def _parse_server(s: Any) -> ServerSpec:
 
 
 MAX_BATCH_DELAY_US = 1_000_000  # a batch waits at most a second for more requests
-MAX_BATCH_SIZE = 256  # rows of one inference pass (ModelInference.BATCH)
+MAX_BATCH_SIZE = 256  # rows of one inference pass (serving's ModelInference.BATCH is this)
 
 
 def _parse_batching(b: Any, path: str) -> DynamicBatching | None:

@@ -45,7 +45,7 @@ import grpc
 import numpy as np
 
 from partition_server.api.lookup import LookupTable
-from partition_server.api.manifest import DynamicBatching, ModelSpec
+from partition_server.api.manifest import MAX_BATCH_SIZE, DynamicBatching, ModelSpec
 from partition_server.api.peer_auth import PeerCredentials
 from partition_server.client.driver import Driver, DriverError
 from partition_server.serving.batching import DynamicBatcher
@@ -99,7 +99,7 @@ class ModelInference(ModelProtocol):
             ``BATCH`` rows included (the server's metrics set it), or None.
     """
 
-    BATCH = 256            # rows per pass; larger inputs go through in chunks
+    BATCH = MAX_BATCH_SIZE  # rows per pass (256); larger inputs go through in chunks
 
     def __init__(self, name: str, model: ModelSpec, table: Callable[[], LookupTable | None], *,
                  weights_version: Callable[[], int | None] = lambda: None,

@@ -28,7 +28,7 @@ from partition_server.api.peer_auth import PeerCredentials, TlsFiles, read_key
 from partition_server.serving.limits import ServerLimits
 from partition_server.serving.server import PartitionServer
 
-__all__ = ["exit_with_parent", "main", "partition_from_hostname", "peer_credentials", "configure_allocator"]
+__all__ = ["configure_allocator", "exit_with_parent", "main", "partition_from_hostname", "peer_credentials"]
 
 log = logging.getLogger("mpnn.server")
 

@@ -52,6 +52,7 @@ from partition_server.api.manifest import parse_neural_network  # noqa: E402
 from partition_server.client.driver import Driver  # noqa: E402
 from partition_server.client.local import LocalDeployment  # noqa: E402
 from partition_server.engine import OptimizerConfig  # noqa: E402
+from stats import summary  # noqa: E402
 from transport_floor import messages_per_step, step_times  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -62,11 +63,6 @@ ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def summary(values: list[float], digits: int = 6) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "n": len(values)}
 
 
 def mpi_available() -> str | None:

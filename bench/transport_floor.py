@@ -23,7 +23,6 @@ import json
 import os
 import queue
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:
 from partition_server.api.channels import CHANNEL_OPTIONS  # noqa: E402
 from partition_server.client.ports import free_ports  # noqa: E402
 from partition_server.engine.plan import LOG_FROM, bruck_rounds  # noqa: E402
+from stats import summary  # noqa: E402
 
 METHOD = "/floor.Floor/Stream"
 HOST = "127.0.0.1"
@@ -143,8 +143,7 @@ def measure(width: int, partitions: int, *, batch: int, steps: int) -> dict:
     per_step, cpu = step_times(width, partitions, batch=batch, steps=steps)
     sizes = round_sizes(width, partitions, batch)
     return {"width": width, "partitions": partitions, "batch": batch,
-            "s_per_step": {"median": round(statistics.median(per_step), 6), "min": round(min(per_step), 6),
-                           "max": round(max(per_step), 6), "n": steps},
+            "s_per_step": summary(per_step),
             "messages_per_step": messages_per_step(partitions),
             "bytes_per_step": partitions * sum(len(to) * n for to, _, n in schedule(0, partitions, sizes)),
             "cpu_s_per_message": round(cpu, 7)}
